@@ -1,0 +1,1 @@
+"""Identities, credentials and access decisions: API keys, passwords, TOTP, JWTs, RBAC."""

@@ -1,0 +1,1 @@
+"""The aiohttp HTTPS service in front of the KZG engines."""

@@ -1,0 +1,96 @@
+"""Fixtures shared by the whole suite: the spec vectors and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SPEC_TESTS = Path(os.environ.get("KZG_SPEC_TESTS", REPO.parent / "shared" / "kzg-spec-tests"))
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def missing(what: str) -> None:
+    """Skip locally, but fail under CI: nothing the product needs may be skipped there."""
+    if IN_CI:
+        pytest.fail(f"required for CI but missing: {what}")
+    pytest.skip(f"missing: {what}")
+
+
+@pytest.fixture(scope="session")
+def spec_tests_dir() -> Path:
+    if not SPEC_TESTS.is_dir():
+        missing(f"consensus-spec KZG vectors at {SPEC_TESTS}")
+    return SPEC_TESTS
+
+
+@dataclass(frozen=True)
+class PgDatabase:
+    """A fresh PostgreSQL database: the owner runs migrations, the app role runs the gateway."""
+
+    name: str
+    owner_url: str
+    app_url: str
+    app_role: str
+
+
+def _pg_env() -> dict[str, str] | None:
+    keys = ("HOST", "PORT", "OWNER", "OWNER_PASSWORD", "APP", "APP_PASSWORD")
+    env = {k: os.environ.get(f"KZG_TEST_PG_{k}", "") for k in keys}
+    return env if all(env.values()) else None
+
+
+def _pg_url(user: str, password: str, env: dict[str, str], db: str) -> str:
+    return f"postgresql+asyncpg://{user}:{password}@{env['HOST']}:{env['PORT']}/{db}"
+
+
+def _psql(env: dict[str, str], sql: str) -> None:
+    subprocess.run(
+        [
+            "psql",
+            "-h",
+            env["HOST"],
+            "-p",
+            env["PORT"],
+            "-U",
+            env["OWNER"],
+            "-d",
+            "postgres",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-qc",
+            sql,
+        ],
+        env={**os.environ, "PGPASSWORD": env["OWNER_PASSWORD"]},
+        check=True,
+        capture_output=True,
+    )
+
+
+@pytest.fixture
+def pg_database() -> Iterator[PgDatabase]:
+    """A new, empty database on the PostgreSQL server started by scripts/postgres.sh."""
+    env = _pg_env()
+    if env is None:
+        missing("PostgreSQL (run scripts/postgres.sh and source .pg-test-env)")
+    name = f"kzg_test_{secrets.token_hex(6)}"
+    _psql(env, f"CREATE DATABASE {name} OWNER {env['OWNER']}")
+    _psql(
+        env,
+        f"REVOKE ALL ON DATABASE {name} FROM PUBLIC; GRANT CONNECT ON DATABASE {name} TO {env['APP']}",
+    )
+    try:
+        yield PgDatabase(
+            name=name,
+            owner_url=_pg_url(env["OWNER"], env["OWNER_PASSWORD"], env, name),
+            app_url=_pg_url(env["APP"], env["APP_PASSWORD"], env, name),
+            app_role=env["APP"],
+        )
+    finally:
+        _psql(env, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
