@@ -1,0 +1,78 @@
+"""What one audit record says about one request, job run or admin action."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+# Fixed width, always microseconds and "Z": sorts as text and hashes identically everywhere.
+TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+
+def format_timestamp(moment: datetime) -> str:
+    """Return the canonical UTC text form of ``moment`` (naive datetimes are refused)."""
+    if moment.tzinfo is None:
+        raise ValueError("audit timestamps must be timezone-aware")
+    return moment.astimezone(UTC).strftime(TIMESTAMP_FORMAT)
+
+
+def parse_timestamp(text: str) -> datetime:
+    """Return the aware datetime for a canonical or ISO 8601 timestamp."""
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """One request (or job, or admin action) as the auditors see it. Never holds a secret:
+    blobs appear as SHA-256 digests and credentials as keyed HMAC references."""
+
+    request_id: str
+    occurred_at: datetime
+    actor: str | None
+    role: str | None
+    action: str
+    outcome: str
+    http_status: int | None = None
+    client_addr: str | None = None
+    tls_version: str | None = None
+    method: str | None = None
+    path: str | None = None
+    input_digests: dict[str, str] = field(default_factory=dict)
+    result_digest: str | None = None
+    latency_ms: float | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def fields(self) -> dict[str, Any]:
+        """Return the JSON-ready field values exactly as they are stored and hashed."""
+        latency = None
+        if self.latency_ms is not None:
+            if not math.isfinite(self.latency_ms):
+                raise ValueError("latency_ms must be finite")
+            latency = round(float(self.latency_ms), 3)
+        return {
+            "request_id": self.request_id,
+            "occurred_at": format_timestamp(self.occurred_at),
+            "actor": self.actor,
+            "role": self.role,
+            "action": self.action,
+            "outcome": self.outcome,
+            "http_status": self.http_status,
+            "client_addr": self.client_addr,
+            "tls_version": self.tls_version,
+            "method": self.method,
+            "path": self.path,
+            "input_digests": dict(self.input_digests),
+            "result_digest": self.result_digest,
+            "latency_ms": latency,
+            "detail": dict(self.detail),
+        }
+
+
+EVENT_FIELDS: tuple[str, ...] = tuple(AuditEvent.__dataclass_fields__)
+# Stored as canonical JSON text, hashed as nested objects.
+JSON_FIELDS: frozenset[str] = frozenset({"input_digests", "detail"})

@@ -1,0 +1,44 @@
+"""Prometheus instruments of the audit writer, registered wherever the caller wants."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+@dataclass(frozen=True)
+class AuditMetrics:
+    queue_depth: Gauge
+    batch_size: Histogram
+    commit_latency: Histogram
+    head_seq: Gauge
+    failures: Counter
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry | None = None) -> AuditMetrics:
+        """Create the instruments in ``registry`` (the process default when None)."""
+        kwargs = {} if registry is None else {"registry": registry}
+        return cls(
+            queue_depth=Gauge(
+                "kzg_audit_queue_depth", "Audit records waiting for a commit", **kwargs
+            ),
+            batch_size=Histogram(
+                "kzg_audit_batch_size",
+                "Audit records committed per transaction",
+                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048),
+                **kwargs,
+            ),
+            commit_latency=Histogram(
+                "kzg_audit_commit_seconds",
+                "Time to append and commit one batch of audit records",
+                buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+                **kwargs,
+            ),
+            head_seq=Gauge(
+                "kzg_audit_head_seq", "Sequence number of the audit chain head", **kwargs
+            ),
+            failures=Counter(
+                "kzg_audit_commit_failures", "Audit batches that could not be committed", **kwargs
+            ),
+        )

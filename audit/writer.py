@@ -1,0 +1,185 @@
+"""Group-commit writer: callers await their record's durable commit; one background task
+appends every waiting record in a single transaction under the chain-head lock.
+
+The head lock lives in the database (``SELECT ... FOR UPDATE`` on PostgreSQL, a write
+transaction taken up front on SQLite), so several processes and instances sharing one
+database still build one gapless chain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from audit.chain import chain_hash, record_for
+from audit.errors import AuditUnavailable
+from audit.events import AuditEvent
+from audit.metrics import AuditMetrics
+from audit.models import HEAD_ID, audit_chain_head, audit_events, columns_for
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    seq: int
+    hash: str
+
+
+@dataclass
+class _Pending:
+    fields: dict[str, Any]
+    future: asyncio.Future[AppendResult]
+
+
+async def lock_head(conn: AsyncConnection) -> tuple[int, str]:
+    """Begin a transaction holding the chain-head lock; return the head (seq, hash)."""
+    if conn.dialect.name == "sqlite":
+        # Take the write lock before reading, so two writers never chain from one head.
+        await conn.exec_driver_sql("BEGIN IMMEDIATE")
+    row = (
+        await conn.execute(
+            select(audit_chain_head.c.seq, audit_chain_head.c.hash)
+            .where(audit_chain_head.c.id == HEAD_ID)
+            .with_for_update()
+        )
+    ).one()
+    return int(row.seq), str(row.hash)
+
+
+class AuditWriter:
+    """Appends events to the chain; ``append`` returns only after the commit."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        max_batch: int = 2048,
+        commit_timeout: float = 5.0,
+        metrics: AuditMetrics | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self._engine = engine
+        self._max_batch = max_batch
+        self._commit_timeout = commit_timeout
+        self._metrics = metrics
+        self._clock = clock
+        self._pending: list[_Pending] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._healthy = False
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    async def start(self) -> None:
+        if self._task is not None:
+            return
+        self._closing = False
+        self._task = asyncio.create_task(self._run(), name="audit-writer")
+
+    async def stop(self) -> None:
+        """Commit everything already waiting, then stop taking records."""
+        if self._task is None:
+            return
+        self._closing = True
+        self._wake.set()
+        await self._task
+        self._task = None
+
+    async def append(self, event: AuditEvent) -> AppendResult:
+        """Return the record's (seq, hash) once it is durably committed.
+
+        Raises AuditUnavailable when the store cannot commit it.
+        """
+        fields = event.fields()
+        if self._task is None or self._closing:
+            raise AuditUnavailable("the audit writer is not running")
+        future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(fields, future))
+        self._set_queue_depth()
+        self._wake.set()
+        # A cancelled caller does not withdraw its record: it may already be committing.
+        return await asyncio.shield(future)
+
+    async def ready(self) -> bool:
+        """True when the writer runs and the store answers within the commit timeout."""
+        if self._task is None or self._closing:
+            return False
+        try:
+            async with asyncio.timeout(self._commit_timeout), self._engine.connect() as conn:
+                await conn.execute(
+                    select(audit_chain_head.c.seq).where(audit_chain_head.c.id == HEAD_ID)
+                )
+        except Exception:
+            return False
+        return True
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                batch = self._pending[: self._max_batch]
+                del self._pending[: self._max_batch]
+                self._set_queue_depth()
+                await self._commit_batch(batch)
+            if self._closing:
+                return
+
+    async def _commit_batch(self, batch: list[_Pending]) -> None:
+        started = self._clock()
+        try:
+            async with asyncio.timeout(self._commit_timeout):
+                results = await self._append_batch([item.fields for item in batch])
+        except Exception as exc:
+            self._healthy = False
+            if self._metrics:
+                self._metrics.failures.inc()
+            log.warning("audit commit of %d records failed: %r", len(batch), exc)
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(AuditUnavailable("the audit store is unavailable"))
+            return
+        if not self._healthy:
+            log.info("audit store available; head at seq %d", results[-1].seq)
+            self._healthy = True
+        if self._metrics:
+            self._metrics.batch_size.observe(len(batch))
+            self._metrics.commit_latency.observe(self._clock() - started)
+            self._metrics.head_seq.set(results[-1].seq)
+        for item, result in zip(batch, results, strict=True):
+            if not item.future.done():
+                item.future.set_result(result)
+
+    async def _append_batch(self, batch: list[dict[str, Any]]) -> list[AppendResult]:
+        async with self._engine.connect() as conn:
+            seq, head = await lock_head(conn)
+            rows: list[dict[str, Any]] = []
+            results: list[AppendResult] = []
+            for fields in batch:
+                seq += 1
+                prev, head = head, chain_hash(head, record_for(seq, fields))
+                rows.append({"seq": seq, "prev_hash": prev, "hash": head, **columns_for(fields)})
+                results.append(AppendResult(seq, head))
+            await conn.execute(insert(audit_events), rows)
+            await conn.execute(
+                update(audit_chain_head)
+                .where(audit_chain_head.c.id == HEAD_ID)
+                .values(seq=seq, hash=head)
+            )
+            await conn.commit()
+        return results
+
+    def _set_queue_depth(self) -> None:
+        if self._metrics:
+            self._metrics.queue_depth.set(len(self._pending))
