@@ -16,6 +16,8 @@ from sqlalchemy import inspect, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from audit.chain import GENESIS_HASH, chain_hash, record_for
+from audit.checkpoints import Checkpoint
+from audit.events import EVENT_FIELDS
 from audit.models import (
     HEAD_ID,
     audit_anchors,
@@ -66,6 +68,9 @@ class ChainVerifier:
     _checkpoints: dict[int, str] = field(default_factory=dict)
     _anchors: int = 0
 
+    def __post_init__(self) -> None:
+        self._seq, self._hash = self.start_seq, self.start_hash
+
     def add_anchors(self, anchors: Iterable[Mapping[str, Any]]) -> None:
         for anchor in anchors:
             self._anchors += 1
@@ -91,10 +96,20 @@ class ChainVerifier:
                 self.public_keys, cp["key_id"], message, cp["signature"]
             ):
                 self._problem(cp["seq"], "checkpoint signature invalid")
-            self._checkpoints[cp["seq"]] = cp["hash"]
+            known = self._checkpoints.setdefault(cp["seq"], cp["hash"])
+            if known != cp["hash"]:
+                self._problem(cp["seq"], "two checkpoints disagree about this seq")
         anchored = self._checkpoints.get(self.start_seq)
         if anchored is not None and self.start_seq > 0 and anchored != self.start_hash:
             self._problem(self.start_seq + 1, "retention anchor contradicts a checkpoint")
+
+    def add_held_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """An auditor's own earlier checkpoint: the chain must run through it."""
+        self.add_checkpoints([checkpoint.to_dict()])
+        if checkpoint.seq < self.start_seq:
+            self._problem(checkpoint.seq, "the held checkpoint predates the retained chain")
+        elif checkpoint.seq == self.start_seq and checkpoint.hash != self.start_hash:
+            self._problem(checkpoint.seq, "the retained chain does not extend the checkpoint")
 
     def add_record(self, seq: int, prev_hash: str, stored_hash: str, fields: Mapping) -> None:
         if self._broken:
@@ -163,13 +178,17 @@ async def _rows(conn: AsyncConnection, table: Any, order: Any) -> list[dict[str,
 
 
 async def verify_connection(
-    conn: AsyncConnection, public_keys: Mapping[str, bytes] | None = None
+    conn: AsyncConnection,
+    public_keys: Mapping[str, bytes] | None = None,
+    held: Checkpoint | None = None,
 ) -> VerifyReport:
     """Verify the retained chain as seen by ``conn`` (use one snapshot transaction)."""
     keys = dict(public_keys) if public_keys is not None else await load_public_keys(conn)
     verifier = ChainVerifier(keys)
     verifier.add_anchors(await _rows(conn, audit_anchors, audit_anchors.c.through_seq))
     verifier.add_checkpoints(await _rows(conn, audit_checkpoints, audit_checkpoints.c.seq))
+    if held is not None:
+        verifier.add_held_checkpoint(held)
     result = await conn.stream(
         select(audit_events).order_by(audit_events.c.seq).execution_options(yield_per=2000)
     )
@@ -184,22 +203,28 @@ async def verify_connection(
 
 
 async def verify_database(
-    engine: AsyncEngine, public_keys: Mapping[str, bytes] | None = None
+    engine: AsyncEngine,
+    public_keys: Mapping[str, bytes] | None = None,
+    held: Checkpoint | None = None,
 ) -> VerifyReport:
-    """Verify the chain stored behind ``engine``, reading one consistent snapshot."""
+    """Verify the chain stored behind ``engine``, reading one consistent snapshot; with
+    ``held``, also prove that the current head extends that earlier checkpoint."""
     async with engine.connect() as conn:
         if conn.dialect.name == "postgresql":
             await conn.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY"))
         else:
             await conn.exec_driver_sql("BEGIN")
-        return await verify_connection(conn, public_keys)
+        return await verify_connection(conn, public_keys, held)
 
 
 def verify_export_lines(
-    lines: Iterable[str], trusted_keys: Mapping[str, bytes] | None = None
+    lines: Iterable[str],
+    trusted_keys: Mapping[str, bytes] | None = None,
+    held: Checkpoint | None = None,
 ) -> VerifyReport:
     """Verify an export (see ``audit.export``). ``trusted_keys``, when given, replace the
-    keys the export carries, so an auditor can pin the keys they hold."""
+    keys the export carries, so an auditor can pin the keys they hold; ``held`` is an
+    earlier checkpoint the exported chain must extend."""
     keys: dict[str, bytes] = dict(trusted_keys or {})
     verifier: ChainVerifier | None = None
     anchors: list[dict[str, Any]] = []
@@ -212,6 +237,8 @@ def verify_export_lines(
             verifier = ChainVerifier(keys)
             verifier.add_anchors(anchors)
             verifier.add_checkpoints(checkpoints)
+            if held is not None:
+                verifier.add_held_checkpoint(held)
         return verifier
 
     for number, line in enumerate(lines, start=1):
@@ -229,7 +256,8 @@ def verify_export_lines(
         elif kind == "checkpoint":
             checkpoints.append(item)
         elif kind == "event":
-            started().add_record(item["seq"], item["prev_hash"], item["hash"], item["event"])
+            fields = {name: item.get(name) for name in EVENT_FIELDS}
+            started().add_record(item["seq"], item["prev_hash"], item["hash"], fields)
         elif kind == "head":
             head = item
     return started().finish(

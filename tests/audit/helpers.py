@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import secrets
 from datetime import UTC, datetime
 
+from blspy import AugSchemeMPL
+from sqlalchemy import text
+
 from audit.events import AuditEvent
+from tests.audit.conftest import AuditStore, make_engine
 
 
 def make_event(n: int = 0, **overrides: object) -> AuditEvent:
@@ -28,3 +33,44 @@ def make_event(n: int = 0, **overrides: object) -> AuditEvent:
     }
     values.update(overrides)
     return AuditEvent(**values)  # type: ignore[arg-type]
+
+
+class BlsSigner:
+    """A real receipt-style signer (blspy AugSchemeMPL) with a fresh key."""
+
+    def __init__(self, key_id: str = "receipt-test-1") -> None:
+        self._secret = AugSchemeMPL.key_gen(secrets.token_bytes(32))
+        self.key_id = key_id
+        self.public_key = bytes(self._secret.get_g1())
+
+    def sign(self, message: bytes) -> bytes:
+        return bytes(AugSchemeMPL.sign(self._secret, message))
+
+    @property
+    def keys(self) -> dict[str, bytes]:
+        return {self.key_id: self.public_key}
+
+
+async def tamper(store: AuditStore, *statements: str) -> None:
+    """Rewrite history as the database owner would: switch the guards off, then write."""
+    engine = make_engine(store.owner_url)
+    try:
+        async with engine.begin() as conn:
+            if store.kind == "sqlite":
+                names = await conn.execute(
+                    text("SELECT name FROM sqlite_master WHERE type = 'trigger'")
+                )
+                for (name,) in list(names):
+                    await conn.execute(text(f"DROP TRIGGER {name}"))
+            else:
+                for table in (
+                    "audit_events",
+                    "audit_chain_head",
+                    "audit_checkpoints",
+                    "audit_anchors",
+                ):
+                    await conn.execute(text(f"ALTER TABLE {table} DISABLE TRIGGER USER"))
+            for statement in statements:
+                await conn.exec_driver_sql(statement)
+    finally:
+        await engine.dispose()

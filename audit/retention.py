@@ -1,0 +1,156 @@
+"""Retention: the only path by which records leave the audit log.
+
+Prunes the oldest whole range of records that is both older than the policy and
+covered by a signed checkpoint, after checking that range against the checkpoint, and
+leaves a signed anchor (the hash of the last pruned record) from which the retained
+chain verifies. On PostgreSQL the rows go through ``audit_prune`` (SECURITY DEFINER),
+because the runtime role holds no DELETE privilege; the triggers refuse any delete not
+covered by an anchor.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import bindparam, delete, func, insert, select, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from audit.chain import GENESIS_HASH
+from audit.checkpoints import latest_checkpoint
+from audit.events import format_timestamp
+from audit.models import audit_anchors, audit_events, fields_from_row
+from audit.signing import Signer, anchor_message, sign_message
+from audit.verify import ChainVerifier
+
+DEFAULT_KEEP_YEARS = 7
+
+
+class RetentionRefused(RuntimeError):
+    """The range to prune does not verify against its checkpoint: nothing is removed."""
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    keep_years: int = DEFAULT_KEEP_YEARS
+
+    def __post_init__(self) -> None:
+        if self.keep_years < 1:
+            raise ValueError("audit retention must keep at least one year")
+
+    def cutoff(self, now: datetime) -> datetime:
+        """Return the instant before which records may be pruned."""
+        try:
+            return now.replace(year=now.year - self.keep_years)
+        except ValueError:  # 29 February in a year that has none
+            return now.replace(year=now.year - self.keep_years, day=28)
+
+    @classmethod
+    def load(cls, path: Path) -> RetentionPolicy:
+        """Read ``[audit] keep_years`` from a policy file; defaults when the file is absent."""
+        if not path.exists():
+            return cls()
+        with path.open("rb") as handle:
+            section = tomllib.load(handle).get("audit", {})
+        return cls(keep_years=int(section.get("keep_years", DEFAULT_KEEP_YEARS)))
+
+
+@dataclass(frozen=True)
+class RetentionResult:
+    pruned: int
+    through_seq: int | None
+    cutoff: str
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+async def _latest_anchor(conn: AsyncConnection) -> tuple[int, str]:
+    row = (
+        await conn.execute(
+            select(audit_anchors.c.through_seq, audit_anchors.c.hash).order_by(
+                audit_anchors.c.through_seq.desc()
+            )
+        )
+    ).first()
+    return (int(row.through_seq), str(row.hash)) if row is not None else (0, GENESIS_HASH)
+
+
+async def _prunable_through(conn: AsyncConnection, cutoff: str, limit_seq: int) -> int:
+    """Return the last seq of the leading range older than ``cutoff``, at most ``limit_seq``."""
+    first_young = (
+        await conn.execute(
+            select(func.min(audit_events.c.seq)).where(audit_events.c.occurred_at >= cutoff)
+        )
+    ).scalar()
+    through = limit_seq if first_young is None else min(limit_seq, first_young - 1)
+    return int(through)
+
+
+async def run_retention(
+    engine: AsyncEngine, signer: Signer, policy: RetentionPolicy, now: datetime
+) -> RetentionResult:
+    """Prune what the policy allows and return what was done."""
+    cutoff = format_timestamp(policy.cutoff(now))
+    async with engine.connect() as conn:
+        checkpoint = await latest_checkpoint(conn)
+        if checkpoint is None:
+            await conn.rollback()
+            return RetentionResult(0, None, cutoff, "no checkpoint yet")
+        anchored_seq, anchored_hash = await _latest_anchor(conn)
+        through = await _prunable_through(conn, cutoff, checkpoint.seq)
+        if through <= anchored_seq:
+            await conn.rollback()
+            return RetentionResult(0, None, cutoff, "nothing older than the policy")
+
+        verifier = ChainVerifier({}, start_seq=anchored_seq, start_hash=anchored_hash)
+        through_hash = anchored_hash
+        rows = await conn.stream(
+            select(audit_events)
+            .where(audit_events.c.seq > anchored_seq, audit_events.c.seq <= checkpoint.seq)
+            .order_by(audit_events.c.seq)
+            .execution_options(yield_per=2000)
+        )
+        async for row in rows.mappings():
+            verifier.add_record(row["seq"], row["prev_hash"], row["hash"], fields_from_row(row))
+            if row["seq"] == through:
+                through_hash = row["hash"]
+        report = verifier.finish(checkpoint.seq, checkpoint.hash)
+        if not report.valid:
+            await conn.rollback()
+            raise RetentionRefused(
+                f"records up to checkpoint {checkpoint.seq} do not verify: "
+                f"seq {report.first_bad_seq}: {report.reason}"
+            )
+
+        issued_at = format_timestamp(now)
+        pruned = through - anchored_seq
+        message = anchor_message(through, through_hash, checkpoint.seq, pruned, issued_at)
+        await conn.execute(
+            insert(audit_anchors).values(
+                through_seq=through,
+                hash=through_hash,
+                checkpoint_seq=checkpoint.seq,
+                pruned=pruned,
+                issued_at=issued_at,
+                key_id=signer.key_id,
+                message=message,
+                signature=sign_message(signer, message),
+            )
+        )
+        if conn.dialect.name == "postgresql":
+            removed = (
+                await conn.execute(
+                    text("SELECT audit_prune(:through)").bindparams(bindparam("through", through))
+                )
+            ).scalar_one()
+        else:
+            removed = (
+                await conn.execute(delete(audit_events).where(audit_events.c.seq <= through))
+            ).rowcount
+        await conn.commit()
+    return RetentionResult(int(removed), through, cutoff, "pruned")
