@@ -7,15 +7,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-# Fixed width, always microseconds and "Z": sorts as text and hashes identically everywhere.
-TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
-
 
 def format_timestamp(moment: datetime) -> str:
-    """Return the canonical UTC text form of ``moment`` (naive datetimes are refused)."""
+    """Return the canonical UTC text form of ``moment``: fixed width, always microseconds
+    and "Z", so it sorts as text and hashes identically everywhere (naive is refused)."""
     if moment.tzinfo is None:
         raise ValueError("audit timestamps must be timezone-aware")
-    return moment.astimezone(UTC).strftime(TIMESTAMP_FORMAT)
+    utc = moment.astimezone(UTC).replace(tzinfo=None)
+    return utc.isoformat(timespec="microseconds") + "Z"
 
 
 def parse_timestamp(text: str) -> datetime:

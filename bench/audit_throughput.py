@@ -1,0 +1,186 @@
+"""Audit appends per second with durable commits, for 1, 8 and 64 concurrent writers.
+
+SQLite in WAL mode (synchronous FULL) in a temporary directory, and PostgreSQL with
+synchronous_commit on in a temporary database on the loopback server described by the
+KZG_TEST_PG_* variables (``source .pg-test-env``). Each writer awaits its own record's
+commit before sending the next, as a request handler does.
+
+    .venv/bin/python bench/audit_throughput.py [--seconds 2] [--writers 1,8,64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from prometheus_client import CollectorRegistry
+from sqlalchemy import event, text
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from audit.events import AuditEvent
+from audit.metrics import AuditMetrics
+from audit.verify import verify_database
+from audit.writer import AuditWriter
+from migrations import MIGRATIONS_DIR
+
+TARGETS = {"sqlite": 2000, "postgresql": 5000}
+
+
+def _engine(url: str) -> AsyncEngine:
+    if not url.startswith("sqlite"):
+        return create_async_engine(url, pool_size=5)
+    engine = create_async_engine(url, connect_args={"timeout": 30})
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _wal(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.close()
+
+    return engine
+
+
+def _upgrade(connection: Connection, app_role: str | None) -> None:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes["connection"] = connection
+    config.attributes["app_role"] = app_role
+    command.upgrade(config, "audit@head")
+
+
+async def _migrate(url: str, app_role: str | None) -> None:
+    engine = _engine(url)
+    async with engine.begin() as conn:
+        await conn.run_sync(_upgrade, app_role)
+    await engine.dispose()
+
+
+def _event(worker: int, n: int) -> AuditEvent:
+    return AuditEvent(
+        request_id=f"bench-{worker}-{n}",
+        occurred_at=datetime.now(UTC),
+        actor=f"apikey:{worker}",
+        role="client",
+        action="verify_kzg_proof",
+        outcome="success",
+        http_status=200,
+        client_addr="127.0.0.1",
+        tls_version="TLSv1.3",
+        method="POST",
+        path="/v1/kzg/verify-proof",
+        input_digests={"commitment": secrets.token_hex(32), "proof": secrets.token_hex(32)},
+        result_digest=secrets.token_hex(32),
+        latency_ms=0.8,
+    )
+
+
+async def _run(url: str, writers: int, seconds: float) -> tuple[float, float]:
+    engine = _engine(url)
+    registry = CollectorRegistry()
+    writer = AuditWriter(engine, commit_timeout=30, metrics=AuditMetrics.create(registry))
+    await writer.start()
+    deadline = time.perf_counter() + seconds
+    counts = [0] * writers
+
+    async def client(worker: int) -> None:
+        while time.perf_counter() < deadline:
+            await writer.append(_event(worker, counts[worker]))
+            counts[worker] += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client(w) for w in range(writers)))
+    elapsed = time.perf_counter() - started
+    await writer.stop()
+    report = await verify_database(engine, public_keys={})
+    await engine.dispose()
+    if not report.valid:
+        raise SystemExit(f"chain does not verify after the run: {report.reason}")
+    batches = registry.get_sample_value("kzg_audit_batch_size_count") or 1
+    return sum(counts) / elapsed, report.head_seq / batches
+
+
+async def _pg_database() -> tuple[str, str, str, AsyncEngine]:
+    env = {k: os.environ.get(f"KZG_TEST_PG_{k}", "") for k in ("HOST", "PORT", "OWNER", "APP")}
+    if not all(env.values()):
+        raise LookupError("KZG_TEST_PG_* not set (source .pg-test-env)")
+    if env["HOST"] not in ("127.0.0.1", "localhost", "::1"):
+        raise LookupError("the benchmark only uses a loopback PostgreSQL")
+    owner_pw = os.environ["KZG_TEST_PG_OWNER_PASSWORD"]
+    app_pw = os.environ["KZG_TEST_PG_APP_PASSWORD"]
+    base = f"postgresql+asyncpg://{{}}:{{}}@{env['HOST']}:{env['PORT']}/{{}}"
+    admin = create_async_engine(
+        base.format(env["OWNER"], owner_pw, "postgres"), isolation_level="AUTOCOMMIT"
+    )
+    name = f"kzg_bench_{secrets.token_hex(4)}"
+    async with admin.connect() as conn:
+        await conn.execute(text(f"CREATE DATABASE {name}"))
+        await conn.execute(text(f'GRANT CONNECT ON DATABASE {name} TO "{env["APP"]}"'))
+    owner_url = base.format(env["OWNER"], owner_pw, name)
+    await _migrate(owner_url, env["APP"])
+    return name, base.format(env["APP"], app_pw, name), env["APP"], admin
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--writers", default="1,8,64")
+    parser.add_argument("--only", choices=("sqlite", "postgresql"))
+    args = parser.parse_args()
+    counts = [int(w) for w in args.writers.split(",")]
+    print(f"{'store':<11} {'writers':>7} {'appends/s':>10} {'mean batch':>10}")
+    results: dict[tuple[str, int], float] = {}
+
+    if args.only in (None, "sqlite"):
+        for writers in counts:
+            with tempfile.TemporaryDirectory(prefix="kzg-audit-bench-") as tmp:
+                url = f"sqlite+aiosqlite:///{tmp}/audit.db"
+                await _migrate(url, None)
+                rate, batch = await _run(url, writers, args.seconds)
+            results["sqlite", writers] = rate
+            print(f"{'sqlite':<11} {writers:>7} {rate:>10.0f} {batch:>10.1f}", flush=True)
+
+    if args.only in (None, "postgresql"):
+        for writers in counts:
+            try:
+                name, app_url, _, admin = await _pg_database()
+            except LookupError as exc:
+                print(f"postgresql skipped: {exc}")
+                break
+            try:
+                probe = create_async_engine(app_url)
+                async with probe.connect() as conn:
+                    sync = (await conn.execute(text("SHOW synchronous_commit"))).scalar()
+                await probe.dispose()
+                if sync != "on":
+                    raise SystemExit(f"synchronous_commit is {sync}; the benchmark needs on")
+                rate, batch = await _run(app_url, writers, args.seconds)
+            finally:
+                async with admin.connect() as conn:
+                    await conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                await admin.dispose()
+            results["postgresql", writers] = rate
+            print(f"{'postgresql':<11} {writers:>7} {rate:>10.0f} {batch:>10.1f}", flush=True)
+
+    top = max(counts)
+    for store, target in TARGETS.items():
+        if (store, top) in results:
+            rate = results[store, top]
+            verdict = "meets" if rate >= target else "BELOW"
+            print(f"{store} at {top} writers: {rate / target:.2f}x the target ({verdict})")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
