@@ -1,0 +1,133 @@
+"""Auditor routes: events, verify, latest checkpoint, JSON Lines export.
+
+Thin handlers over ``audit``: parse, call one service, shape the response. Permission
+checks and the audit record of each request come from the middleware chain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from datetime import UTC, datetime
+
+from aiohttp import web
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from audit.checkpoints import latest_checkpoint
+from audit.events import parse_timestamp
+from audit.export import export_lines
+from audit.query import MAX_LIMIT, EventQuery, query_events
+from audit.verify import verify_database
+from gateway.errors import ApiError
+
+EXPORT_CONTENT_TYPE = "application/jsonl"
+_ENGINE_KEY: web.AppKey[web.AppKey[AsyncEngine]] = web.AppKey("audit_engine_key")
+
+
+def add_routes(app: web.Application, engine_key: web.AppKey[AsyncEngine]) -> None:
+    """Register the four auditor routes; ``engine_key`` is where the app keeps its
+    database engine (read at request time, so it may be opened in ``cleanup_ctx``)."""
+    app[_ENGINE_KEY] = engine_key
+    app.router.add_get("/v1/audit/events", events, name="audit_events")
+    app.router.add_get("/v1/audit/verify", verify, name="audit_verify")
+    app.router.add_get(
+        "/v1/audit/checkpoints/latest", checkpoint_latest, name="audit_checkpoint_latest"
+    )
+    app.router.add_get("/v1/audit/export", export, name="audit_export")
+
+
+def _engine(request: web.Request) -> AsyncEngine:
+    return request.app[request.app[_ENGINE_KEY]]
+
+
+def _invalid(name: str, why: str) -> ApiError:
+    return ApiError(400, "invalid_query", f"query parameter {name!r} {why}")
+
+
+def _time(request: web.Request, name: str) -> datetime | None:
+    value = request.query.get(name)
+    if value is None:
+        return None
+    try:
+        return parse_timestamp(value)
+    except ValueError:
+        raise _invalid(name, "must be an ISO 8601 timestamp") from None
+
+
+def _int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    value = request.query.get(name)
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise _invalid(name, "must be an integer") from None
+    if not low <= number <= high:
+        raise _invalid(name, f"must be between {low} and {high}")
+    return number
+
+
+def parse_event_query(request: web.Request) -> EventQuery:
+    """Return the filters and cursor of GET /v1/audit/events, or raise a 400."""
+    known = {"since", "until", "actor", "action", "outcome", "after_seq", "limit"}
+    unknown = sorted(set(request.query) - known)
+    if unknown:
+        raise _invalid(unknown[0], "is not a filter of this route")
+    return EventQuery(
+        since=_time(request, "since"),
+        until=_time(request, "until"),
+        actor=request.query.get("actor"),
+        action=request.query.get("action"),
+        outcome=request.query.get("outcome"),
+        after_seq=_int(request, "after_seq", 0, 0, 2**63 - 1),
+        limit=_int(request, "limit", 100, 1, MAX_LIMIT),
+    )
+
+
+async def events(request: web.Request) -> web.Response:
+    page = await query_events(_engine(request), parse_event_query(request))
+    return web.json_response(page.to_dict())
+
+
+async def verify(request: web.Request) -> web.Response:
+    report = await verify_database(_engine(request))
+    return web.json_response(report.to_dict())
+
+
+async def checkpoint_latest(request: web.Request) -> web.Response:
+    async with _engine(request).connect() as conn:
+        checkpoint = await latest_checkpoint(conn)
+    if checkpoint is None:
+        raise ApiError(404, "no_checkpoint", "no checkpoint has been issued yet")
+    return web.json_response(checkpoint.to_dict())
+
+
+async def export(request: web.Request) -> web.StreamResponse:
+    now = datetime.now(UTC)
+    async with aclosing(export_lines(_engine(request), now)) as lines:
+        # The first line is read before answering, so a database failure is a clean error.
+        first = await anext(lines)
+        return await _stream(request, now, first, lines)
+
+
+async def _stream(
+    request: web.Request, now: datetime, first: str, lines: AsyncIterator[str]
+) -> web.StreamResponse:
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": EXPORT_CONTENT_TYPE,
+            "Content-Disposition": f'attachment; filename="audit-{now:%Y%m%dT%H%M%SZ}.jsonl"',
+        }
+    )
+    await response.prepare(request)
+    await response.write(first.encode())
+    buffer: list[str] = []
+    async for line in lines:
+        buffer.append(line)
+        if len(buffer) >= 256:
+            await response.write("".join(buffer).encode())
+            buffer.clear()
+    if buffer:
+        await response.write("".join(buffer).encode())
+    await response.write_eof()
+    return response
