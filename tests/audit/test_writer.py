@@ -265,5 +265,7 @@ async def test_sqlite_locked_out_fails_closed_then_recovers(sqlite_store: AuditS
     finally:
         holder.kill()
         holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
         await writer.stop()
         await engine.dispose()
