@@ -269,3 +269,47 @@ async def test_sqlite_locked_out_fails_closed_then_recovers(sqlite_store: AuditS
             holder.stdout.close()
         await writer.stop()
         await engine.dispose()
+
+
+async def acknowledge_forever(url: str) -> None:
+    """Run in a separate OS process: append without end, printing each acknowledged
+    request id only after its append returned (as the gateway answers only then)."""
+    engine = make_engine(url)
+    writer = AuditWriter(engine, commit_timeout=30)
+    await writer.start()
+
+    async def client(worker: int) -> None:
+        n = 0
+        while True:
+            request_id = f"w{worker}-{n}"
+            await writer.append(make_event(n, request_id=request_id))
+            print(request_id, flush=True)
+            n += 1
+
+    await asyncio.gather(*(client(w) for w in range(16)))
+
+
+async def test_sigkill_under_load_loses_no_acknowledged_record(
+    audit_store: AuditStore, app_engine: AsyncEngine
+) -> None:
+    code = "import asyncio, sys; from tests.audit.test_writer import acknowledge_forever; " + (
+        "asyncio.run(acknowledge_forever(sys.argv[1]))"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, audit_store.app_url, cwd=REPO, stdout=subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    acknowledged: list[str] = []
+    while len(acknowledged) < 300:
+        line = await asyncio.wait_for(proc.stdout.readline(), timeout=30)
+        assert line, "the writer process ended early"
+        acknowledged.append(line.decode().strip())
+    proc.kill()  # SIGKILL: no flush, no clean shutdown
+    rest, _ = await proc.communicate()
+    acknowledged.extend(rest.decode().split())
+
+    async with app_engine.connect() as conn:
+        stored = {r[0] for r in await conn.execute(select(audit_events.c.request_id))}
+    assert set(acknowledged) <= stored
+    report = await verify_database(app_engine, public_keys={})
+    assert report.valid and report.checked == len(stored)
