@@ -147,11 +147,13 @@ async def test_postgres_runtime_role_holds_only_insert_and_select(pg_store: Audi
     assert {p for t, p in grants if t == "audit_chain_head"} == {"SELECT", "UPDATE"}
 
 
-async def write_many(url: str, count: int, tag: str) -> None:
-    """Run in a separate OS process: append ``count`` events through its own writer."""
+async def write_many(url: str, count: int, tag: str, start_at: float) -> None:
+    """Run in a separate OS process: from ``start_at`` (epoch seconds), append ``count``
+    events through its own writer."""
     engine = make_engine(url)
     writer = AuditWriter(engine, commit_timeout=30)
     await writer.start()
+    await asyncio.sleep(max(0.0, start_at - time.time()))
     try:
         for start in range(0, count, 20):
             await asyncio.gather(
@@ -169,11 +171,13 @@ async def test_two_processes_share_one_gapless_chain(
     audit_store: AuditStore, app_engine: AsyncEngine
 ) -> None:
     code = "import asyncio, sys; from tests.audit.test_writer import write_many; " + (
-        "asyncio.run(write_many(sys.argv[1], int(sys.argv[2]), sys.argv[3]))"
+        "asyncio.run(write_many(sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])))"
     )
+    # Both start together, once both interpreters are up.
+    start_at = str(time.time() + 3)
     procs = [
         await asyncio.create_subprocess_exec(
-            sys.executable, "-c", code, audit_store.app_url, "300", tag, cwd=REPO
+            sys.executable, "-c", code, audit_store.app_url, "300", tag, start_at, cwd=REPO
         )
         for tag in ("proc-a", "proc-b")
     ]
@@ -183,7 +187,12 @@ async def test_two_processes_share_one_gapless_chain(
     assert report.valid, report.reason
     assert report.checked == report.head_seq == 600
     async with app_engine.connect() as conn:
-        ids = [r[0] for r in await conn.execute(select(audit_events.c.request_id))]
+        ids = [
+            r[0]
+            for r in await conn.execute(
+                select(audit_events.c.request_id).order_by(audit_events.c.seq)
+            )
+        ]
     assert sorted(ids) == sorted(f"{t}-{n}" for t in ("proc-a", "proc-b") for n in range(300))
     # Both processes really interleaved rather than running one after the other.
     owners = [i.split("-")[1] for i in ids]
