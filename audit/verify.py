@@ -131,6 +131,11 @@ class ChainVerifier:
         self._seq, self._hash = seq, stored_hash
         self._checked += 1
 
+    def add_malformed(self, reason: str) -> None:
+        """A record the source holds but that cannot be read: the chain breaks here."""
+        if not self._broken:
+            self._break(self._seq + 1, reason)
+
     def finish(self, head_seq: int | None, head_hash: str | None) -> VerifyReport:
         if not self._broken:
             if head_seq is None:
@@ -257,7 +262,13 @@ def verify_export_lines(
             checkpoints.append(item)
         elif kind == "event":
             fields = {name: item.get(name) for name in EVENT_FIELDS}
-            started().add_record(item["seq"], item["prev_hash"], item["hash"], fields)
+            seq, prev_hash, stored_hash = (item.get(k) for k in ("seq", "prev_hash", "hash"))
+            if not (
+                isinstance(seq, int) and isinstance(prev_hash, str) and isinstance(stored_hash, str)
+            ):
+                started().add_malformed(f"export line {number} lacks seq, prev_hash or hash")
+                continue
+            started().add_record(seq, prev_hash, stored_hash, fields)
         elif kind == "head":
             head = item
     return started().finish(

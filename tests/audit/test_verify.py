@@ -200,6 +200,21 @@ async def test_an_empty_chain_verifies(app_engine: AsyncEngine) -> None:
     assert verify_export_lines(await _export(app_engine, keys={})).valid
 
 
+@pytest.mark.usefixtures("ten_records")
+async def test_an_event_line_without_its_hashes_breaks_the_chain_there(
+    app_engine: AsyncEngine,
+) -> None:
+    items = _events(await _export(app_engine, keys={}))
+    broken = [
+        {k: v for k, v in item.items() if k != "hash"}
+        if item["type"] == "event" and item["seq"] == 6
+        else item
+        for item in items
+    ]
+    report = verify_export_lines(_dump(broken))
+    assert not report.valid and report.first_bad_seq == 6
+
+
 def test_a_line_that_is_not_an_export_item_is_refused() -> None:
     with pytest.raises(ValueError, match="line 2"):
         verify_export_lines(['{"type": "header"}', "not json"])
