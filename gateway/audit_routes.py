@@ -1,4 +1,5 @@
-"""Auditor routes: events, verify, latest checkpoint, JSON Lines export.
+"""Auditor routes (events, verify, latest checkpoint, JSON Lines export) and the
+mapping from a finished request's context to its audit record.
 
 Thin handlers over ``audit``: parse, call one service, shape the response. Permission
 checks and the audit record of each request come from the middleware chain.
@@ -6,6 +7,7 @@ checks and the audit record of each request come from the middleware chain.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from datetime import UTC, datetime
@@ -14,14 +16,59 @@ from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.checkpoints import latest_checkpoint
-from audit.events import parse_timestamp
+from audit.events import AuditEvent, parse_timestamp
 from audit.export import export_lines
 from audit.query import MAX_LIMIT, EventQuery, query_events
 from audit.verify import verify_database
+from gateway.context import RequestContext
 from gateway.errors import ApiError
 
 EXPORT_CONTENT_TYPE = "application/jsonl"
+_OUTCOMES = {
+    401: "unauthenticated",
+    403: "denied",
+    404: "not_found",
+    413: "too_large",
+    429: "rate_limited",
+    503: "unavailable",
+}
 _ENGINE_KEY: web.AppKey[web.AppKey[AsyncEngine]] = web.AppKey("audit_engine_key")
+
+
+def outcome_for_status(status: int) -> str:
+    """Return the audit outcome of an HTTP status."""
+    if status < 400:
+        return "success"
+    return _OUTCOMES.get(status, "invalid" if status < 500 else "error")
+
+
+def event_from_context(ctx: RequestContext, http_status: int) -> AuditEvent:
+    """Return the audit record of a finished request. Holds no secret: the credential
+    appears only as its keyed HMAC reference, inputs only as their digests."""
+    principal = ctx.principal
+    detail = dict(ctx.detail)
+    if ctx.credential_ref is not None:
+        detail["credential_ref"] = ctx.credential_ref
+    if principal is not None:
+        detail["principal_kind"] = principal.kind
+        detail["mfa"] = principal.mfa
+    return AuditEvent(
+        request_id=ctx.request_id,
+        occurred_at=ctx.received_at,
+        actor=principal.id if principal is not None else None,
+        role=",".join(principal.roles) if principal is not None else None,
+        action=ctx.action or ctx.route_name or "unmatched",
+        outcome=outcome_for_status(http_status),
+        http_status=http_status,
+        client_addr=ctx.client_addr,
+        tls_version=ctx.tls_version,
+        method=ctx.method,
+        path=ctx.path,
+        input_digests=dict(ctx.input_digests),
+        result_digest=ctx.result_digest,
+        latency_ms=(time.perf_counter() - ctx.started) * 1000,
+        detail=detail,
+    )
 
 
 def add_routes(app: web.Application, engine_key: web.AppKey[AsyncEngine]) -> None:

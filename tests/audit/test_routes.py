@@ -15,7 +15,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from audit.checkpoints import issue_checkpoint
 from audit.verify import verify_export_lines
 from audit.writer import AuditWriter
-from gateway.audit_routes import EXPORT_CONTENT_TYPE, add_routes
+from auth.principal import Principal
+from gateway.audit_routes import (
+    EXPORT_CONTENT_TYPE,
+    add_routes,
+    event_from_context,
+    outcome_for_status,
+)
+from gateway.context import RequestContext
 from gateway.errors import ApiError
 from tests.audit.conftest import AuditStore
 from tests.audit.helpers import BlsSigner, make_event, tamper
@@ -132,3 +139,59 @@ async def test_latest_checkpoint_and_export(client: TestClient, app_engine: Asyn
     assert sum(1 for line in lines if json.loads(line)["type"] == "event") == 12
     report = verify_export_lines(lines, trusted_keys=signer.keys)
     assert report.valid and report.checkpoints == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "outcome"),
+    [
+        (200, "success"),
+        (400, "invalid"),
+        (401, "unauthenticated"),
+        (403, "denied"),
+        (413, "too_large"),
+        (429, "rate_limited"),
+        (500, "error"),
+        (503, "unavailable"),
+    ],
+)
+def test_outcome_follows_the_status(status: int, outcome: str) -> None:
+    assert outcome_for_status(status) == outcome
+
+
+def test_record_of_a_request_carries_references_never_secrets() -> None:
+    ctx = RequestContext(
+        request_id="req-1",
+        method="POST",
+        path="/v1/kzg/verify-proof",
+        client_addr="127.0.0.1",
+        tls_version="TLSv1.3",
+        route_name="verify_kzg_proof",
+        principal=Principal(id="key-7", kind="api_key", name="ci", roles=("client",)),
+        credential_ref="hmac:ab12",
+        input_digests={"commitment": "11" * 32},
+        result_digest="22" * 32,
+    )
+
+    event = event_from_context(ctx, 200)
+
+    assert (event.actor, event.role, event.action, event.outcome) == (
+        "key-7",
+        "client",
+        "verify_kzg_proof",
+        "success",
+    )
+    assert event.detail == {
+        "credential_ref": "hmac:ab12",
+        "principal_kind": "api_key",
+        "mfa": False,
+    }
+    assert event.occurred_at == ctx.received_at and event.latency_ms is not None
+    anonymous = event_from_context(
+        RequestContext(request_id="req-2", method="GET", path="/nowhere", client_addr=None), 404
+    )
+    assert (anonymous.actor, anonymous.action, anonymous.outcome) == (
+        None,
+        "unmatched",
+        "not_found",
+    )
+    assert anonymous.fields()["http_status"] == 404
