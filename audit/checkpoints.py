@@ -8,12 +8,12 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import insert, select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from audit.events import format_timestamp
-from audit.models import HEAD_ID, audit_chain_head, audit_checkpoints
+from audit.models import audit_checkpoints
 from audit.signing import Signer, checkpoint_message, sign_message
+from audit.writer import lock_head
 
 
 @dataclass(frozen=True)
@@ -45,34 +45,27 @@ async def issue_checkpoint(engine: AsyncEngine, signer: Signer, now: datetime) -
     """Sign the current chain head; None while the chain is empty. A head that is
     already checkpointed (by this or another instance) returns that checkpoint."""
     async with engine.connect() as conn:
-        head = (
-            await conn.execute(
-                select(audit_chain_head.c.seq, audit_chain_head.c.hash).where(
-                    audit_chain_head.c.id == HEAD_ID
-                )
-            )
-        ).one()
-        if head.seq == 0:
+        # Under the head lock only briefly (one signature): appends wait that long.
+        seq, head_hash = await lock_head(conn)
+        if seq == 0:
+            await conn.rollback()
             return None
-        existing = await _checkpoint_at(conn, head.seq)
+        existing = await _checkpoint_at(conn, seq)
         if existing is not None:
+            await conn.rollback()
             return existing
         issued_at = format_timestamp(now)
-        message = checkpoint_message(head.seq, head.hash, issued_at)
+        message = checkpoint_message(seq, head_hash, issued_at)
         checkpoint = Checkpoint(
-            seq=head.seq,
-            hash=head.hash,
+            seq=seq,
+            hash=head_hash,
             issued_at=issued_at,
             key_id=signer.key_id,
             message=message,
             signature=sign_message(signer, message),
         )
-        try:
-            await conn.execute(insert(audit_checkpoints).values(**checkpoint.to_dict()))
-            await conn.commit()
-        except IntegrityError:
-            await conn.rollback()
-            return await _checkpoint_at(conn, head.seq)
+        await conn.execute(insert(audit_checkpoints).values(**checkpoint.to_dict()))
+        await conn.commit()
         return checkpoint
 
 

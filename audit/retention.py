@@ -20,13 +20,15 @@ from sqlalchemy import bindparam, delete, func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from audit.chain import GENESIS_HASH
-from audit.checkpoints import latest_checkpoint
+from audit.checkpoints import Checkpoint, latest_checkpoint
 from audit.events import format_timestamp
 from audit.models import audit_anchors, audit_events, fields_from_row
 from audit.signing import Signer, anchor_message, sign_message
 from audit.verify import ChainVerifier
+from audit.writer import begin_write
 
 DEFAULT_KEEP_YEARS = 7
+_PRUNE_LOCK = 0x6B7A6761  # advisory lock id of retention runs
 
 
 class RetentionRefused(RuntimeError):
@@ -94,39 +96,30 @@ async def _prunable_through(conn: AsyncConnection, cutoff: str, limit_seq: int) 
 async def run_retention(
     engine: AsyncEngine, signer: Signer, policy: RetentionPolicy, now: datetime
 ) -> RetentionResult:
-    """Prune what the policy allows and return what was done."""
+    """Prune what the policy allows and return what was done.
+
+    The range is read and verified without blocking appends; only the anchor and the
+    delete run in a write transaction, which re-checks that no other run pruned first.
+    """
     cutoff = format_timestamp(policy.cutoff(now))
     async with engine.connect() as conn:
         checkpoint = await latest_checkpoint(conn)
         if checkpoint is None:
-            await conn.rollback()
             return RetentionResult(0, None, cutoff, "no checkpoint yet")
         anchored_seq, anchored_hash = await _latest_anchor(conn)
         through = await _prunable_through(conn, cutoff, checkpoint.seq)
         if through <= anchored_seq:
-            await conn.rollback()
             return RetentionResult(0, None, cutoff, "nothing older than the policy")
+        through_hash = await _verified_hash(conn, checkpoint, anchored_seq, anchored_hash, through)
+        await conn.rollback()
 
-        verifier = ChainVerifier({}, start_seq=anchored_seq, start_hash=anchored_hash)
-        through_hash = anchored_hash
-        rows = await conn.stream(
-            select(audit_events)
-            .where(audit_events.c.seq > anchored_seq, audit_events.c.seq <= checkpoint.seq)
-            .order_by(audit_events.c.seq)
-            .execution_options(yield_per=2000)
-        )
-        async for row in rows.mappings():
-            verifier.add_record(row["seq"], row["prev_hash"], row["hash"], fields_from_row(row))
-            if row["seq"] == through:
-                through_hash = row["hash"]
-        report = verifier.finish(checkpoint.seq, checkpoint.hash)
-        if not report.valid:
+        await begin_write(conn)
+        if conn.dialect.name == "postgresql":
+            # SQLite's write lock already serialises retention runs; PostgreSQL needs one.
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PRUNE_LOCK})
+        if await _latest_anchor(conn) != (anchored_seq, anchored_hash):
             await conn.rollback()
-            raise RetentionRefused(
-                f"records up to checkpoint {checkpoint.seq} do not verify: "
-                f"seq {report.first_bad_seq}: {report.reason}"
-            )
-
+            return RetentionResult(0, None, cutoff, "another retention run pruned first")
         issued_at = format_timestamp(now)
         pruned = through - anchored_seq
         message = anchor_message(through, through_hash, checkpoint.seq, pruned, issued_at)
@@ -154,3 +147,32 @@ async def run_retention(
             ).rowcount
         await conn.commit()
     return RetentionResult(int(removed), through, cutoff, "pruned")
+
+
+async def _verified_hash(
+    conn: AsyncConnection,
+    checkpoint: Checkpoint,
+    anchored_seq: int,
+    anchored_hash: str,
+    through: int,
+) -> str:
+    """Verify records from the anchor to the checkpoint; return the hash at ``through``."""
+    verifier = ChainVerifier({}, start_seq=anchored_seq, start_hash=anchored_hash)
+    through_hash = anchored_hash
+    rows = await conn.stream(
+        select(audit_events)
+        .where(audit_events.c.seq > anchored_seq, audit_events.c.seq <= checkpoint.seq)
+        .order_by(audit_events.c.seq)
+        .execution_options(yield_per=2000)
+    )
+    async for row in rows.mappings():
+        verifier.add_record(row["seq"], row["prev_hash"], row["hash"], fields_from_row(row))
+        if row["seq"] == through:
+            through_hash = row["hash"]
+    report = verifier.finish(checkpoint.seq, checkpoint.hash)
+    if not report.valid:
+        raise RetentionRefused(
+            f"records up to checkpoint {checkpoint.seq} do not verify: "
+            f"seq {report.first_bad_seq}: {report.reason}"
+        )
+    return through_hash

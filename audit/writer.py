@@ -27,7 +27,6 @@ from audit.models import HEAD_ID, audit_chain_head, audit_events, columns_for
 
 log = logging.getLogger(__name__)
 
-
 _COLUMNS = ("seq", "prev_hash", "hash", *EVENT_FIELDS)
 
 
@@ -59,11 +58,16 @@ class _Pending:
     future: asyncio.Future[AppendResult]
 
 
+async def begin_write(conn: AsyncConnection) -> None:
+    """Begin a transaction that will write. SQLite takes its write lock up front: a read
+    transaction that later writes fails outright if another writer committed meanwhile."""
+    if conn.dialect.name == "sqlite":
+        await conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 async def lock_head(conn: AsyncConnection) -> tuple[int, str]:
     """Begin a transaction holding the chain-head lock; return the head (seq, hash)."""
-    if conn.dialect.name == "sqlite":
-        # Take the write lock before reading, so two writers never chain from one head.
-        await conn.exec_driver_sql("BEGIN IMMEDIATE")
+    await begin_write(conn)
     row = (
         await conn.execute(
             select(audit_chain_head.c.seq, audit_chain_head.c.hash)

@@ -3,6 +3,7 @@ remaining chain still verifies online and offline."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -152,3 +153,35 @@ async def test_runtime_role_cannot_prune_without_an_anchor(pg_store: AuditStore)
     finally:
         await writer.stop()
         await engine.dispose()
+
+
+async def test_checkpoints_and_retention_run_beside_live_appends(
+    app_engine: AsyncEngine, writer: AuditWriter
+) -> None:
+    signer = BlsSigner()
+    await _fill(writer, old=40, recent=0)
+    stop = asyncio.Event()
+
+    async def traffic() -> int:
+        count = 0
+        while not stop.is_set():
+            await asyncio.gather(*(writer.append(make_event(n, occurred_at=NOW)) for n in range(8)))
+            count += 8
+        return count
+
+    load = asyncio.create_task(traffic())
+    await asyncio.sleep(0.05)
+    await issue_checkpoint(app_engine, signer, NOW)
+    first, second = await asyncio.gather(
+        run_retention(app_engine, signer, SEVEN_YEARS, NOW),
+        run_retention(app_engine, signer, SEVEN_YEARS, NOW),
+    )
+    await issue_checkpoint(app_engine, signer, NOW)
+    stop.set()
+    appended = await load
+
+    assert appended > 0
+    assert sorted([first.pruned, second.pruned]) == [0, 40]
+    report = await verify_database(app_engine, public_keys=signer.keys)
+    assert report.valid, report.reason
+    assert report.head_seq == 40 + appended and report.checked == appended
