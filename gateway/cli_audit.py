@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
+import tomllib
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,6 +26,8 @@ from audit.signing import key_bytes
 from audit.verify import VerifyReport, verify_database, verify_export_lines
 
 EXIT_VALID, EXIT_INVALID, EXIT_UNREADABLE = 0, 1, 2
+DATABASE_URL_ENV = "KZG_GATEWAY_DATABASE_URL"
+DEFAULT_DATABASE_FILE = "gateway.db"
 _ASYNC_DRIVERS = {
     "sqlite": "sqlite+aiosqlite",
     "postgresql": "postgresql+asyncpg",
@@ -76,12 +80,27 @@ def async_url(url: str) -> str:
     return f"{_ASYNC_DRIVERS.get(scheme, scheme)}://{rest}"
 
 
+def data_dir_database_url(data_dir: Path) -> str:
+    """Return the database URL a gateway with this data directory uses:
+    ``KZG_GATEWAY_DATABASE_URL``, else ``database_url`` in ``<data dir>/config.toml``,
+    else the embedded default, the SQLite file ``<data dir>/gateway.db``."""
+    url = os.environ.get(DATABASE_URL_ENV)
+    config = data_dir / "config.toml"
+    if not url and config.is_file():
+        with config.open("rb") as handle:
+            url = tomllib.load(handle).get("database_url")
+    if url:
+        return async_url(url)
+    database = data_dir / DEFAULT_DATABASE_FILE
+    if not database.is_file():
+        raise ValueError(f"no gateway database in {data_dir} (expected {database})")
+    return f"sqlite+aiosqlite:///{database.resolve()}"
+
+
 def _database_url(args: argparse.Namespace) -> str:
     if args.db_url:
         return async_url(args.db_url)
-    from gateway.config import load_config
-
-    return async_url(load_config(data_dir=args.data_dir).database_url)
+    return data_dir_database_url(args.data_dir)
 
 
 def _pinned_keys(pairs: list[str]) -> dict[str, bytes] | None:

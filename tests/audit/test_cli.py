@@ -13,8 +13,16 @@ import pytest
 
 from audit.checkpoints import issue_checkpoint
 from audit.writer import AuditWriter
-from gateway.cli_audit import EXIT_INVALID, EXIT_UNREADABLE, EXIT_VALID, register
-from tests.audit.conftest import AuditStore, make_engine
+from gateway.cli_audit import (
+    DATABASE_URL_ENV,
+    DEFAULT_DATABASE_FILE,
+    EXIT_INVALID,
+    EXIT_UNREADABLE,
+    EXIT_VALID,
+    data_dir_database_url,
+    register,
+)
+from tests.audit.conftest import AuditStore, make_engine, migrate_audit
 from tests.audit.helpers import BlsSigner, make_event, tamper
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
@@ -130,3 +138,34 @@ def test_unreadable_sources_exit_2(tmp_path: Path) -> None:
 async def _in_thread(*argv: str) -> tuple[int, str]:
     """The commands run their own event loop, as they do from a shell."""
     return await asyncio.to_thread(_run, *argv)
+
+
+async def test_data_dir_finds_the_embedded_sqlite_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(DATABASE_URL_ENV, raising=False)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    assert _run("audit", "verify", "--data-dir", str(data_dir))[0] == EXIT_UNREADABLE
+
+    url = f"sqlite+aiosqlite:///{data_dir / DEFAULT_DATABASE_FILE}"
+    await migrate_audit(url)
+    engine = make_engine(url)
+    writer = AuditWriter(engine)
+    await writer.start()
+    await writer.append(make_event(1))
+    await writer.stop()
+    await engine.dispose()
+
+    code, out = await _in_thread("audit", "verify", "--data-dir", str(data_dir))
+    assert code == EXIT_VALID and "head seq 1" in out
+
+
+def test_data_dir_follows_the_configured_database_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(DATABASE_URL_ENV, raising=False)
+    (tmp_path / "config.toml").write_text('database_url = "postgresql://db.internal/kzg"\n')
+    assert data_dir_database_url(tmp_path) == "postgresql+asyncpg://db.internal/kzg"
+    monkeypatch.setenv(DATABASE_URL_ENV, "sqlite:////srv/kzg/other.db")
+    assert data_dir_database_url(tmp_path) == "sqlite+aiosqlite:////srv/kzg/other.db"
