@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up everything the test suite needs on a fresh Debian machine, then runs it:
 # a virtualenv with the project and its dev extras, a local PostgreSQL 15 with the
-# gateway's two roles (migration owner and runtime), and pytest over the whole suite.
+# gateway's two roles (migration owner and runtime), promtool for the alert rules, and
+# pytest over the whole suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +13,7 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[dev]'
 
+bash scripts/system-deps.sh
 bash scripts/postgres.sh
 # shellcheck disable=SC1091
 source .pg-test-env

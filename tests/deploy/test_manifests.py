@@ -1,0 +1,188 @@
+"""The deployment artefacts say what an operator relies on: checked field by field."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import tomllib
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, missing
+
+DEPLOY = REPO / "deploy"
+
+
+def _manifests() -> dict[str, dict[str, Any]]:
+    with (DEPLOY / "kubernetes" / "gateway.yaml").open() as handle:
+        docs = [doc for doc in yaml.safe_load_all(handle) if doc]
+    by_kind = {doc["kind"]: doc for doc in docs}
+    assert len(by_kind) == len(docs), "one object of each kind"
+    return by_kind
+
+
+@pytest.fixture(scope="module")
+def manifests() -> dict[str, dict[str, Any]]:
+    return _manifests()
+
+
+def _container(manifests: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    (container,) = manifests["Deployment"]["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def test_every_object_is_present(manifests: dict[str, dict[str, Any]]) -> None:
+    assert set(manifests) == {
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+        "HorizontalPodAutoscaler",
+    }
+
+
+def test_pod_runs_unprivileged(manifests: dict[str, dict[str, Any]]) -> None:
+    pod = manifests["Deployment"]["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert pod["automountServiceAccountToken"] is False
+    context = _container(manifests)["securityContext"]
+    assert context["capabilities"]["drop"] == ["ALL"]
+    assert "add" not in context["capabilities"]
+    assert context["readOnlyRootFilesystem"] is True
+    assert context["allowPrivilegeEscalation"] is False
+    assert context["runAsNonRoot"] is True
+
+
+def test_probes_use_the_health_routes_over_https(manifests: dict[str, dict[str, Any]]) -> None:
+    container = _container(manifests)
+    port_names = {port["name"] for port in container["ports"]}
+    expected = {
+        "startupProbe": "/healthz",
+        "livenessProbe": "/healthz",
+        "readinessProbe": "/readyz",
+    }
+    for probe, path in expected.items():
+        get = container[probe]["httpGet"]
+        assert (get["path"], get["scheme"]) == (path, "HTTPS"), probe
+        assert get["port"] in port_names, probe
+    # A rolling restart must take a pod out of the Service before its drain ends.
+    grace = manifests["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    readiness = container["readinessProbe"]
+    assert readiness["periodSeconds"] * readiness["failureThreshold"] < grace
+
+
+def test_resources_are_bounded(manifests: dict[str, dict[str, Any]]) -> None:
+    resources = _container(manifests)["resources"]
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(resources[kind]), kind
+
+
+def test_secrets_come_from_secret_objects(manifests: dict[str, dict[str, Any]]) -> None:
+    env = {item["name"]: item for item in _container(manifests)["env"]}
+    for name in ("KZG_GATEWAY_MASTER_KEY", "KZG_GATEWAY_DATABASE_URL"):
+        assert "value" not in env[name], f"{name} must not be inline"
+        assert env[name]["valueFrom"]["secretKeyRef"]["name"]
+
+
+def test_writable_paths_are_volumes(manifests: dict[str, dict[str, Any]]) -> None:
+    pod = manifests["Deployment"]["spec"]["template"]["spec"]
+    volumes = {volume["name"] for volume in pod["volumes"]}
+    mounts = _container(manifests)["volumeMounts"]
+    assert {mount["name"] for mount in mounts} <= volumes
+    writable = {mount["mountPath"] for mount in mounts if not mount.get("readOnly")}
+    assert "/tmp" in writable
+
+
+def test_service_pdb_and_hpa_select_the_deployment(manifests: dict[str, dict[str, Any]]) -> None:
+    deployment = manifests["Deployment"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert manifests["Service"]["spec"]["selector"].items() <= labels.items()
+    assert (
+        manifests["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].items()
+        <= labels.items()
+    )
+    target = manifests["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+    container_ports = {port["name"] for port in _container(manifests)["ports"]}
+    assert {port["targetPort"] for port in manifests["Service"]["spec"]["ports"]} <= container_ports
+    hpa = manifests["HorizontalPodAutoscaler"]["spec"]
+    pdb = manifests["PodDisruptionBudget"]["spec"]
+    assert hpa["minReplicas"] > pdb["minAvailable"], "a voluntary eviction must stay possible"
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+
+
+def _final_stage(dockerfile: str) -> list[str]:
+    stages = re.split(r"^FROM ", dockerfile, flags=re.MULTILINE)
+    return [line.strip() for line in stages[-1].splitlines() if line.strip()]
+
+
+def test_image_runs_as_non_root_without_a_shell() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    final = _final_stage(text)
+    assert "distroless" in final[0], "the runtime base carries no shell"
+    assert not [line for line in final if line.startswith("RUN")], (
+        "nothing runs at build of the runtime stage"
+    )
+    user = next(line.split()[1] for line in final if line.startswith("USER"))
+    assert user.split(":")[0] not in ("0", "root")
+    entrypoint = next(line for line in final if line.startswith("ENTRYPOINT"))
+    assert json.loads(entrypoint.removeprefix("ENTRYPOINT").strip())[0].startswith("/"), "exec form"
+
+
+def test_image_copies_every_package() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    with (REPO / "pyproject.toml").open("rb") as handle:
+        include = tomllib.load(handle)["tool"]["setuptools"]["packages"]["find"]["include"]
+    for pattern in include:
+        package = pattern.rstrip("*")
+        assert re.search(rf"^COPY {package} \./{package}$", text, re.MULTILINE), package
+        assert (REPO / package / "__init__.py").is_file(), package
+
+
+def _promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        missing("promtool (Debian package prometheus)")
+    return str(path)
+
+
+def test_alert_rules_are_valid_prometheus_rules() -> None:
+    result = subprocess.run(
+        [_promtool(), "check", "rules", str(DEPLOY / "prometheus" / "alerts.yaml")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_alert_rules_fire_on_their_conditions() -> None:
+    result = subprocess.run(
+        [_promtool(), "test", "rules", "alerts.test.yaml"],
+        cwd=DEPLOY / "prometheus",
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_alerts_cover_what_operations_need() -> None:
+    with (DEPLOY / "prometheus" / "alerts.yaml").open() as handle:
+        rules = [rule for group in yaml.safe_load(handle)["groups"] for rule in group["rules"]]
+    exprs = " ".join(rule["expr"] for rule in rules)
+    for metric in (
+        "kzg_operations_total",
+        "kzg_operation_duration_seconds_bucket",
+        "kzg_audit_queue_depth",
+        "kzg_audit_commit_failures_total",
+        "kzg_tls_certificate_not_after_seconds",
+        "kzg_signing_key_age_seconds",
+    ):
+        assert metric in exprs, metric
+    assert all(rule["labels"]["severity"] in ("page", "warn") for rule in rules)
