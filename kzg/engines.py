@@ -40,8 +40,13 @@ class Engine(Protocol):
 ENGINE_NAMES = ("blspy", "ckzg")
 
 
-def load_engine(name: str = "blspy", trusted_setup: str | Path | None = None) -> Engine:
-    """Return a ready engine by name, over the bundled mainnet setup unless a path is given."""
+def load_engine(
+    name: str = "blspy",
+    trusted_setup: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+) -> Engine:
+    """Return a ready engine by name, over the bundled mainnet setup unless a path is given.
+    ``cache_dir`` holds the blspy engine's precomputed tables (see ``kzg.cache``)."""
     if name == "ckzg":
         from .ckzg_engine import CkzgEngine
 
@@ -49,5 +54,5 @@ def load_engine(name: str = "blspy", trusted_setup: str | Path | None = None) ->
     if name == "blspy":
         from .blspy_engine import BlspyEngine
 
-        return BlspyEngine(trusted_setup)
+        return BlspyEngine(trusted_setup, cache_dir=cache_dir)
     raise KZGError(f"engine: unknown engine {name!r}, expected one of {ENGINE_NAMES}")

@@ -33,8 +33,8 @@ def bundled_setup_path() -> Path:
     return Path(str(resources.files("kzg").joinpath("trusted_setup.txt")))
 
 
-def _parse_points(lines: list[str], start: int, count: int, size: int, cls, what: str) -> list:
-    points = []
+def _hex_points(lines: list[str], start: int, count: int, size: int, what: str) -> list[bytes]:
+    raws = []
     for i in range(count):
         text = lines[start + i].strip()
         try:
@@ -43,6 +43,13 @@ def _parse_points(lines: list[str], start: int, count: int, size: int, cls, what
             raise KZGError(f"trusted setup: {what}[{i}] is not hex") from exc
         if len(raw) != size:
             raise KZGError(f"trusted setup: {what}[{i}] has {len(raw)} bytes, expected {size}")
+        raws.append(raw)
+    return raws
+
+
+def _points(raws: list[bytes], cls, what: str) -> list:
+    points = []
+    for i, raw in enumerate(raws):
         try:
             points.append(cls.from_bytes(raw))
         except Exception as exc:
@@ -50,8 +57,18 @@ def _parse_points(lines: list[str], start: int, count: int, size: int, cls, what
     return points
 
 
-def load_trusted_setup(path: str | Path | None = None) -> TrustedSetup:
-    """Parse and validate a trusted setup file (the bundled mainnet one by default)."""
+@dataclass(frozen=True)
+class SetupBytes:
+    """A setup file split into its encoded points, not yet checked as curve points."""
+
+    sha256: str
+    g1_lagrange: list[bytes]
+    g2_monomial: list[bytes]
+    g1_monomial: list[bytes]
+
+
+def read_setup_bytes(path: str | Path | None = None) -> SetupBytes:
+    """Read a setup file and check its shape (counts, hex, lengths)."""
     p = Path(path) if path is not None else bundled_setup_path()
     data = p.read_bytes()
     lines = [ln for ln in data.decode("ascii", errors="replace").splitlines() if ln.strip()]
@@ -66,15 +83,24 @@ def load_trusted_setup(path: str | Path | None = None) -> TrustedSetup:
         )
     if len(lines) != 2 + 2 * n_g1 + n_g2:
         raise KZGError(f"trusted setup: expected {2 + 2 * n_g1 + n_g2} lines, got {len(lines)}")
-    g1_lagrange = _parse_points(lines, 2, n_g1, BYTES_PER_G1, G1Element, "g1_lagrange")
-    g2_monomial = _parse_points(lines, 2 + n_g1, n_g2, BYTES_PER_G2, G2Element, "g2_monomial")
-    g1_monomial = _parse_points(
-        lines, 2 + n_g1 + n_g2, n_g1, BYTES_PER_G1, G1Element, "g1_monomial"
-    )
-    return TrustedSetup(
+    return SetupBytes(
         sha256=hashlib.sha256(data).hexdigest(),
-        g1_lagrange_brp=bit_reversal_permutation(g1_lagrange),
-        g2_monomial=g2_monomial,
-        g1_monomial=g1_monomial,
+        g1_lagrange=_hex_points(lines, 2, n_g1, BYTES_PER_G1, "g1_lagrange"),
+        g2_monomial=_hex_points(lines, 2 + n_g1, n_g2, BYTES_PER_G2, "g2_monomial"),
+        g1_monomial=_hex_points(lines, 2 + n_g1 + n_g2, n_g1, BYTES_PER_G1, "g1_monomial"),
+    )
+
+
+def load_trusted_setup(path: str | Path | None = None) -> TrustedSetup:
+    """Parse and validate a trusted setup file (the bundled mainnet one by default)."""
+    p = Path(path) if path is not None else bundled_setup_path()
+    raw = read_setup_bytes(p)
+    return TrustedSetup(
+        sha256=raw.sha256,
+        g1_lagrange_brp=bit_reversal_permutation(
+            _points(raw.g1_lagrange, G1Element, "g1_lagrange")
+        ),
+        g2_monomial=_points(raw.g2_monomial, G2Element, "g2_monomial"),
+        g1_monomial=_points(raw.g1_monomial, G1Element, "g1_monomial"),
         path=p,
     )

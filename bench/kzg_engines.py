@@ -1,0 +1,105 @@
+"""Times the blspy engine against c-kzg-4844 in one run and prints, per operation, both
+times and the ratio blspy/ckzg, for random blobs and rollup-style blobs (31-byte packed,
+~60% full).
+
+    python bench/kzg_engines.py [--repeat N] [--batch 16] [--cache-dir D]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kzg import load_engine
+from kzg.field import BLS_MODULUS, BYTES_PER_BLOB, FIELD_ELEMENTS_PER_BLOB
+
+
+def random_blob(rng: random.Random) -> bytes:
+    return b"".join(
+        rng.randrange(BLS_MODULUS).to_bytes(32, "big") for _ in range(FIELD_ELEMENTS_PER_BLOB)
+    )
+
+
+def rollup_blob(rng: random.Random, fill: float = 0.6) -> bytes:
+    used = int(FIELD_ELEMENTS_PER_BLOB * fill)
+    return b"".join(b"\0" + rng.randbytes(31) for _ in range(used)).ljust(BYTES_PER_BLOB, b"\0")
+
+
+def best(fn: Callable[[], Any], repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times) if repeat < 5 else statistics.median(times)
+
+
+def operations(engine: Any, blobs: list[bytes], batch: int) -> dict[str, Callable[[], Any]]:
+    blob = blobs[0]
+    commitments = [engine.blob_to_kzg_commitment(b) for b in blobs[:batch]]
+    proofs = [engine.compute_blob_kzg_proof(b, c) for b, c in zip(blobs, commitments, strict=False)]
+    z = (BLS_MODULUS - 12345).to_bytes(32, "big")
+    proof, y = engine.compute_kzg_proof(blob, z)
+    return {
+        "blob_to_kzg_commitment": lambda: engine.blob_to_kzg_commitment(blob),
+        "compute_kzg_proof": lambda: engine.compute_kzg_proof(blob, z),
+        "compute_blob_kzg_proof": lambda: engine.compute_blob_kzg_proof(blob, commitments[0]),
+        "verify_kzg_proof": lambda: engine.verify_kzg_proof(commitments[0], z, y, proof),
+        "verify_blob_kzg_proof": lambda: engine.verify_blob_kzg_proof(
+            blob, commitments[0], proofs[0]
+        ),
+        f"verify_blob_kzg_proof_batch[{batch}]": lambda: engine.verify_blob_kzg_proof_batch(
+            blobs[:batch], commitments, proofs
+        ),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    args = parser.parse_args()
+
+    cache_dir = args.cache_dir or Path(tempfile.mkdtemp(prefix="kzg-bench-"))
+    start = time.perf_counter()
+    blspy = load_engine("blspy", cache_dir=cache_dir)
+    cold = time.perf_counter() - start
+    start = time.perf_counter()
+    blspy = load_engine("blspy", cache_dir=cache_dir)
+    warm = time.perf_counter() - start
+    start = time.perf_counter()
+    ckzg = load_engine("ckzg")
+    ckzg_load = time.perf_counter() - start
+    print(
+        f"engine load: blspy cold {cold:.2f} s (table built: {not blspy.table_from_cache}), "
+        f"blspy warm {warm:.2f} s, ckzg {ckzg_load:.2f} s"
+    )
+
+    rng = random.Random(1)
+    workloads = {
+        "random": [random_blob(rng) for _ in range(args.batch)],
+        "rollup": [rollup_blob(rng) for _ in range(args.batch)],
+    }
+    print(f"{'operation':40} {'blobs':7} {'blspy ms':>10} {'ckzg ms':>10} {'ratio':>7}")
+    for kind, blobs in workloads.items():
+        ours = operations(blspy, blobs, args.batch)
+        theirs = operations(ckzg, blobs, args.batch)
+        for name, fn in ours.items():
+            t_ours = best(fn, args.repeat)
+            t_theirs = best(theirs[name], args.repeat)
+            print(
+                f"{name:40} {kind:7} {t_ours * 1e3:10.2f} {t_theirs * 1e3:10.2f} "
+                f"{t_ours / t_theirs:6.2f}x"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
