@@ -1,0 +1,7 @@
+"""``python -m gateway``: the kzg-gateway command line."""
+
+import sys
+
+from gateway.cli import main
+
+sys.exit(main())

@@ -1,0 +1,404 @@
+"""The app factory: resources in ``cleanup_ctx``, the middleware chain, the routes.
+
+Middlewares, outermost first: request id (and the access log line) → TLS facts → audit
+(records every request exactly once and releases the response only after the commit) →
+the security middlewares of ``gateway.security`` (authentication, authorization, rate
+limit) → handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from audit.errors import AuditUnavailable
+from audit.settings import AuditSettings
+from audit.writer import AuditWriter
+from auth.crypto import MasterKey, load_master_key
+from gateway import audit_routes, kzg_routes
+from gateway.appkeys import (
+    AUDIT_WRITER,
+    CONFIG,
+    DB_ENGINE,
+    KZG_POOL,
+    MASTER_KEY,
+    METRICS,
+    RECEIPT_SIGNER,
+    STATE,
+)
+from gateway.audit_routes import event_from_context
+from gateway.config import Config
+from gateway.context import REQUEST_CONTEXT, RequestContext
+from gateway.db import check_schema, make_engine
+from gateway.errors import ApiError
+from gateway.jobs import JobContext, Scheduler
+from gateway.metrics import CONTENT_TYPE, GatewayMetrics
+from gateway.openapi import RouteDoc, document_route, openapi_document
+from gateway.pool import EnginePool, PoolSettings
+from gateway.receipts import ReceiptResponse, ReceiptSigner, list_receipt_keys
+from gateway.state import ServerState
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+SecurityInstaller = Callable[[web.Application, Config], list[Any]]
+
+access_log = logging.getLogger("kzg_gateway.access")
+log = logging.getLogger(__name__)
+
+# Routes anyone may call; everything else needs a credential (default deny).
+PUBLIC_ROUTES = frozenset({"healthz", "readyz", "metrics", "openapi", "receipt_keys"})
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthenticated",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    415: "unsupported_media_type",
+    429: "rate_limited",
+}
+_CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def error_response(
+    request_id: str, status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    """Return the error envelope every refusal uses."""
+    return web.json_response(
+        {"error": {"code": code, "message": message, "request_id": request_id}},
+        status=status,
+        headers=headers,
+    )
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Give the request its id and context, stamp X-Request-ID on whatever answers, and
+    write one JSON access line (no bodies, no credentials, no query strings)."""
+    request_id = uuid.uuid4().hex
+    ctx = RequestContext(
+        request_id=request_id, method=request.method, path=request.path, client_addr=request.remote
+    )
+    supplied = request.headers.get("X-Request-ID")
+    if supplied and _CLIENT_REQUEST_ID.match(supplied):
+        ctx.detail["client_request_id"] = supplied
+    request[REQUEST_CONTEXT] = ctx
+    state = request.app[STATE]
+    metrics = request.app[METRICS]
+    state.enter()
+    metrics.inflight.inc()
+    try:
+        try:
+            response = await handler(request)
+        except Exception:
+            log.exception("unhandled error outside the audit middleware")
+            response = error_response(request_id, 500, "internal_error", "internal error")
+        response.headers["X-Request-ID"] = request_id
+        route = ctx.route_name or "unmatched"
+        metrics.requests.labels(route, str(response.status)).inc()
+        access_log.info(
+            json.dumps(
+                {
+                    "request_id": request_id,
+                    "method": ctx.method,
+                    "path": ctx.path,
+                    "route": route,
+                    "status": response.status,
+                    "latency_ms": round((time.perf_counter() - ctx.started) * 1000, 3),
+                    "client": ctx.client_addr,
+                    "tls": ctx.tls_version,
+                    "actor": ctx.principal.id if ctx.principal else None,
+                    "audit_seq": ctx.audit_seq,
+                },
+                separators=(",", ":"),
+            )
+        )
+        return response
+    finally:
+        metrics.inflight.dec()
+        state.leave()
+
+
+@web.middleware
+async def tls_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Record the negotiated TLS version and, under mTLS, the client certificate's subject."""
+    ctx = request[REQUEST_CONTEXT]
+    transport = request.transport
+    ssl_object = transport.get_extra_info("ssl_object") if transport else None
+    if ssl_object is not None:
+        ctx.tls_version = ssl_object.version()
+        peer = ssl_object.getpeercert()
+        if peer:
+            subject = ", ".join("=".join(pair) for rdn in peer.get("subject", ()) for pair in rdn)
+            ctx.detail["client_cert_subject"] = subject
+    return await handler(request)
+
+
+def _envelope_for(ctx: RequestContext, exc: BaseException) -> web.Response:
+    if isinstance(exc, ApiError):
+        return error_response(ctx.request_id, exc.status, exc.code, exc.message, exc.headers)
+    if isinstance(exc, AuditUnavailable):
+        return error_response(
+            ctx.request_id, 503, "audit_unavailable", "the audit log is unavailable"
+        )
+    if isinstance(exc, web.HTTPException):
+        headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
+        return error_response(
+            ctx.request_id,
+            exc.status,
+            _HTTP_CODES.get(exc.status, f"http_{exc.status}"),
+            exc.reason,
+            headers,
+        )
+    log.error("unhandled error in %s", ctx.route_name, exc_info=exc)
+    return error_response(ctx.request_id, 500, "internal_error", "internal error")
+
+
+@web.middleware
+async def audit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Record the request exactly once, whatever happened inside, and release the answer
+    only after the record is committed; the store down means 503 and no result."""
+    ctx = request[REQUEST_CONTEXT]
+    route = request.match_info.route
+    ctx.route_name = route.name if route.resource is not None else None
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        response = exc if exc.status < 400 else _envelope_for(ctx, exc)
+    except Exception as exc:
+        response = _envelope_for(ctx, exc)
+    try:
+        appended = await request.app[AUDIT_WRITER].append(event_from_context(ctx, response.status))
+    except AuditUnavailable:
+        return error_response(
+            ctx.request_id,
+            503,
+            "audit_unavailable",
+            "the audit log is unavailable; nothing was done",
+            {"Retry-After": "1"},
+        )
+    ctx.audit_seq = appended.seq
+    if isinstance(response, ReceiptResponse):
+        response.complete(appended.seq)
+    return response
+
+
+@web.middleware
+async def deny_by_default(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Stands in for authentication when no security module is installed: only the
+    public routes answer."""
+    if (
+        request[REQUEST_CONTEXT].route_name not in PUBLIC_ROUTES
+        and request.match_info.http_exception is None
+    ):
+        raise ApiError(401, "unauthenticated", "credentials are required for this route")
+    return await handler(request)
+
+
+def _default_security() -> SecurityInstaller | None:
+    try:
+        from gateway.security import install
+    except ImportError:
+        return None
+    return install
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    app = request.app
+    checks = {
+        "accepting": not app[STATE].draining,
+        "database": await app[AUDIT_WRITER].ready(),
+        "audit_writer": await app[AUDIT_WRITER].ready(),
+        "pool": app[KZG_POOL].ready,
+        "keys": app[RECEIPT_SIGNER].ready,
+    }
+    ready = all(checks.values())
+    return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    metrics = request.app[METRICS]
+    metrics.queue_depth.set(request.app[KZG_POOL].queue_depth)
+    return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+async def openapi_handler(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document(request.app))
+
+
+async def receipt_keys_handler(request: web.Request) -> web.Response:
+    keys = await list_receipt_keys(request.app[DB_ENGINE])
+    return web.json_response({"keys": [k.to_dict() for k in keys]})
+
+
+def _operational_routes(app: web.Application) -> None:
+    app.router.add_get("/healthz", healthz, name="healthz")
+    app.router.add_get("/readyz", readyz, name="readyz")
+    app.router.add_get("/metrics", metrics_handler, name="metrics")
+    app.router.add_get("/openapi.json", openapi_handler, name="openapi")
+    app.router.add_get("/v1/keys/receipts", receipt_keys_handler, name="receipt_keys")
+    for name, summary in (
+        ("healthz", "The process is alive"),
+        ("readyz", "Database, audit writer, worker pool and receipt key are ready"),
+        ("openapi", "This document"),
+    ):
+        document_route(
+            name, RouteDoc(summary=summary, tags=("operations",), public=True, errors=(503,))
+        )
+    document_route(
+        "metrics",
+        RouteDoc(
+            summary="Prometheus metrics",
+            tags=("operations",),
+            public=True,
+            errors=(),
+            response_schema={"type": "string"},
+            response_type="text/plain",
+        ),
+    )
+    key = {
+        "type": "object",
+        "properties": {
+            "key_id": {"type": "string"},
+            "public_key": {"type": "string"},
+            "not_before": {"type": "string"},
+            "not_after": {"type": ["string", "null"]},
+            "status": {"enum": ["current", "retired"]},
+        },
+    }
+    document_route(
+        "receipt_keys",
+        RouteDoc(
+            summary="Receipt public keys, current and retired",
+            tags=("keys",),
+            public=True,
+            errors=(503,),
+            response_schema={
+                "type": "object",
+                "properties": {"keys": {"type": "array", "items": key}},
+            },
+        ),
+    )
+    for name, summary in (
+        ("audit_events", "Audit events with filters and cursor pagination"),
+        ("audit_verify", "Verify the retained audit chain"),
+        ("audit_checkpoint_latest", "The latest signed checkpoint"),
+    ):
+        document_route(name, RouteDoc(summary=summary, tags=("audit",)))
+    document_route(
+        "audit_export",
+        RouteDoc(
+            summary="JSON Lines export for offline verification",
+            tags=("audit",),
+            response_schema={"type": "string"},
+            response_type="application/jsonl",
+        ),
+    )
+
+
+def pool_settings(config: Config) -> PoolSettings:
+    engine = config.section("engine")
+    pool = config.section("pool")
+    return PoolSettings(
+        engine=str(engine.get("name", "blspy")),
+        workers=int(pool.get("workers", 0)),
+        max_queue=int(pool.get("max_queue", 0)),
+        start_method=str(pool.get("start_method", "forkserver")),
+        retry_after_seconds=int(pool.get("retry_after_seconds", 1)),
+    )
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    """Open everything the app needs and close it again, in reverse order."""
+    config = app[CONFIG]
+    settings = AuditSettings.from_mapping(config.section("audit"))
+    pool = EnginePool(pool_settings(config))
+    await pool.start()
+    app[KZG_POOL] = pool
+    engine = make_engine(config.database_url)
+    app[DB_ENGINE] = engine
+    writer = AuditWriter(
+        engine,
+        max_batch=settings.max_batch,
+        commit_timeout=settings.commit_timeout_seconds,
+        metrics=app[METRICS].audit,
+    )
+    signer = ReceiptSigner(engine, app[MASTER_KEY])
+    scheduler: Scheduler | None = None
+    refresher: asyncio.Task[None] | None = None
+    try:
+        await check_schema(engine)
+        await signer.refresh()
+        app[RECEIPT_SIGNER] = signer
+        await writer.start()
+        app[AUDIT_WRITER] = writer
+        scheduler = Scheduler(JobContext(config, engine, writer, app[MASTER_KEY], signer))
+        if config.get("jobs", "enabled", True):
+            scheduler.start()
+        refresher = asyncio.create_task(_refresh_receipt_key(signer, config))
+        yield
+    finally:
+        if refresher is not None:
+            refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresher
+        if scheduler is not None:
+            await scheduler.stop()
+        await writer.stop()
+        await engine.dispose()
+        await pool.stop()
+
+
+async def _refresh_receipt_key(signer: ReceiptSigner, config: Config) -> None:
+    """Pick up a receipt key rotated by another process or instance."""
+    interval = float(config.get("server", "receipt_key_refresh_seconds", 30))
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await signer.refresh()
+        except Exception as exc:
+            log.warning("receipt key refresh failed: %r", exc)
+
+
+def create_app(
+    config: Config,
+    master_key: MasterKey | None = None,
+    security: SecurityInstaller | None = None,
+) -> web.Application:
+    """Return the gateway app. ``security`` installs authentication, authorization and
+    rate limiting (default ``gateway.security.install``); without one every route but
+    the public ones answers 401."""
+    ops = kzg_routes.operations(
+        max_batch=int(config.get("server", "max_batch_blobs", 64)),
+        max_cells=int(config.get("server", "max_batch_cells", 1024)),
+    )
+    app = web.Application(
+        middlewares=[request_id_middleware, tls_middleware, audit_middleware],
+        client_max_size=max(op.body_limit for op in ops),
+    )
+    app[CONFIG] = config
+    app[MASTER_KEY] = master_key or load_master_key(config.data_dir)
+    app[METRICS] = GatewayMetrics.create()
+    app[STATE] = ServerState()
+    app.cleanup_ctx.append(_resources)
+    installer = security or _default_security()
+    if installer is None:
+        app.middlewares.append(deny_by_default)
+    else:
+        app.middlewares.extend(installer(app, config))
+    _operational_routes(app)
+    audit_routes.add_routes(app, DB_ENGINE)
+    kzg_routes.add_routes(app, ops)
+    return app

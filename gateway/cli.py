@@ -1,0 +1,218 @@
+"""``kzg-gateway``: init, serve, audit, admin, jobs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from auth.crypto import (
+    MASTER_KEY_ENV,
+    MASTER_KEY_FILE,
+    MasterKeyError,
+    load_master_key,
+    write_master_key_file,
+)
+from gateway import cli_audit
+from gateway.config import Config, ConfigError, load_config
+from gateway.db import SchemaNotCurrent, make_engine, migrate
+from gateway.receipts import ensure_receipt_key
+from gateway.tls import DEV_TLS_DIR, ensure_dev_tls, server_ssl_context
+
+log = logging.getLogger("kzg_gateway")
+
+
+def _first_admin_function() -> Any:
+    try:
+        from auth.bootstrap import ensure_first_admin
+    except ImportError:
+        return None
+    return ensure_first_admin
+
+
+async def initialise(config: Config) -> dict[str, Any]:
+    """Idempotent set-up of a data directory: dirs, master key, schema, dev TLS, receipt
+    key, first admin. Returns what ``init --json`` prints (admin only when created)."""
+    data_dir = config.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not os.environ.get(MASTER_KEY_ENV):
+        write_master_key_file(data_dir / MASTER_KEY_FILE)
+    master_key = load_master_key(data_dir)
+    await migrate(config.database_owner_url, config.database_app_role)
+    tls = config.section("tls")
+    ca_cert: Path | None = Path(tls["ca_file"]) if tls.get("ca_file") else None
+    if not tls.get("cert_file"):
+        ca_cert = ensure_dev_tls(data_dir / DEV_TLS_DIR).ca_cert
+    engine = make_engine(config.database_url)
+    admin = None
+    try:
+        await ensure_receipt_key(engine, master_key)
+        ensure_first_admin = _first_admin_function()
+        if ensure_first_admin is not None:
+            admin = await ensure_first_admin(engine, master_key)
+    finally:
+        await engine.dispose()
+    return {
+        "url": config.url,
+        "ca_cert": str(ca_cert.resolve()) if ca_cert else None,
+        "admin": admin,
+    }
+
+
+def run_init(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.data_dir)
+    result = asyncio.run(initialise(config))
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"kzg-gateway initialised in {config.data_dir.resolve()}")
+    print(f"  url:     {result['url']}")
+    print(f"  CA cert: {result['ca_cert']}")
+    if result["admin"]:
+        admin = result["admin"]
+        print("  first admin (shown once, store it now):")
+        print(f"    username:    {admin['username']}")
+        print(f"    password:    {admin['password']}")
+        print(f"    TOTP secret: {admin['totp_secret']}")
+    return 0
+
+
+async def serve(config: Config) -> None:
+    """Serve until SIGTERM/SIGINT, then drain: /readyz turns 503, the listener closes
+    after ``[server] drain_seconds``, in-flight requests finish (up to
+    ``shutdown_timeout_seconds``), then resources close."""
+    from aiohttp import web
+
+    from gateway.app import create_app
+    from gateway.appkeys import STATE
+
+    app = create_app(config)
+    ssl_context = server_ssl_context(config.section("tls"), config.data_dir)
+    server = config.section("server")
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        shutdown_timeout=float(server.get("shutdown_timeout_seconds", 30)),
+        handle_signals=False,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port, ssl_context=ssl_context, backlog=1024)
+    await site.start()
+    log.info("kzg-gateway serving on %s", config.url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    app[STATE].draining = True
+    await asyncio.sleep(float(server.get("drain_seconds", 0)))
+    log.info("draining %d in-flight requests", app[STATE].inflight)
+    await runner.cleanup()
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.data_dir).with_overrides(
+        "server", host=args.host, port=args.port
+    )
+    try:
+        asyncio.run(serve(config))
+    except (SchemaNotCurrent, MasterKeyError, OSError) as exc:
+        print(f"kzg-gateway serve: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _run_job(config: Config, name: str) -> dict[str, Any]:
+    from audit.settings import AuditSettings
+    from audit.writer import AuditWriter
+    from gateway.db import check_schema
+    from gateway.jobs import JobContext, run_job
+    from gateway.receipts import ReceiptSigner
+
+    master_key = load_master_key(config.data_dir)
+    engine = make_engine(config.database_url)
+    settings = AuditSettings.from_mapping(config.section("audit"))
+    writer = AuditWriter(engine, commit_timeout=settings.commit_timeout_seconds)
+    try:
+        await check_schema(engine)
+        signer = ReceiptSigner(engine, master_key)
+        await signer.refresh()
+        await writer.start()
+        return await run_job(name, JobContext(config, engine, writer, master_key, signer))
+    finally:
+        await writer.stop()
+        await engine.dispose()
+
+
+def run_jobs(args: argparse.Namespace) -> int:
+    _load_security_jobs()
+    config = load_config(args.config, args.data_dir)
+    try:
+        summary = asyncio.run(_run_job(config, args.name))
+    except KeyError as exc:
+        print(f"kzg-gateway jobs run: {exc.args[0]}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        print(f"kzg-gateway jobs run {args.name}: failed: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, default=str))
+    return 0
+
+
+def _load_security_jobs() -> None:
+    """Importing the security module registers its jobs (rotate-keys, access-review)."""
+    with contextlib.suppress(ImportError):
+        import gateway.security  # noqa: F401
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML configuration file")
+    parser.add_argument("--data-dir", type=Path, help="data directory (default ./.kzg-gateway)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kzg-gateway", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    init = commands.add_parser("init", help="set up the data directory (idempotent)")
+    _common(init)
+    init.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    init.set_defaults(func=run_init)
+
+    serve_cmd = commands.add_parser("serve", help="run the HTTPS gateway")
+    _common(serve_cmd)
+    serve_cmd.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve_cmd.add_argument("--port", type=int, help="port (default 8443)")
+    serve_cmd.set_defaults(func=run_serve)
+
+    cli_audit.register(commands)
+    with contextlib.suppress(ImportError):
+        from gateway import cli_admin
+
+        cli_admin.register(commands)
+
+    jobs = commands.add_parser("jobs", help="run a scheduled job by hand")
+    job_commands = jobs.add_subparsers(dest="jobs_command", required=True)
+    run = job_commands.add_parser("run", help="run one job now")
+    _common(run)
+    run.add_argument("name", help="retention, checkpoint, rotate-keys, access-review")
+    run.set_defaults(func=run_jobs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ConfigError, MasterKeyError) as exc:
+        print(f"kzg-gateway: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,148 @@
+"""Gateway configuration: a TOML file plus ``KZG_GATEWAY_*`` environment overrides.
+
+``KZG_GATEWAY_<SECTION>__<KEY>`` sets ``[section] key``; ``KZG_GATEWAY_<KEY>`` sets a
+top-level key (``KZG_GATEWAY_DATABASE_URL`` → ``database_url``). Values are read as TOML
+literals when they parse as one (``8443``, ``true``, ``["a"]``), else as plain strings.
+The master key is never copied into the configuration: ``auth.crypto`` reads it itself.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from auth.crypto import MASTER_KEY_ENV
+from gateway.cli_audit import DEFAULT_DATABASE_FILE, async_url
+
+ENV_PREFIX = "KZG_GATEWAY_"
+CONFIG_FILE = "config.toml"
+DEFAULT_DATA_DIR = Path(".kzg-gateway")
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8443
+SECTIONS = ("server", "tls", "engine", "pool", "database", "audit", "auth", "ratelimit", "jobs")
+# Environment variables of the gateway that are not configuration keys.
+_NOT_CONFIG = {MASTER_KEY_ENV, f"{ENV_PREFIX}DATA_DIR", f"{ENV_PREFIX}CONFIG"}
+
+
+class ConfigError(ValueError):
+    """The configuration file or an override is malformed."""
+
+
+def _env_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """Return ``data`` with every ``KZG_GATEWAY_*`` override applied (keys lower-cased)."""
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name in _NOT_CONFIG:
+            continue
+        key = name[len(ENV_PREFIX) :].lower()
+        section, sep, option = key.partition("__")
+        if sep:
+            target = merged.setdefault(section, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"{name}: {section!r} is not a section")
+            target[option] = _env_value(raw)
+        else:
+            merged[key] = _env_value(raw)
+    return merged
+
+
+@dataclass(frozen=True)
+class Config:
+    """The merged configuration of one gateway process."""
+
+    data: dict[str, Any] = field(default_factory=dict)
+    data_dir: Path = DEFAULT_DATA_DIR
+
+    def section(self, name: str) -> dict[str, Any]:
+        """Return a copy of ``[name]`` (empty when absent)."""
+        value = self.data.get(name, {})
+        if not isinstance(value, dict):
+            raise ConfigError(f"[{name}] must be a table")
+        return dict(value)
+
+    def get(self, section: str, key: str, default: Any = None) -> Any:
+        return self.section(section).get(key, default)
+
+    @property
+    def database_url(self) -> str:
+        """The runtime (app role) async URL; default the embedded SQLite file."""
+        url = self.data.get("database_url")
+        if url:
+            return async_url(str(url))
+        return f"sqlite+aiosqlite:///{(self.data_dir / DEFAULT_DATABASE_FILE).resolve()}"
+
+    @property
+    def database_owner_url(self) -> str:
+        """The URL migrations run with (the schema owner); defaults to ``database_url``."""
+        url = self.data.get("database_owner_url")
+        return async_url(str(url)) if url else self.database_url
+
+    @property
+    def database_app_role(self) -> str | None:
+        """The PostgreSQL role the gateway runs as, granted least privilege by migrations."""
+        role = self.data.get("database_app_role")
+        return str(role) if role else None
+
+    @property
+    def host(self) -> str:
+        return str(self.get("server", "host", DEFAULT_HOST))
+
+    @property
+    def port(self) -> int:
+        return int(self.get("server", "port", DEFAULT_PORT))
+
+    @property
+    def url(self) -> str:
+        return f"https://{self.host}:{self.port}"
+
+    def with_overrides(self, section: str, **values: Any) -> Config:
+        """Return a copy with ``[section]`` keys replaced (None values are ignored)."""
+        data = {k: dict(v) if isinstance(v, dict) else v for k, v in self.data.items()}
+        data.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
+        return Config(data, self.data_dir)
+
+
+def load_config(
+    path: Path | None = None,
+    data_dir: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Read the configuration: ``path`` (else ``$KZG_GATEWAY_CONFIG``, else
+    ``<data dir>/config.toml`` when present), then the environment overrides.
+
+    The data directory is ``data_dir``, else ``$KZG_GATEWAY_DATA_DIR``, else the file's
+    ``data_dir`` key, else ``./.kzg-gateway``."""
+    env = os.environ if environ is None else environ
+    if path is None and env.get(f"{ENV_PREFIX}CONFIG"):
+        path = Path(env[f"{ENV_PREFIX}CONFIG"])
+    chosen_dir = data_dir or (
+        Path(env[f"{ENV_PREFIX}DATA_DIR"]) if env.get(f"{ENV_PREFIX}DATA_DIR") else None
+    )
+    if path is None:
+        candidate = (chosen_dir or DEFAULT_DATA_DIR) / CONFIG_FILE
+        path = candidate if candidate.is_file() else None
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with path.open("rb") as handle:
+                data = tomllib.load(handle)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read configuration {path}: {exc}") from exc
+    data = apply_env(data, env)
+    if chosen_dir is None:
+        chosen_dir = Path(data["data_dir"]) if data.get("data_dir") else DEFAULT_DATA_DIR
+    for name in SECTIONS:
+        if name in data and not isinstance(data[name], dict):
+            raise ConfigError(f"[{name}] must be a table")
+    return Config(data, chosen_dir)

@@ -1,0 +1,134 @@
+"""Jobs: a registry of named jobs, run on schedule inside the server and by hand with
+``kzg-gateway jobs run NAME``. Each run writes its own audit record."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from audit.jobs import checkpoint_job, job_event, retention_job
+from audit.retention import RetentionPolicy, RetentionRefused
+from audit.settings import AuditSettings
+from audit.writer import AuditWriter
+from auth.crypto import MasterKey
+from gateway.config import Config
+from gateway.receipts import ReceiptSigner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobContext:
+    """What a job may use; ``now`` is the (injectable) clock."""
+
+    config: Config
+    engine: AsyncEngine
+    writer: AuditWriter
+    master_key: MasterKey
+    signer: ReceiptSigner
+    now: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+
+
+JobFn = Callable[[JobContext], Awaitable[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    run: JobFn
+    # Seconds between runs in the server (from config); None: only by hand.
+    interval: Callable[[Config], float | None]
+
+
+JOBS: dict[str, Job] = {}
+
+
+def register_job(
+    name: str, fn: JobFn, interval: Callable[[Config], float | None] | float | None = None
+) -> None:
+    """Register ``fn`` under ``name``; ``[jobs] <name>_interval_seconds`` overrides
+    ``interval`` (seconds, or a function of the config) and 0 turns scheduling off."""
+
+    def schedule(config: Config) -> float | None:
+        key = f"{name.replace('-', '_')}_interval_seconds"
+        configured = config.section("jobs").get(key)
+        if configured is not None:
+            return float(configured) or None
+        return interval(config) if callable(interval) else interval
+
+    JOBS[name] = Job(name, fn, schedule)
+
+
+async def run_job(name: str, ctx: JobContext) -> dict[str, Any]:
+    """Run one job. Jobs audit their own runs; a failure they did not audit is audited here."""
+    job = JOBS.get(name)
+    if job is None:
+        raise KeyError(f"unknown job {name!r}; known: {', '.join(sorted(JOBS))}")
+    try:
+        return await job.run(ctx)
+    except RetentionRefused:
+        raise
+    except Exception as exc:
+        await ctx.writer.append(
+            job_event(name, "failure", ctx.now(), {"error": type(exc).__name__})
+        )
+        raise
+
+
+def _audit_settings(config: Config) -> AuditSettings:
+    return AuditSettings.from_mapping(config.section("audit"))
+
+
+async def _checkpoint(ctx: JobContext) -> dict[str, Any]:
+    return await checkpoint_job(ctx.engine, ctx.writer, ctx.signer, ctx.now())
+
+
+async def _retention(ctx: JobContext) -> dict[str, Any]:
+    policy = RetentionPolicy.load(_audit_settings(ctx.config).retention_policy)
+    return await retention_job(ctx.engine, ctx.writer, ctx.signer, policy, ctx.now())
+
+
+register_job("checkpoint", _checkpoint, lambda c: _audit_settings(c).checkpoint_interval_seconds)
+register_job("retention", _retention, lambda c: _audit_settings(c).retention_interval_seconds)
+
+
+class Scheduler:
+    """Runs every registered job at its interval in the server; a failing run is logged
+    (and audited) and retried at the next interval."""
+
+    def __init__(self, ctx: JobContext) -> None:
+        self._ctx = ctx
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        for job in JOBS.values():
+            interval = job.interval(self._ctx.config)
+            if interval:
+                self._tasks.append(
+                    asyncio.create_task(self._loop(job.name, interval), name=f"job-{job.name}")
+                )
+
+    async def _loop(self, name: str, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await run_job(name, self._ctx)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("job %s failed", name)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()

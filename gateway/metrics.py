@@ -1,0 +1,82 @@
+"""Prometheus instruments of one gateway app, in the app's own registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+
+from audit.metrics import AuditMetrics
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclass(frozen=True)
+class GatewayMetrics:
+    registry: CollectorRegistry
+    operations: Counter
+    duration: Histogram
+    inflight: Gauge
+    queue_depth: Gauge
+    requests: Counter
+    audit: AuditMetrics
+
+    @classmethod
+    def create(cls) -> GatewayMetrics:
+        registry = CollectorRegistry()
+        # process_resident_memory_bytes, process_cpu_seconds_total, open fds...
+        ProcessCollector(registry=registry)
+        return cls(
+            registry=registry,
+            operations=Counter(
+                "kzg_operations",
+                "KZG operations by operation and outcome",
+                ["operation", "outcome"],
+                registry=registry,
+            ),
+            duration=Histogram(
+                "kzg_operation_duration_seconds",
+                "Time of a KZG operation in the worker pool, queueing included",
+                ["operation"],
+                buckets=(
+                    0.0005,
+                    0.001,
+                    0.0025,
+                    0.005,
+                    0.01,
+                    0.025,
+                    0.05,
+                    0.1,
+                    0.25,
+                    0.5,
+                    1,
+                    2.5,
+                    5,
+                    10,
+                ),
+                registry=registry,
+            ),
+            inflight=Gauge(
+                "kzg_inflight_requests", "Requests being handled right now", registry=registry
+            ),
+            queue_depth=Gauge(
+                "kzg_pool_queue_depth", "KZG calls waiting for a free worker", registry=registry
+            ),
+            requests=Counter(
+                "kzg_http_requests",
+                "HTTP requests by route and status",
+                ["route", "status"],
+                registry=registry,
+            ),
+            audit=AuditMetrics.create(registry),
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,148 @@
+"""OpenAPI 3.1 of the whole API, built from the routes the app actually registered.
+
+Routes declare their documentation next to their registration with ``document_route``
+(one table keyed by route name, which other modules extend); ``openapi_document`` walks
+the router, so a registered route can never be missing from the document.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+VERSION = "0.1.0"
+HEX = {"type": "string", "pattern": "^0x([0-9a-fA-F]{2})*$", "description": "0x-prefixed hex"}
+ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message", "request_id"],
+            "properties": {
+                "code": {"type": "string"},
+                "message": {"type": "string"},
+                "request_id": {"type": "string"},
+            },
+        }
+    },
+}
+RECEIPT_SCHEMA = {
+    "type": "object",
+    "required": ["key_id", "scheme", "message", "signature"],
+    "properties": {
+        "key_id": {"type": "string"},
+        "scheme": {"const": "bls12381-aug"},
+        "message": {
+            "type": "string",
+            "description": "canonical JSON of {operation, request_id, audit_seq, issued_at, "
+            "input_sha256, output}",
+        },
+        "signature": HEX,
+    },
+}
+_STATUS_TEXT = {
+    400: "invalid input",
+    401: "missing or invalid credentials",
+    403: "not permitted",
+    404: "not found",
+    405: "method not allowed",
+    413: "body too large",
+    415: "unsupported content type",
+    429: "rate limited",
+    503: "a dependency is down or the service is overloaded",
+}
+
+
+@dataclass(frozen=True)
+class RouteDoc:
+    summary: str
+    tags: tuple[str, ...] = ()
+    request_schema: dict[str, Any] | None = None
+    octet_stream: bool = False
+    response_schema: dict[str, Any] | None = None
+    response_type: str = "application/json"
+    parameters: tuple[dict[str, Any], ...] = ()
+    errors: tuple[int, ...] = (400, 401, 403, 429, 503)
+    public: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_DOCS: dict[str, RouteDoc] = {}
+
+
+def document_route(name: str, doc: RouteDoc) -> None:
+    """Declare (or replace) the documentation of the route named ``name``."""
+    _DOCS[name] = doc
+
+
+def route_doc(name: str) -> RouteDoc | None:
+    return _DOCS.get(name)
+
+
+def _operation(name: str, method: str, doc: RouteDoc | None) -> dict[str, Any]:
+    doc = doc or RouteDoc(summary=name.replace("_", " "))
+    operation: dict[str, Any] = {
+        "operationId": name,
+        "summary": doc.summary,
+        "tags": list(doc.tags),
+    }
+    if doc.parameters:
+        operation["parameters"] = list(doc.parameters)
+    if doc.request_schema is not None:
+        content = {"application/json": {"schema": doc.request_schema}}
+        if doc.octet_stream:
+            content["application/octet-stream"] = {
+                "schema": {"type": "string", "contentMediaType": "application/octet-stream"}
+            }
+        operation["requestBody"] = {"required": True, "content": content}
+    success: dict[str, Any] = {"description": "success"}
+    if doc.response_schema is not None:
+        success["content"] = {doc.response_type: {"schema": doc.response_schema}}
+    responses: dict[str, Any] = {"200": success}
+    errors = set(doc.errors) | {404, 405}
+    if doc.request_schema is not None:
+        errors |= {413, 415}
+    if doc.public:
+        errors -= {401, 403}
+    for status in sorted(errors):
+        responses[str(status)] = {"$ref": f"#/components/responses/E{status}"}
+    operation["responses"] = responses
+    operation["security"] = [] if doc.public else [{"apiKey": []}, {"bearer": []}]
+    operation.update(doc.extra)
+    return operation
+
+
+def openapi_document(app: web.Application) -> dict[str, Any]:
+    """Return the OpenAPI 3.1 document of every named route of ``app``."""
+    paths: dict[str, dict[str, Any]] = {}
+    for route in app.router.routes():
+        name = route.name or route.resource.name if route.resource else None
+        method = route.method.lower()
+        if name is None or method == "head" or route.resource is None:
+            continue
+        path = route.resource.canonical
+        paths.setdefault(path, {})[method] = _operation(name, method, _DOCS.get(name))
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "kzg-gateway", "version": VERSION},
+        "paths": dict(sorted(paths.items())),
+        "components": {
+            "securitySchemes": {
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+            },
+            "schemas": {"Error": ERROR_SCHEMA, "Receipt": RECEIPT_SCHEMA},
+            "responses": {
+                f"E{status}": {
+                    "description": text,
+                    "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}
+                    },
+                }
+                for status, text in _STATUS_TEXT.items()
+            },
+        },
+    }
