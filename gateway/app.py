@@ -309,14 +309,15 @@ def _operational_routes(app: web.Application) -> None:
 
 
 def pool_settings(config: Config) -> PoolSettings:
-    engine = config.section("engine")
+    """``[engine] name`` and the ``[pool]`` section (see PoolSettings)."""
+    defaults = PoolSettings()
     pool = config.section("pool")
     return PoolSettings(
-        engine=str(engine.get("name", "blspy")),
-        workers=int(pool.get("workers", 0)),
-        max_queue=int(pool.get("max_queue", 0)),
-        start_method=str(pool.get("start_method", "forkserver")),
-        retry_after_seconds=int(pool.get("retry_after_seconds", 1)),
+        engine=str(config.get("engine", "name", defaults.engine)),
+        workers=int(pool.get("workers", defaults.workers)),
+        max_queue=int(pool.get("max_queue", defaults.max_queue)),
+        start_method=str(pool.get("start_method", defaults.start_method)),
+        retry_after_seconds=int(pool.get("retry_after_seconds", defaults.retry_after_seconds)),
     )
 
 

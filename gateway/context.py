@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from auth.principal import Principal
+from aiohttp import web
 
-REQUEST_CONTEXT = "kzg_gateway.request_context"
+from auth.principal import Principal
 
 
 @dataclass
@@ -31,3 +31,7 @@ class RequestContext:
     result_digest: str | None = None
     detail: dict[str, Any] = field(default_factory=dict)
     audit_seq: int | None = None
+
+
+# Typed per-request storage: ``request[REQUEST_CONTEXT]`` is the request's context.
+REQUEST_CONTEXT: web.RequestKey[RequestContext] = web.RequestKey("request_context", RequestContext)

@@ -49,6 +49,9 @@ def alembic_config(
 
 def _upgrade(connection: Connection, app_role: str | None) -> None:
     command.upgrade(alembic_config(connection, app_role), "heads")
+    if app_role and connection.dialect.name == "postgresql":
+        # The running gateway checks at start that the schema is current.
+        connection.exec_driver_sql(f'GRANT SELECT ON alembic_version TO "{app_role}"')
 
 
 async def migrate(owner_url: str, app_role: str | None = None) -> None:

@@ -245,6 +245,8 @@ async def run_operation(app: web.Application, name: str, args: list[Any]) -> Any
         raise ApiError(
             503, "overloaded", "the KZG workers are saturated; retry later", {"Retry-After": retry}
         ) from None
+    except NotImplementedError as exc:
+        raise ApiError(501, "not_implemented", str(exc)) from None
     except (WorkerCrashed, PoolClosed) as exc:
         raise ApiError(503, "engine_unavailable", str(exc), {"Retry-After": "1"}) from None
     finally:

@@ -23,6 +23,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 _READY = b"ready"
+_STOP = b"stop"
 
 
 class PoolSaturated(RuntimeError):
@@ -40,12 +41,14 @@ class PoolClosed(RuntimeError):
 @dataclass(frozen=True)
 class PoolSettings:
     """``workers``: processes (default one per core); ``max_queue``: calls that may wait
-    for a worker before new ones are shed; ``start_method``: multiprocessing start method."""
+    for a worker before new ones are shed; ``start_method``: "fork" (default: the engine
+    is loaded once in the server and inherited) or "forkserver"/"spawn" (each worker
+    loads its own)."""
 
     engine: str = "blspy"
     workers: int = 0
     max_queue: int = 0
-    start_method: str = "forkserver"
+    start_method: str = "fork"
     retry_after_seconds: int = 1
 
     @property
@@ -57,16 +60,33 @@ class PoolSettings:
         return self.max_queue or 8 * self.worker_count
 
 
-def _worker_main(conn: Connection, engine_name: str) -> None:
-    """Load the engine once, then answer calls until the pipe closes."""
-    from kzg import load_engine
+_WARM_ENGINES: dict[str, Any] = {}
 
-    engine = load_engine(engine_name)
+
+def warm_engine(name: str) -> Any:
+    """Load ``name`` once per process: forked workers inherit it already built (the
+    precomputed tables take seconds to load), so starting or replacing one is instant."""
+    if name not in _WARM_ENGINES:
+        from kzg import load_engine
+
+        _WARM_ENGINES[name] = load_engine(name)
+    return _WARM_ENGINES[name]
+
+
+def _worker_main(conn: Connection, engine_name: str, inherited: list[Connection]) -> None:
+    """Load the engine (inherited when forked), then answer calls until told to stop."""
+    # A forked worker holds copies of the server's pipe ends; closing them lets the
+    # server see EOF on every pipe whose worker died.
+    for other in inherited:
+        other.close()
+    engine = warm_engine(engine_name)
     conn.send_bytes(_READY)
     while True:
         try:
             request = conn.recv_bytes()
         except (EOFError, OSError):
+            return
+        if request == _STOP:
             return
         function, args = pickle.loads(request)  # noqa: S301 - only the parent writes this pipe
         try:
@@ -78,10 +98,14 @@ def _worker_main(conn: Connection, engine_name: str) -> None:
 
 
 class _Worker:
-    def __init__(self, context: Any, engine_name: str) -> None:
+    def __init__(self, context: Any, engine_name: str, others: list[Connection]) -> None:
         self.conn, child = context.Pipe(duplex=True)
+        inherited = [self.conn, *others] if context.get_start_method() == "fork" else []
         self.process = context.Process(
-            target=_worker_main, args=(child, engine_name), daemon=True, name="kzg-worker"
+            target=_worker_main,
+            args=(child, engine_name, inherited),
+            daemon=True,
+            name="kzg-worker",
         )
         self.process.start()
         child.close()
@@ -121,11 +145,15 @@ class EnginePool:
         """Start the workers and wait until each has loaded its engine."""
         self._loop = asyncio.get_running_loop()
         self._closed = False
-        await asyncio.gather(*(self._spawn() for _ in range(self.settings.worker_count)))
+        if self.settings.start_method == "fork":
+            await self._loop.run_in_executor(None, warm_engine, self.settings.engine)
+        for _ in range(self.settings.worker_count):
+            await self._spawn()
 
     async def _spawn(self) -> None:
         loop = asyncio.get_running_loop()
-        worker = await loop.run_in_executor(None, _Worker, self._context, self.settings.engine)
+        # Started on the loop thread, one at a time, so no fork copies a half-made pipe.
+        worker = _Worker(self._context, self.settings.engine, [w.conn for w in self._workers])
         hello = await loop.run_in_executor(None, self._await_ready, worker)
         if hello != _READY:
             worker.process.kill()
@@ -230,6 +258,8 @@ class EnginePool:
             assert self._loop is not None
             with contextlib.suppress(ValueError, OSError):
                 self._loop.remove_reader(worker.conn.fileno())
+            with contextlib.suppress(OSError):
+                worker.conn.send_bytes(_STOP)
             worker.conn.close()
             if worker.future is not None and not worker.future.done():
                 worker.future.set_exception(PoolClosed("the KZG pool stopped"))
@@ -241,7 +271,7 @@ class EnginePool:
     @staticmethod
     def _join_all(workers: list[_Worker]) -> None:
         for worker in workers:
-            worker.process.join(timeout=5)
+            worker.process.join(timeout=2)
             if worker.process.is_alive():
                 worker.process.kill()
                 worker.process.join(timeout=5)

@@ -1,0 +1,216 @@
+"""Gateway fixtures: a real HTTPS server (TLS 1.3, dev CA, ephemeral port) on SQLite and
+on a real PostgreSQL, with helpers for authenticated calls and for reading the audit log.
+
+``gateway`` is parametrised over both databases; ``sqlite_gateway`` is SQLite only;
+``start_gateway`` starts one with config overrides (engine, pool size, database URL).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from sqlalchemy import select
+
+from audit.models import audit_events
+from auth.crypto import MasterKey
+from auth.principal import Principal
+from gateway.app import PUBLIC_ROUTES, create_app
+from gateway.config import Config
+from gateway.context import REQUEST_CONTEXT
+from gateway.db import make_engine
+from gateway.errors import ApiError
+from tests.conftest import PgDatabase
+
+ENGINE_NAME = "ckzg"
+ROLES = ("client", "auditor", "key_admin", "admin")
+
+
+def _test_key(role: str) -> str:
+    return f"kzgtest_{role}_" + hashlib.sha256(role.encode()).hexdigest()[:24]
+
+
+def static_key_security(app: web.Application, config: Config) -> list[Any]:
+    """Test stand-in for gateway.security: one fixed API key per role, every authenticated
+    principal may call every route. Replaced by the real module in the suite once present."""
+    keys = {_test_key(role): role for role in ROLES}
+
+    @web.middleware
+    async def authenticate(request: web.Request, handler: Callable[..., Awaitable[Any]]) -> Any:
+        ctx = request[REQUEST_CONTEXT]
+        if ctx.route_name in PUBLIC_ROUTES or request.match_info.http_exception is not None:
+            return await handler(request)
+        supplied = request.headers.get("X-API-Key", "")
+        role = next((r for k, r in keys.items() if hmac.compare_digest(k, supplied)), None)
+        if role is None:
+            raise ApiError(401, "unauthenticated", "a valid X-API-Key is required")
+        ctx.principal = Principal(
+            id=f"apikey:test-{role}", kind="api_key", name=role, roles=(role,)
+        )
+        ctx.credential_ref = hashlib.sha256(supplied.encode()).hexdigest()[:16]
+        return await handler(request)
+
+    return [authenticate]
+
+
+@dataclass
+class Gateway:
+    """A running gateway and how to talk to it."""
+
+    url: str
+    ca_file: Path
+    kind: str
+    config: Config
+    app: web.Application
+    app_url: str
+    owner_url: str
+    _sessions: list[aiohttp.ClientSession] = field(default_factory=list)
+
+    def ssl_context(self, maximum: ssl.TLSVersion | None = None) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.ca_file))
+        if maximum is not None:
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            context.maximum_version = maximum
+        return context
+
+    def session(self, **kwargs: Any) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(ssl=self.ssl_context(), limit=kwargs.pop("limit", 100))
+        session = aiohttp.ClientSession(self.url, connector=connector, **kwargs)
+        self._sessions.append(session)
+        return session
+
+    def api_key(self, role: str = "client") -> str:
+        return _test_key(role)
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        role: str | None = "client",
+        json_body: Any = None,
+        data: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[aiohttp.ClientResponse, Any]:
+        """Make one request (as ``role``, None for no credential); return the response
+        and its decoded JSON body (None when not JSON)."""
+        sent = dict(headers or {})
+        if role is not None:
+            sent["X-API-Key"] = self.api_key(role)
+        if not self._sessions:
+            self.session()
+        async with self._sessions[0].request(
+            method, path, json=json_body, data=data, headers=sent
+        ) as response:
+            raw = await response.read()
+        body = json.loads(raw) if response.content_type == "application/json" else raw
+        return response, body
+
+    async def post(self, path: str, body: Any, **kwargs: Any) -> tuple[aiohttp.ClientResponse, Any]:
+        return await self.request("POST", path, json_body=body, **kwargs)
+
+    async def audit_records(self, request_id: str) -> list[dict[str, Any]]:
+        """Every audit record of one request, read back through the runtime role."""
+        engine = make_engine(self.app_url)
+        try:
+            async with engine.connect() as conn:
+                rows = await conn.execute(
+                    select(audit_events).where(audit_events.c.request_id == request_id)
+                )
+                return [dict(row._mapping) for row in rows]
+        finally:
+            await engine.dispose()
+
+    async def close(self) -> None:
+        for session in self._sessions:
+            await session.close()
+
+
+StartGateway = Callable[..., Awaitable[Gateway]]
+
+
+def gateway_config(data_dir: Path, **sections: dict[str, Any]) -> Config:
+    data: dict[str, Any] = {
+        "engine": {"name": ENGINE_NAME},
+        "pool": {"workers": 2},
+        "jobs": {"enabled": False},
+    }
+    for name, values in sections.items():
+        if isinstance(values, dict):
+            data.setdefault(name, {}).update(values)
+        else:
+            data[name] = values
+    return Config(data, data_dir)
+
+
+@pytest.fixture
+async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
+    """Start gateways on this test's loop: ``await start_gateway(database=None, **sections)``."""
+    from gateway.cli import initialise
+
+    started: list[tuple[Gateway, web.AppRunner]] = []
+
+    async def start(
+        database: PgDatabase | None = None,
+        security: Any = static_key_security,
+        name: str = "gw",
+        **sections: Any,
+    ) -> Gateway:
+        data_dir = tmp_path / name
+        if database is not None:
+            sections = {
+                "database_url": database.app_url,
+                "database_owner_url": database.owner_url,
+                "database_app_role": database.app_role,
+                **sections,
+            }
+        config = gateway_config(data_dir, **sections)
+        await initialise(config)
+        master_key = MasterKey.from_text((data_dir / "master.key").read_text())
+        app = create_app(config, master_key=master_key, security=security)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
+        await runner.setup()
+        from gateway.tls import server_ssl_context
+
+        site = web.TCPSite(
+            runner, "127.0.0.1", 0, ssl_context=server_ssl_context(config.section("tls"), data_dir)
+        )
+        await site.start()
+        port = runner.addresses[0][1]
+        gateway = Gateway(
+            url=f"https://127.0.0.1:{port}",
+            ca_file=data_dir / "tls" / "ca.pem",
+            kind="postgresql" if database is not None else "sqlite",
+            config=config,
+            app=app,
+            app_url=config.database_url,
+            owner_url=config.database_owner_url,
+        )
+        started.append((gateway, runner))
+        return gateway
+
+    yield start
+    for gateway, runner in reversed(started):
+        await gateway.close()
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def sqlite_gateway(start_gateway: StartGateway) -> Gateway:
+    return await start_gateway()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def gateway(request: pytest.FixtureRequest, start_gateway: StartGateway) -> Gateway:
+    if request.param == "sqlite":
+        return await start_gateway()
+    return await start_gateway(request.getfixturevalue("pg_database"))
