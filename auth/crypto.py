@@ -8,7 +8,9 @@ import secrets
 import stat
 from pathlib import Path
 
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 MASTER_KEY_ENV = "KZG_GATEWAY_MASTER_KEY"
 MASTER_KEY_FILE = "master.key"
@@ -27,6 +29,7 @@ class MasterKey:
     def __init__(self, key: bytes) -> None:
         if len(key) != 32:
             raise MasterKeyError("master key must be 32 bytes (AES-256)")
+        self._key = key
         self._aead = AESGCM(key)
 
     def seal(self, plaintext: bytes, purpose: str) -> bytes:
@@ -38,6 +41,13 @@ class MasterKey:
             raise MasterKeyError("sealed secret has an unknown format version")
         nonce, body = sealed[1 : 1 + _NONCE_BYTES], sealed[1 + _NONCE_BYTES :]
         return self._aead.decrypt(nonce, body, purpose.encode())
+
+    def derive(self, purpose: str) -> bytes:
+        """Return a 32-byte key for ``purpose`` (HKDF-SHA256), e.g. the HMAC key that turns
+        credential ids into references auditors can correlate but not reverse."""
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=purpose.encode()).derive(
+            self._key
+        )
 
     def rewrap(self, sealed: bytes, purpose: str, new: MasterKey) -> bytes:
         """Return ``sealed`` re-encrypted under ``new`` (master-key rotation)."""

@@ -1,0 +1,59 @@
+"""The identity tables (created by migration ``auth_0001``), for SQLAlchemy Core."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+users = sa.Table(
+    "users",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("username", sa.String(64), nullable=False, unique=True),
+    sa.Column("password_hash", sa.String(256), nullable=False),
+    sa.Column("sealed_totp_secret", sa.LargeBinary, nullable=False),
+    sa.Column("roles", sa.String(256), nullable=False),
+    sa.Column("disabled", sa.Boolean, nullable=False),
+    sa.Column("failed_logins", sa.Integer, nullable=False),
+    sa.Column("locked_until", sa.String(27)),
+    sa.Column("last_totp_step", sa.BigInteger, nullable=False),
+    sa.Column("created_at", sa.String(27), nullable=False),
+    sa.Column("last_login_at", sa.String(27)),
+    sa.Column("password_changed_at", sa.String(27), nullable=False),
+)
+
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("name", sa.String(128), nullable=False),
+    sa.Column("role", sa.String(32), nullable=False),
+    sa.Column("secret_hash", sa.String(256), nullable=False),
+    sa.Column("created_at", sa.String(27), nullable=False),
+    sa.Column("created_by", sa.String(64), nullable=False),
+    sa.Column("expires_at", sa.String(27), nullable=False),
+    sa.Column("allowed_cidrs", sa.Text, nullable=False),
+    sa.Column("revoked_at", sa.String(27)),
+    sa.Column("last_used_at", sa.String(27)),
+    sa.Column("rotated_from", sa.String(40)),
+)
+
+jwt_keys = sa.Table(
+    "jwt_keys",
+    metadata,
+    sa.Column("kid", sa.String(64), primary_key=True),
+    sa.Column("alg", sa.String(16), nullable=False),
+    sa.Column("public_key", sa.Text, nullable=False),
+    sa.Column("sealed_private_key", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", sa.String(27), nullable=False),
+    sa.Column("retired_at", sa.String(27)),
+    sa.Column("status", sa.String(16), nullable=False),
+)
+
+auth_revision = sa.Table(
+    "auth_revision",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("revision", sa.BigInteger, nullable=False),
+)

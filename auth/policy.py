@@ -1,0 +1,130 @@
+"""The RBAC and security policies (``policies/rbac.toml``, ``policies/security.toml``).
+
+Data, not code: roles map to permissions, routes map to the one permission they need, and
+anything not listed is denied. Deployment configuration may override security values.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+POLICY_DIR = Path(__file__).resolve().parent.parent / "policies"
+
+
+class PolicyError(ValueError):
+    """A policy file is missing or inconsistent."""
+
+
+def policy_dir(configured: str | Path | None = None) -> Path:
+    """``configured`` (``policy_dir`` in the gateway config, or ``KZG_GATEWAY_POLICY_DIR``),
+    else the ``policies/`` folder shipped beside the packages."""
+    return Path(configured) if configured else POLICY_DIR
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise PolicyError(f"cannot read policy {path}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class Role:
+    name: str
+    permissions: frozenset[str]
+    mfa: bool
+    api_keys: bool
+
+
+@dataclass(frozen=True)
+class RbacPolicy:
+    roles: dict[str, Role]
+    routes: dict[str, str]
+    public: frozenset[str]
+
+    @classmethod
+    def load(cls, path: Path) -> RbacPolicy:
+        data = _load(path)
+        roles = {
+            name: Role(
+                name,
+                frozenset(spec.get("permissions", [])),
+                bool(spec.get("mfa", True)),
+                bool(spec.get("api_keys", False)),
+            )
+            for name, spec in data.get("roles", {}).items()
+        }
+        routes = {str(k): str(v) for k, v in data.get("routes", {}).items()}
+        granted = set().union(*(r.permissions for r in roles.values())) if roles else set()
+        unknown = set(routes.values()) - granted
+        if unknown:
+            raise PolicyError(f"{path}: permissions no role holds: {sorted(unknown)}")
+        return cls(roles, routes, frozenset(data.get("public", {}).get("routes", [])))
+
+    def permission_for(self, route_name: str | None) -> str | None:
+        return self.routes.get(route_name or "")
+
+    def allows(self, roles: tuple[str, ...], route_name: str | None) -> bool:
+        """Default deny: only a listed route whose permission one of ``roles`` holds."""
+        needed = self.permission_for(route_name)
+        if needed is None:
+            return False
+        return any(needed in self.roles[r].permissions for r in roles if r in self.roles)
+
+    def check_roles(self, roles: list[str] | tuple[str, ...], for_api_key: bool = False) -> None:
+        if not roles:
+            raise PolicyError("at least one role is required")
+        for role in roles:
+            if role not in self.roles:
+                raise PolicyError(f"unknown role {role!r}; known: {', '.join(sorted(self.roles))}")
+            if for_api_key and not self.roles[role].api_keys:
+                raise PolicyError(f"role {role!r} is for people only (MFA), not for API keys")
+
+    def needs_mfa(self, roles: tuple[str, ...] | list[str]) -> bool:
+        return any(self.roles[r].mfa for r in roles if r in self.roles)
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+@dataclass(frozen=True)
+class SecurityPolicy:
+    data: dict[str, Any]
+
+    @classmethod
+    def load(cls, path: Path, override: Mapping[str, Any] | None = None) -> SecurityPolicy:
+        """``override`` is the config's ``[auth]`` section shaped like the file (e.g.
+        ``{"passwords": {"memory_kib": 8192}}``), so tests and deployments can tune it."""
+        return cls(_merge(_load(path), override or {}))
+
+    def get(self, section: str, key: str) -> Any:
+        try:
+            return self.data[section][key]
+        except KeyError as exc:
+            raise PolicyError(f"security policy lacks [{section}] {key}") from exc
+
+    def rate(self, role: str) -> tuple[float, float]:
+        spec = self.data.get("ratelimit", {}).get(role) or self.data["ratelimit"]["client"]
+        return float(spec["rate"]), float(spec["burst"])
+
+
+def load_policies(
+    configured_dir: str | Path | None = None, override: Mapping[str, Any] | None = None
+) -> tuple[RbacPolicy, SecurityPolicy]:
+    directory = policy_dir(configured_dir)
+    return (
+        RbacPolicy.load(directory / "rbac.toml"),
+        SecurityPolicy.load(directory / "security.toml", override),
+    )

@@ -1,0 +1,243 @@
+"""Admin routes: users, API keys, signing keys, access review. Each records what it did
+in the request's audit detail (targets and roles, never a secret)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from auth.policy import PolicyError
+from auth.service import AuthService
+from gateway.appkeys import DB_ENGINE, MASTER_KEY, RECEIPT_SIGNER
+from gateway.context import REQUEST_CONTEXT
+from gateway.errors import ApiError
+from gateway.identity import AUTH_SERVICE, json_body, to_api_error
+from gateway.openapi import RouteDoc, document_route
+from gateway.receipts import rotate_receipt_key
+
+BODY_LIMIT = 8192
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _service(request: web.Request) -> AuthService:
+    return request.app[AUTH_SERVICE]
+
+
+def _guarded(fn: Callable[[web.Request], Awaitable[Any]]) -> Handler:
+    """Run ``fn`` and turn identity errors into envelopes; a dict result is the JSON body."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        try:
+            result = await fn(request)
+        except (web.HTTPException, ApiError):
+            raise
+        except Exception as exc:
+            raise to_api_error(exc) from exc
+        return web.json_response(result)
+
+    return handler
+
+
+def _actor(request: web.Request) -> str:
+    principal = request[REQUEST_CONTEXT].principal
+    return principal.id if principal else "unknown"
+
+
+def _roles(body: dict[str, Any]) -> list[str]:
+    roles = body.get("roles")
+    if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+        raise PolicyError("roles: expected a list of role names")
+    return roles
+
+
+async def create_user(request: web.Request) -> dict[str, Any]:
+    body = await json_body(request, BODY_LIMIT)
+    roles = _roles(body)
+    created = await _service(request).create_user(body.get("username"), roles)
+    request[REQUEST_CONTEXT].detail.update(target=created["id"], roles=roles)
+    return {
+        "username": created["username"],
+        "password": created["password"],
+        "totp_uri": created["totp_uri"],
+    }
+
+
+async def set_user_roles(request: web.Request) -> dict[str, Any]:
+    body = await json_body(request, BODY_LIMIT)
+    roles = _roles(body)
+    username = request.match_info["username"]
+    await _service(request).set_roles(username, roles)
+    request[REQUEST_CONTEXT].detail.update(target_username=username, roles=roles)
+    return {"username": username, "roles": roles}
+
+
+async def reset_user_mfa(request: web.Request) -> dict[str, Any]:
+    username = request.match_info["username"]
+    result = await _service(request).reset_mfa(username)
+    request[REQUEST_CONTEXT].detail.update(target_username=username)
+    return {"username": username, "totp_uri": result["totp_uri"]}
+
+
+async def disable_user(request: web.Request) -> dict[str, Any]:
+    username = request.match_info["username"]
+    await _service(request).disable_user(username)
+    request[REQUEST_CONTEXT].detail.update(target_username=username)
+    return {"username": username, "disabled": True}
+
+
+async def create_api_key(request: web.Request) -> dict[str, Any]:
+    body = await json_body(request, BODY_LIMIT)
+    created = await _service(request).create_api_key(
+        body.get("name"),
+        body.get("role"),
+        _actor(request),
+        body.get("expires_in_days"),
+        body.get("allowed_cidrs"),
+    )
+    request[REQUEST_CONTEXT].detail.update(target=created["id"], role=created["role"])
+    return created
+
+
+async def list_api_keys(request: web.Request) -> dict[str, Any]:
+    return {"api_keys": await _service(request).list_api_keys()}
+
+
+async def revoke_api_key(request: web.Request) -> dict[str, Any]:
+    key_id = request.match_info["key_id"]
+    await _service(request).revoke_api_key(key_id)
+    request[REQUEST_CONTEXT].detail.update(target=key_id)
+    return {"id": key_id, "revoked": True}
+
+
+async def rotate_api_key(request: web.Request) -> dict[str, Any]:
+    key_id = request.match_info["key_id"]
+    created = await _service(request).rotate_api_key(key_id, _actor(request))
+    request[REQUEST_CONTEXT].detail.update(target=key_id, replacement=created["id"])
+    return created
+
+
+async def rotate_signing_key(request: web.Request) -> dict[str, Any]:
+    info = await rotate_receipt_key(request.app[DB_ENGINE], request.app[MASTER_KEY])
+    await request.app[RECEIPT_SIGNER].refresh()
+    request[REQUEST_CONTEXT].detail.update(new_key=info.key_id)
+    return info.to_dict()
+
+
+async def rotate_jwt_key(request: web.Request) -> dict[str, Any]:
+    kid = await _service(request).rotate_jwt_key()
+    request[REQUEST_CONTEXT].detail.update(new_key=kid)
+    return {"kid": kid}
+
+
+async def access_review(request: web.Request) -> dict[str, Any]:
+    return await _service(request).access_review()
+
+
+_USER = {"name": "username", "in": "path", "required": True, "schema": {"type": "string"}}
+_KEY = {"name": "key_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_ROUTES: tuple[tuple[str, str, str, Callable[[web.Request], Awaitable[Any]], RouteDoc], ...] = (
+    (
+        "POST",
+        "/v1/admin/users",
+        "admin_create_user",
+        create_user,
+        RouteDoc(
+            "Create a person; the password and TOTP URI are shown once",
+            ("admin",),
+            request_schema={"type": "object", "required": ["username", "roles"]},
+        ),
+    ),
+    (
+        "POST",
+        "/v1/admin/users/{username}/roles",
+        "admin_set_user_roles",
+        set_user_roles,
+        RouteDoc(
+            "Replace a person's roles",
+            ("admin",),
+            parameters=(_USER,),
+            request_schema={"type": "object", "required": ["roles"]},
+        ),
+    ),
+    (
+        "POST",
+        "/v1/admin/users/{username}/reset-mfa",
+        "admin_reset_user_mfa",
+        reset_user_mfa,
+        RouteDoc("Issue a new TOTP secret (shown once)", ("admin",), parameters=(_USER,)),
+    ),
+    (
+        "POST",
+        "/v1/admin/users/{username}/disable",
+        "admin_disable_user",
+        disable_user,
+        RouteDoc("Disable a person", ("admin",), parameters=(_USER,)),
+    ),
+    (
+        "POST",
+        "/v1/admin/api-keys",
+        "admin_create_api_key",
+        create_api_key,
+        RouteDoc(
+            "Create an API key; the key is shown once",
+            ("admin",),
+            request_schema={"type": "object", "required": ["name", "role"]},
+        ),
+    ),
+    (
+        "GET",
+        "/v1/admin/api-keys",
+        "admin_list_api_keys",
+        list_api_keys,
+        RouteDoc("List API keys (never their secrets)", ("admin",)),
+    ),
+    (
+        "POST",
+        "/v1/admin/api-keys/{key_id}/revoke",
+        "admin_revoke_api_key",
+        revoke_api_key,
+        RouteDoc("Revoke an API key", ("admin",), parameters=(_KEY,)),
+    ),
+    (
+        "POST",
+        "/v1/admin/api-keys/{key_id}/rotate",
+        "admin_rotate_api_key",
+        rotate_api_key,
+        RouteDoc(
+            "Revoke an API key and issue its replacement (shown once)",
+            ("admin",),
+            parameters=(_KEY,),
+        ),
+    ),
+    (
+        "POST",
+        "/v1/admin/signing-keys/rotate",
+        "admin_rotate_signing_key",
+        rotate_signing_key,
+        RouteDoc("New receipt key; the old one is retired, still listed", ("admin",)),
+    ),
+    (
+        "POST",
+        "/v1/admin/jwt-keys/rotate",
+        "admin_rotate_jwt_key",
+        rotate_jwt_key,
+        RouteDoc(
+            "New JWT signing key; the old one stays in the JWKS until its tokens expire", ("admin",)
+        ),
+    ),
+    (
+        "GET",
+        "/v1/admin/access-review",
+        "access_review",
+        access_review,
+        RouteDoc("Every principal, its roles, last use, age and what needs attention", ("admin",)),
+    ),
+)
+
+
+def add_routes(app: web.Application) -> None:
+    for method, path, name, fn, doc in _ROUTES:
+        app.router.add_route(method, path, _guarded(fn), name=name)
+        document_route(name, doc)

@@ -1,0 +1,59 @@
+"""What the identity routes, middlewares and jobs share: the service's app key, the
+policies a configuration selects, and the mapping of identity errors to envelopes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+from sqlalchemy.exc import SQLAlchemyError
+
+from auth.policy import PolicyError, RbacPolicy, SecurityPolicy, load_policies
+from auth.service import AuthError, AuthService
+from gateway.config import Config
+from gateway.errors import ApiError
+
+AUTH_SERVICE: web.AppKey[AuthService] = web.AppKey("auth_service", AuthService)
+
+
+def policies_for(config: Config) -> tuple[RbacPolicy, SecurityPolicy]:
+    """The policies a gateway with ``config`` enforces: ``policy_dir`` (or the shipped
+    ``policies/``), with the tables of ``[auth]`` overriding security values."""
+    auth = config.section("auth")
+    override = {k: v for k, v in auth.items() if isinstance(v, dict)}
+    return load_policies(config.data.get("policy_dir"), override)
+
+
+def to_api_error(exc: Exception) -> ApiError:
+    """Map identity errors to the error envelope."""
+    if isinstance(exc, AuthError):
+        headers = {"WWW-Authenticate": 'Bearer realm="kzg-gateway"'} if exc.status == 401 else {}
+        return ApiError(exc.status, exc.code, exc.message, headers)
+    if isinstance(exc, PolicyError):
+        return ApiError(400, "invalid_request", str(exc))
+    if isinstance(exc, LookupError):
+        return ApiError(404, "not_found", str(exc).strip("'\""))
+    if isinstance(exc, SQLAlchemyError | OSError):
+        return ApiError(
+            503, "identity_unavailable", "the identity store is unavailable", {"Retry-After": "1"}
+        )
+    raise exc
+
+
+async def json_body(request: web.Request, limit: int) -> dict[str, Any]:
+    """The request's JSON object; 415, 413 and 400 envelopes for anything else."""
+    if request.content_type != "application/json":
+        raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json")
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, "too_large", f"body larger than {limit} bytes")
+    raw = await request.content.read(limit + 1)
+    if len(raw) > limit:
+        raise ApiError(413, "too_large", f"body larger than {limit} bytes")
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise ApiError(400, "invalid_json", "body: not valid JSON") from exc
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_json", "body: expected a JSON object")
+    return body

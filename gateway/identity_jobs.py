@@ -1,0 +1,63 @@
+"""The identity jobs: ``rotate-keys`` (JWT and receipt keys past their policy age, API
+keys past their expiry) and ``access-review``. Each audits its own run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from audit.events import parse_timestamp
+from audit.jobs import job_event
+from auth.service import AuthService
+from gateway.identity import policies_for
+from gateway.jobs import JobContext, register_job
+from gateway.receipts import list_receipt_keys, rotate_receipt_key
+
+
+def service_for(ctx: JobContext) -> AuthService:
+    rbac, policy = policies_for(ctx.config)
+    return AuthService(
+        ctx.engine, ctx.master_key, rbac, policy, clock=lambda: ctx.now().timestamp()
+    )
+
+
+async def rotate_keys(ctx: JobContext) -> dict[str, Any]:
+    service = service_for(ctx)
+    now = ctx.now()
+    summary: dict[str, Any] = {"jwt_rotated": None, "receipt_rotated": None}
+    jwt_age = await service.jwt_key_age()
+    jwt_max = float(service.policy.get("tokens", "jwt_key_max_age_days")) * 86400
+    if jwt_age is None or jwt_age >= jwt_max:
+        summary["jwt_rotated"] = await service.rotate_jwt_key()
+    receipt_max = float(service.policy.get("receipt_keys", "max_age_days")) * 86400
+    current = [k for k in await list_receipt_keys(ctx.engine) if k.status == "current"]
+    if not current or (now - parse_timestamp(current[0].not_before)).total_seconds() >= receipt_max:
+        summary["receipt_rotated"] = (
+            await rotate_receipt_key(ctx.engine, ctx.master_key, now)
+        ).key_id
+        await ctx.signer.refresh()
+    summary["api_keys_expired"] = await service.expire_api_keys()
+    await ctx.writer.append(job_event("rotate-keys", "success", now, summary))
+    return summary
+
+
+async def access_review(ctx: JobContext) -> dict[str, Any]:
+    review = await service_for(ctx).access_review()
+    flagged = [
+        p
+        for p in review["principals"]
+        if {"stale", "expiring", "expired", "locked"} & set(p["flags"])
+    ]
+    summary = {
+        "principals": len(review["principals"]),
+        "flagged": [{"principal": p["principal"], "flags": p["flags"]} for p in flagged],
+    }
+    await ctx.writer.append(job_event("access-review", "success", ctx.now(), summary))
+    return {**summary, "review": review}
+
+
+def register_identity_jobs() -> None:
+    register_job("rotate-keys", rotate_keys, 3600.0)
+    register_job("access-review", access_review, 86400.0)
+
+
+register_identity_jobs()

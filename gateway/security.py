@@ -1,0 +1,213 @@
+"""Authentication, authorization and rate limiting for the gateway, plus the identity
+routes and jobs. ``install(app, config)`` is what the app factory calls.
+
+Authentication accepts ``X-API-Key`` (machines) or ``Authorization: Bearer <JWT>``
+(people, after password + TOTP). Authorization maps the route name to one permission
+(``policies/rbac.toml``) and denies anything not listed. Decisions are recorded by the
+audit middleware that wraps these: the principal, a keyed reference of the credential,
+and the reason of a refusal (never the credential).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import math
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import Gauge
+from sqlalchemy.exc import SQLAlchemyError
+
+from audit.events import parse_timestamp
+from auth.policy import PolicyError, RbacPolicy, SecurityPolicy
+from auth.ratelimit import RateLimiter
+from auth.service import AuthError, AuthService
+from gateway import admin_routes, auth_routes
+from gateway.appkeys import DB_ENGINE, MASTER_KEY, METRICS
+from gateway.config import Config
+from gateway.context import REQUEST_CONTEXT
+from gateway.errors import ApiError
+from gateway.identity import AUTH_SERVICE, policies_for, to_api_error
+from gateway.identity_jobs import register_identity_jobs
+from gateway.receipts import list_receipt_keys
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+RBAC: web.AppKey[RbacPolicy] = web.AppKey("rbac_policy", RbacPolicy)
+SECURITY_POLICY: web.AppKey[SecurityPolicy] = web.AppKey("security_policy", SecurityPolicy)
+RATE_LIMITER: web.AppKey[RateLimiter] = web.AppKey("rate_limiter", RateLimiter)
+KEY_AGE: web.AppKey[Gauge] = web.AppKey("signing_key_age", Gauge)
+KEY_MAX_AGE: web.AppKey[Gauge] = web.AppKey("signing_key_max_age", Gauge)
+
+_NETWORKS = web.AppKey("ip_rules", tuple)
+
+
+def _networks(values: object, name: str) -> tuple[Any, ...]:
+    if values is None:
+        return ()
+    if not isinstance(values, list):
+        raise PolicyError(f"auth.{name}: expected a list of CIDR strings")
+    return tuple(ipaddress.ip_network(str(v), strict=False) for v in values)
+
+
+def _address_matches(addr: str | None, networks: tuple[Any, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(addr or "")
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)
+
+
+def _is_public(request: web.Request, route: str | None) -> bool:
+    return request.match_info.http_exception is not None or route in request.app[RBAC].public
+
+
+@web.middleware
+async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    ctx = request[REQUEST_CONTEXT]
+    allow, deny = request.app[_NETWORKS]
+    if _address_matches(ctx.client_addr, deny) or (
+        allow and not _address_matches(ctx.client_addr, allow)
+    ):
+        ctx.detail["reason"] = "client address refused by the IP rules"
+        raise ApiError(403, "address_not_allowed", "requests from this address are not allowed")
+    if _is_public(request, ctx.route_name):
+        return await handler(request)
+    service = request.app[AUTH_SERVICE]
+    api_key = request.headers.get("X-API-Key")
+    authorization = request.headers.get("Authorization")
+    try:
+        if api_key is not None and authorization is not None:
+            raise ApiError(
+                400, "invalid_request", "send one credential: X-API-Key or Authorization"
+            )
+        if api_key is not None:
+            principal = await service.authenticate_api_key(api_key, ctx.client_addr)
+            ctx.credential_ref = service.credential_ref("api_key", principal.id)
+        elif authorization is not None:
+            scheme, _, token = authorization.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise AuthError(
+                    401, "invalid_credentials", "Authorization: expected Bearer <token>"
+                )
+            principal = await service.authenticate_token(token.strip())
+            ctx.credential_ref = service.credential_ref("user", principal.id)
+        else:
+            raise AuthError(
+                401, "unauthenticated", "credentials are required: X-API-Key or Bearer token"
+            )
+    except (AuthError, PolicyError, LookupError, SQLAlchemyError, OSError) as exc:
+        if isinstance(exc, AuthError):
+            ctx.detail["reason"] = exc.reason
+            _charge_failure(request, ctx.client_addr)
+        raise to_api_error(exc) from exc
+    ctx.principal = principal
+    return await handler(request)
+
+
+def _charge_failure(request: web.Request, addr: str | None) -> None:
+    """Failed credentials spend the client address's anonymous tokens: a flood of bad
+    keys meets 429 instead of costing an argon2 verification each."""
+    rate, burst = request.app[SECURITY_POLICY].rate("anonymous")
+    wait = request.app[RATE_LIMITER].take(f"fail:{addr}", rate, burst)
+    if wait > 0:
+        raise ApiError(
+            429, "rate_limited", "too many failed attempts", {"Retry-After": str(math.ceil(wait))}
+        )
+
+
+@web.middleware
+async def authorize(request: web.Request, handler: Handler) -> web.StreamResponse:
+    ctx = request[REQUEST_CONTEXT]
+    if _is_public(request, ctx.route_name):
+        return await handler(request)
+    principal = ctx.principal
+    rbac = request.app[RBAC]
+    if principal is None:  # authenticate() refuses first; kept as a second lock
+        raise ApiError(401, "unauthenticated", "credentials are required")
+    if principal.kind == "user" and rbac.needs_mfa(principal.roles) and not principal.mfa:
+        ctx.detail["reason"] = "role requires MFA, token lacks it"
+        raise ApiError(403, "mfa_required", "your role requires logging in with a one-time code")
+    if not rbac.allows(principal.roles, ctx.route_name):
+        needed = rbac.permission_for(ctx.route_name) or "a permission no role holds"
+        ctx.detail["reason"] = f"missing {needed}"
+        raise ApiError(403, "forbidden", f"role {','.join(principal.roles)} lacks {needed}")
+    return await handler(request)
+
+
+@web.middleware
+async def rate_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
+    ctx = request[REQUEST_CONTEXT]
+    policy = request.app[SECURITY_POLICY]
+    if ctx.principal is not None:
+        key = f"principal:{ctx.principal.id}"
+        rate, burst = max(policy.rate(role) for role in ctx.principal.roles)
+    else:
+        key = f"addr:{ctx.client_addr}"
+        rate, burst = policy.rate("anonymous")
+    wait = request.app[RATE_LIMITER].take(key, rate, burst)
+    if wait > 0:
+        raise ApiError(
+            429, "rate_limited", "rate limit exceeded", {"Retry-After": str(math.ceil(wait))}
+        )
+    return await handler(request)
+
+
+async def update_key_age_metrics(app: web.Application) -> None:
+    """Export the age of the current JWT and receipt keys against their rotation age."""
+    service = app[AUTH_SERVICE]
+    policy = app[SECURITY_POLICY]
+    jwt_age = await service.jwt_key_age()
+    if jwt_age is not None:
+        app[KEY_AGE].labels("jwt").set(jwt_age)
+    app[KEY_MAX_AGE].labels("jwt").set(float(policy.get("tokens", "jwt_key_max_age_days")) * 86400)
+    current = [k for k in await list_receipt_keys(app[DB_ENGINE]) if k.status == "current"]
+    if current:
+        age = (datetime.now(UTC) - parse_timestamp(current[0].not_before)).total_seconds()
+        app[KEY_AGE].labels("receipt").set(age)
+    app[KEY_MAX_AGE].labels("receipt").set(
+        float(policy.get("receipt_keys", "max_age_days")) * 86400
+    )
+
+
+def install(app: web.Application, config: Config) -> list[Any]:
+    """Register the identity routes and resources; return the middlewares, in order."""
+    rbac, policy = policies_for(config)
+    auth = config.section("auth")
+    app[RBAC] = rbac
+    app[SECURITY_POLICY] = policy
+    app[RATE_LIMITER] = RateLimiter()
+    app[_NETWORKS] = (
+        _networks(auth.get("allow_cidrs"), "allow_cidrs"),
+        _networks(auth.get("deny_cidrs"), "deny_cidrs"),
+    )
+
+    async def resources(app: web.Application) -> Any:
+        service = AuthService(app[DB_ENGINE], app[MASTER_KEY], rbac, policy)
+        app[AUTH_SERVICE] = service
+        registry = app[METRICS].registry
+        app[KEY_AGE] = Gauge(
+            "kzg_signing_key_age_seconds",
+            "Age of the current signing key",
+            ["kind"],
+            registry=registry,
+        )
+        app[KEY_MAX_AGE] = Gauge(
+            "kzg_signing_key_max_age_seconds",
+            "Rotation age of signing keys",
+            ["kind"],
+            registry=registry,
+        )
+        # Without the database the gauges appear at the next rotation job; /readyz says why.
+        with contextlib.suppress(SQLAlchemyError, OSError):
+            await update_key_age_metrics(app)
+        yield
+
+    app.cleanup_ctx.append(resources)
+    register_identity_jobs()
+    auth_routes.add_routes(app)
+    admin_routes.add_routes(app)
+    return [authenticate, authorize, rate_limit]

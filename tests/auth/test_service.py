@@ -1,0 +1,249 @@
+"""Identity operations on SQLite and a real PostgreSQL, through the runtime role."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+
+import jwt
+import pyotp
+import pytest
+from sqlalchemy import delete, select, update
+from sqlalchemy.exc import DBAPIError
+
+from auth import tokens
+from auth.credentials import parse_api_key
+from auth.models import api_keys, users
+from auth.policy import PolicyError, load_policies
+from auth.service import AuthError
+from gateway.db import make_engine, migrate
+from tests.auth.conftest import Store
+from tests.conftest import PgDatabase
+
+
+def code(secret: str, offset_steps: int = 0) -> str:
+    return pyotp.TOTP(secret).at(time.time() + 30 * offset_steps)
+
+
+async def test_login_with_password_and_totp_issues_a_pinned_eddsa_token(store: Store) -> None:
+    service = store.make()
+    created = await service.create_user("alice", ["auditor"])
+    result = await service.login("alice", created["password"], code(created["totp_secret"]))
+    header = jwt.get_unverified_header(result.access_token)
+    assert header["alg"] == "EdDSA" and header["kid"]
+    claims = jwt.decode(result.access_token, options={"verify_signature": False})
+    assert claims["roles"] == ["auditor"] and claims["amr"] == ["pwd", "otp"]
+    assert claims["exp"] - claims["iat"] == result.expires_in == 900
+    principal = await service.authenticate_token(result.access_token)
+    assert (principal.name, principal.roles, principal.mfa) == ("alice", ("auditor",), True)
+    jwks = await service.jwks()
+    assert [k["kid"] for k in jwks["keys"]] == [header["kid"]]
+    assert jwks["keys"][0]["kty"] == "OKP" and "d" not in jwks["keys"][0]
+
+
+async def test_mfa_roles_need_the_code_and_a_code_is_single_use(store: Store) -> None:
+    service = store.make()
+    created = await service.create_user("bob", ["admin"])
+    password, secret = created["password"], created["totp_secret"]
+    with pytest.raises(AuthError) as missing:
+        await service.login("bob", password, None)
+    assert (missing.value.status, missing.value.reason) == (401, "one-time code required")
+    first = code(secret)
+    await service.login("bob", password, first)
+    with pytest.raises(AuthError) as replay:
+        await service.login("bob", password, first)
+    assert replay.value.reason == "wrong or replayed one-time code"
+    # The next step's code is still good once.
+    await service.login("bob", password, code(secret, 1))
+
+
+async def test_client_people_may_log_in_without_a_code(store: Store) -> None:
+    service = store.make()
+    created = await service.create_user("carol", ["client"])
+    result = await service.login("carol", created["password"], None)
+    assert (await service.authenticate_token(result.access_token)).mfa is False
+
+
+async def test_unknown_user_and_wrong_password_answer_alike(store: Store) -> None:
+    service = store.make()
+    await service.create_user("dave", ["client"])
+    answers = []
+    for username, password in (("nobody", "x" * 20), ("dave", "wrong-password-123")):
+        with pytest.raises(AuthError) as refused:
+            await service.login(username, password, None)
+        answers.append((refused.value.status, refused.value.code, refused.value.message))
+    assert answers[0] == answers[1]
+
+
+async def test_lockout_after_repeated_failures_then_unlock_with_time(store: Store) -> None:
+    service = store.make()
+    created = await service.create_user("erin", ["client"])
+    for _ in range(5):
+        with pytest.raises(AuthError):
+            await service.login("erin", "not-the-password", None)
+    with pytest.raises(AuthError) as locked:
+        await service.login("erin", created["password"], None)
+    assert locked.value.reason == "locked"
+    store.clock.advance(901)
+    assert (await service.login("erin", created["password"], None)).principal.name == "erin"
+
+
+async def test_tokens_that_must_be_refused(store: Store) -> None:
+    service = store.make()
+    created = await service.create_user("frank", ["client"])
+    good = (await service.login("frank", created["password"], None)).access_token
+    header, payload, signature = good.split(".")
+    claims = jwt.decode(good, options={"verify_signature": False})
+    kid = jwt.get_unverified_header(good)["kid"]
+    unsigned = jwt.encode(claims, None, algorithm="none", headers={"kid": kid})
+    public_pem = (await service._valid_jwt_keys())[0].public_key
+    # The classic confusion: an HS256 token keyed with the published public key, built
+    # by hand since pyjwt itself refuses to create one.
+    hs_header = jwt.utils.base64url_encode(
+        json.dumps({"alg": "HS256", "typ": "JWT", "kid": kid}).encode()
+    ).decode()
+    mac = hmac.new(public_pem.encode(), f"{hs_header}.{payload}".encode(), hashlib.sha256)
+    hs_confusion = f"{hs_header}.{payload}.{jwt.utils.base64url_encode(mac.digest()).decode()}"
+    forged_signature = f"{header}.{payload}.{signature[:-4]}AAAA"
+    other_payload = jwt.utils.base64url_encode(b'{"sub":"x"}').decode()
+    tampered = f"{header}.{other_payload}.{signature}"
+    key = await service._current_signing_key()
+    wrong_aud = tokens.issue(key, {**claims, "aud": "someone-else"})
+    expired = tokens.issue(key, {**claims, "exp": int(time.time()) - 1})
+    not_yet = tokens.issue(key, {**claims, "nbf": int(time.time()) + 600})
+    for token in (unsigned, hs_confusion, forged_signature, tampered, wrong_aud, expired, not_yet):
+        with pytest.raises(AuthError) as refused:
+            await service.authenticate_token(token)
+        assert refused.value.status == 401
+
+
+async def test_rotated_jwt_key_keeps_old_tokens_valid_until_retention_ends(store: Store) -> None:
+    service = store.make()
+    created = await service.create_user("gina", ["client"])
+    old = (await service.login("gina", created["password"], None)).access_token
+    await service.rotate_jwt_key()
+    assert len((await service.jwks())["keys"]) == 2
+    assert (await service.authenticate_token(old)).name == "gina"
+    store.clock.advance(2 * 86400)
+    assert len((await service.jwks())["keys"]) == 1
+
+
+async def test_api_key_shown_once_stored_hashed_and_revoked_everywhere(store: Store) -> None:
+    first, second = store.make(), store.make()  # two processes over one database
+    created = await first.create_api_key("rollup-prover", "client", "usr_admin")
+    key = created["api_key"]
+    assert parse_api_key(key).key_id == created["id"]
+    async with store.engine.connect() as conn:
+        row = (await conn.execute(select(api_keys).where(api_keys.c.id == created["id"]))).one()
+    assert (
+        row.secret_hash.startswith("$argon2id$")
+        and parse_api_key(key).secret not in row.secret_hash
+    )
+    assert (await first.authenticate_api_key(key, "10.0.0.1")).roles == ("client",)
+    assert (await second.authenticate_api_key(key, "10.0.0.1")).id == created["id"]
+    await first.revoke_api_key(created["id"])
+    with pytest.raises(AuthError):
+        await first.authenticate_api_key(key, "10.0.0.1")
+    # The other process drops its cached entry within revocation_check_seconds.
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            await second.authenticate_api_key(key, "10.0.0.1")
+        except AuthError:
+            break
+        assert time.monotonic() < deadline, "revocation did not reach the second process"
+        time.sleep(0.2)
+    listed = await first.list_api_keys()
+    assert listed[0]["revoked_at"] and "api_key" not in listed[0] and "secret_hash" not in listed[0]
+
+
+async def test_api_key_rotation_expiry_and_cidrs(store: Store) -> None:
+    service = store.make()
+    created = await service.create_api_key(
+        "ci", "auditor", "usr_admin", expires_in_days=1, allowed_cidrs=["192.0.2.0/24"]
+    )
+    assert (await service.authenticate_api_key(created["api_key"], "192.0.2.7")).roles == (
+        "auditor",
+    )
+    with pytest.raises(AuthError) as outside:
+        await service.authenticate_api_key(created["api_key"], "198.51.100.1")
+    assert outside.value.status == 403
+    rotated = await service.rotate_api_key(created["id"], "usr_admin")
+    assert rotated["allowed_cidrs"] == ["192.0.2.0/24"]
+    with pytest.raises(AuthError):
+        await service.authenticate_api_key(created["api_key"], "192.0.2.7")
+    assert (await service.authenticate_api_key(rotated["api_key"], "192.0.2.7")).id == rotated["id"]
+    store.clock.advance(86400 * 91)
+    with pytest.raises(AuthError) as expired:
+        await service.authenticate_api_key(rotated["api_key"], "192.0.2.7")
+    assert expired.value.reason == "expired API key"
+    assert await service.expire_api_keys() == [rotated["id"]]
+
+
+async def test_policy_refusals(store: Store) -> None:
+    service = store.make()
+    with pytest.raises(PolicyError, match="people only"):
+        await service.create_api_key("x", "admin", "usr_admin")
+    with pytest.raises(PolicyError, match="unknown role"):
+        await service.create_user("henry", ["root"])
+    with pytest.raises(PolicyError, match="expires_in_days"):
+        await service.create_api_key("x", "client", "usr_admin", expires_in_days=10_000)
+    with pytest.raises(PolicyError, match="allowed_cidrs"):
+        await service.create_api_key("x", "client", "usr_admin", allowed_cidrs=["not-a-net"])
+
+
+async def test_access_review_flags(store: Store) -> None:
+    service = store.make()
+    await service.create_user("ivan", ["auditor"])
+    await service.create_api_key("idle", "client", "usr_admin", expires_in_days=10)
+    await service.disable_user("ivan")
+    store.clock.advance(40 * 86400)
+    review = await service.access_review()
+    by_name = {p["name"]: p for p in review["principals"]}
+    assert {"disabled", "never_used"} <= set(by_name["ivan"]["flags"])
+    assert {"expired", "stale", "never_used"} <= set(by_name["idle"]["flags"])
+    assert by_name["idle"]["age_days"] >= 40
+
+
+async def test_runtime_role_cannot_delete_identities(pg_database: PgDatabase) -> None:
+    await migrate(pg_database.owner_url, pg_database.app_role)
+    engine = make_engine(pg_database.app_url)
+    try:
+        async with engine.connect() as conn:
+            for table in (users, api_keys):
+                with pytest.raises(DBAPIError, match="permission denied"):
+                    await conn.execute(delete(table))
+                await conn.rollback()
+    finally:
+        await engine.dispose()
+
+
+def test_shipped_policy_is_strong() -> None:
+    rbac, policy = load_policies()
+    assert policy.get("passwords", "memory_kib") >= 19456  # OWASP argon2id minimum
+    assert not rbac.roles["client"].mfa
+    assert all(r.mfa for name, r in rbac.roles.items() if name != "client")
+    assert not rbac.roles["admin"].api_keys and not rbac.roles["key_admin"].api_keys
+    # Least privilege: an auditor computes nothing, a client reads no audit, nobody alters it.
+    assert not {"kzg:compute", "kzg:verify"} & rbac.roles["auditor"].permissions
+    assert not {"audit:read"} & rbac.roles["client"].permissions
+    assert not any(
+        p.startswith("audit:") and p != "audit:read"
+        for r in rbac.roles.values()
+        for p in r.permissions
+    )
+
+
+async def test_disabled_user_token_stops_working(store: Store) -> None:
+    service = store.make()
+    created = await service.create_user("judy", ["client"])
+    token = (await service.login("judy", created["password"], None)).access_token
+    await service.authenticate_token(token)
+    async with store.engine.begin() as conn:
+        await conn.execute(update(users).where(users.c.username == "judy").values(disabled=True))
+    await service.disable_user("judy")
+    await service.check_revision(force=True)
+    with pytest.raises(AuthError):
+        await service.authenticate_token(token)
