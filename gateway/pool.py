@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import gc
 import logging
 import multiprocessing
 import os
@@ -73,12 +74,21 @@ def warm_engine(name: str) -> Any:
     return _WARM_ENGINES[name]
 
 
-def _worker_main(conn: Connection, engine_name: str, inherited: list[Connection]) -> None:
+def _drop_inherited_descriptors(keep: Connection) -> None:
+    """A forked worker starts with copies of every descriptor of the server: listening
+    sockets, database connections, other workers' pipes. Close them all, so that a port
+    can be reused and the server sees EOF on the pipe of a worker that died. The objects
+    that owned them are frozen first: never collected, they never close a reused number."""
+    gc.freeze()
+    fd = keep.fileno()
+    os.closerange(3, fd)
+    os.closerange(fd + 1, os.sysconf("SC_OPEN_MAX"))
+
+
+def _worker_main(conn: Connection, engine_name: str, forked: bool) -> None:
     """Load the engine (inherited when forked), then answer calls until told to stop."""
-    # A forked worker holds copies of the server's pipe ends; closing them lets the
-    # server see EOF on every pipe whose worker died.
-    for other in inherited:
-        other.close()
+    if forked:
+        _drop_inherited_descriptors(conn)
     engine = warm_engine(engine_name)
     conn.send_bytes(_READY)
     while True:
@@ -98,12 +108,12 @@ def _worker_main(conn: Connection, engine_name: str, inherited: list[Connection]
 
 
 class _Worker:
-    def __init__(self, context: Any, engine_name: str, others: list[Connection]) -> None:
+    def __init__(self, context: Any, engine_name: str) -> None:
         self.conn, child = context.Pipe(duplex=True)
-        inherited = [self.conn, *others] if context.get_start_method() == "fork" else []
+        forked = context.get_start_method() == "fork"
         self.process = context.Process(
             target=_worker_main,
-            args=(child, engine_name, inherited),
+            args=(child, engine_name, forked),
             daemon=True,
             name="kzg-worker",
         )
@@ -153,7 +163,7 @@ class EnginePool:
     async def _spawn(self) -> None:
         loop = asyncio.get_running_loop()
         # Started on the loop thread, one at a time, so no fork copies a half-made pipe.
-        worker = _Worker(self._context, self.settings.engine, [w.conn for w in self._workers])
+        worker = _Worker(self._context, self.settings.engine)
         hello = await loop.run_in_executor(None, self._await_ready, worker)
         if hello != _READY:
             worker.process.kill()

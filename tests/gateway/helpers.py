@@ -59,3 +59,18 @@ def receipt_output(body: dict[str, Any]) -> dict[str, Any]:
 
 
 __all__ = ["hashlib", "input_digest", "output_digest"]
+
+
+def hold_worker(engine: Any, seconds: float) -> str:
+    """Runs in a pool worker: keeps it busy."""
+    import time
+
+    time.sleep(seconds)
+    return engine.name
+
+
+def kill_worker(engine: Any) -> None:
+    """Runs in a pool worker: dies as a crashing native library would."""
+    import os
+
+    os._exit(3)

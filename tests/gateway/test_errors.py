@@ -1,0 +1,128 @@
+"""Every refusal is a JSON error envelope with the request id, names the offending
+field, and leaves exactly one audit record."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.gateway.conftest import Gateway
+from tests.gateway.helpers import hx, make_blob
+
+Z = "0x" + "00" * 32
+C48 = "0x" + "c0" + "00" * 47
+
+
+async def _refused(
+    gw: Gateway, response: Any, body: Any, status: int, code: str, outcome: str
+) -> dict[str, Any]:
+    assert response.status == status, body
+    request_id = response.headers["X-Request-ID"]
+    assert body["error"]["code"] == code
+    assert body["error"]["request_id"] == request_id
+    assert "receipt" not in body
+    [record] = await gw.audit_records(request_id)
+    assert record["http_status"] == status and record["outcome"] == outcome
+    return body["error"]
+
+
+@pytest.mark.parametrize(
+    ("path", "payload", "code", "named"),
+    [
+        ("/v1/kzg/verify-proof", {"commitment": C48, "z": Z, "y": Z}, "missing_field", "proof"),
+        ("/v1/kzg/verify-proof", {"commitment": C48, "z": Z, "y": Z, "proof": C48, "x": 1},
+         "unknown_field", "x"),
+        ("/v1/kzg/verify-proof", {"commitment": "c0" * 48, "z": Z, "y": Z, "proof": C48},
+         "invalid_commitment", "commitment"),
+        ("/v1/kzg/verify-proof", {"commitment": C48[:-2], "z": Z, "y": Z, "proof": C48},
+         "invalid_commitment", "48 bytes"),
+        ("/v1/kzg/verify-proof", {"commitment": C48, "z": "0x" + "zz" * 32, "y": Z, "proof": C48},
+         "invalid_z", "z is not valid hex"),
+        ("/v1/kzg/verify-blob-proof-batch",
+         {"blobs": [hx(make_blob(1))] * 3 + ["0x00"], "commitments": [C48] * 4, "proofs": [C48] * 4},
+         "invalid_blobs", "blobs[3]"),
+        ("/v1/kzg/recover-cells-and-proofs", {"cell_indices": [0, 128], "cells": []},
+         "invalid_cell_indices", "cell_indices[1]"),
+        ("/v1/kzg/recover-cells-and-proofs", {"cell_indices": [0, True], "cells": []},
+         "invalid_cell_indices", "cell_indices[1]"),
+        ("/v1/kzg/blob-to-commitment", ["0x00"], "invalid_json", "JSON object"),
+        ("/v1/kzg/blob-to-commitment", {"blob": "0x" + "ff" * 131072}, "invalid_input", "blob"),
+    ],
+)  # fmt: skip
+async def test_bad_input_is_400_naming_the_field(
+    sqlite_gateway: Gateway, path: str, payload: Any, code: str, named: str
+) -> None:
+    response, body = await sqlite_gateway.post(path, payload)
+    error = await _refused(sqlite_gateway, response, body, 400, code, "invalid")
+    assert named in error["message"]
+
+
+async def test_not_json_is_400(sqlite_gateway: Gateway) -> None:
+    response, body = await sqlite_gateway.request(
+        "POST", "/v1/kzg/verify-proof", data=b"{nope", headers={"Content-Type": "application/json"}
+    )
+    await _refused(sqlite_gateway, response, body, 400, "invalid_json", "invalid")
+
+
+async def test_unknown_path_is_404(sqlite_gateway: Gateway) -> None:
+    response, body = await sqlite_gateway.request("GET", "/v1/kzg/nothing-here")
+    await _refused(sqlite_gateway, response, body, 404, "not_found", "not_found")
+
+
+async def test_wrong_method_is_405_with_allow(sqlite_gateway: Gateway) -> None:
+    response, body = await sqlite_gateway.request("GET", "/v1/kzg/verify-proof")
+    await _refused(sqlite_gateway, response, body, 405, "method_not_allowed", "invalid")
+    assert response.headers["Allow"] == "POST"
+
+
+async def test_body_over_the_route_limit_is_413(sqlite_gateway: Gateway) -> None:
+    big = {"commitment": "0x" + "00" * 8000, "z": Z, "y": Z, "proof": C48}
+    response, body = await sqlite_gateway.post("/v1/kzg/verify-proof", big)
+    await _refused(sqlite_gateway, response, body, 413, "too_large", "too_large")
+
+
+async def test_raw_blob_of_wrong_size_is_400_and_over_size_413(sqlite_gateway: Gateway) -> None:
+    octet = {"Content-Type": "application/octet-stream"}
+    response, body = await sqlite_gateway.request(
+        "POST", "/v1/kzg/blob-to-commitment", data=b"\x00" * 1000, headers=octet
+    )
+    await _refused(sqlite_gateway, response, body, 400, "invalid_blob", "invalid")
+    response, body = await sqlite_gateway.request(
+        "POST", "/v1/kzg/blob-to-commitment", data=b"\x00" * 131073, headers=octet
+    )
+    await _refused(sqlite_gateway, response, body, 413, "too_large", "too_large")
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type"),
+    [
+        ("/v1/kzg/verify-proof", "text/plain"),
+        ("/v1/kzg/verify-proof", "application/octet-stream"),
+        ("/v1/kzg/compute-blob-proof", "application/octet-stream"),
+    ],
+)
+async def test_wrong_content_type_is_415(
+    sqlite_gateway: Gateway, path: str, content_type: str
+) -> None:
+    response, body = await sqlite_gateway.request(
+        "POST", path, data=b"\x00" * 64, headers={"Content-Type": content_type}
+    )
+    await _refused(sqlite_gateway, response, body, 415, "unsupported_media_type", "invalid")
+
+
+async def test_no_credential_is_401(sqlite_gateway: Gateway) -> None:
+    response, body = await sqlite_gateway.post(
+        "/v1/kzg/verify-proof", {"commitment": C48, "z": Z, "y": Z, "proof": C48}, role=None
+    )
+    await _refused(sqlite_gateway, response, body, 401, "unauthenticated", "unauthenticated")
+
+
+async def test_without_a_security_module_kzg_routes_are_closed(start_gateway: Any) -> None:
+    from gateway import app as gateway_app
+
+    gw = await start_gateway(security=lambda app, config: [gateway_app.deny_by_default])
+    response, body = await gw.post("/v1/kzg/verify-proof", {}, role="admin")
+    await _refused(gw, response, body, 401, "unauthenticated", "unauthenticated")
+    response, _ = await gw.request("GET", "/healthz", role=None)
+    assert response.status == 200
