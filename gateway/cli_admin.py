@@ -1,0 +1,263 @@
+"""``kzg-gateway admin ...``: users, API keys, signing keys and the master key, working
+directly on the gateway's database (the server may be running or not).
+
+Every command writes an audit record (actor ``cli:<os user>``) before it reports success;
+secrets it creates are printed once, as JSON, and never recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import os
+import sys
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from audit.events import AuditEvent
+from audit.writer import AuditWriter, begin_write
+from auth.crypto import MASTER_KEY_ENV, MASTER_KEY_FILE, MasterKey, MasterKeyError, load_master_key
+from auth.models import jwt_keys, users
+from auth.policy import PolicyError
+from auth.service import AuthError, AuthService
+from gateway.config import Config, load_config
+from gateway.db import check_schema, make_engine
+from gateway.identity import policies_for
+from gateway.receipts import receipt_keys, rotate_receipt_key
+
+Command = Callable[[AuthService, argparse.Namespace], Awaitable[dict[str, Any]]]
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML configuration file")
+    parser.add_argument("--data-dir", type=Path, help="data directory (default ./.kzg-gateway)")
+
+
+def _add(group: Any, name: str, help_text: str, command: Command) -> argparse.ArgumentParser:
+    parser = group.add_parser(name, help=help_text)
+    _common(parser)
+    parser.set_defaults(func=lambda args: run(args, command))
+    return parser
+
+
+async def _user_create(service: AuthService, args: argparse.Namespace) -> dict[str, Any]:
+    created = await service.create_user(args.username, args.role)
+    return {**created, "roles": args.role}
+
+
+async def _user_roles(service: AuthService, args: argparse.Namespace) -> dict[str, Any]:
+    await service.set_roles(args.username, args.role)
+    return {"username": args.username, "roles": args.role}
+
+
+async def _user_reset_mfa(service: AuthService, args: argparse.Namespace) -> dict[str, Any]:
+    return await service.reset_mfa(args.username)
+
+
+async def _user_disable(service: AuthService, args: argparse.Namespace) -> dict[str, Any]:
+    await service.disable_user(args.username)
+    return {"username": args.username, "disabled": True}
+
+
+async def _key_create(service: AuthService, args: argparse.Namespace) -> dict[str, Any]:
+    return await service.create_api_key(
+        args.name, args.role, _actor(), args.expires_in_days, args.allow_cidr or None
+    )
+
+
+async def _key_list(service: AuthService, args: argparse.Namespace) -> dict[str, Any]:
+    return {"api_keys": await service.list_api_keys()}
+
+
+async def _key_revoke(service: AuthService, args: argparse.Namespace) -> dict[str, Any]:
+    await service.revoke_api_key(args.key_id)
+    return {"id": args.key_id, "revoked": True}
+
+
+async def _key_rotate(service: AuthService, args: argparse.Namespace) -> dict[str, Any]:
+    return await service.rotate_api_key(args.key_id, _actor())
+
+
+async def _signing_rotate(service: AuthService, args: argparse.Namespace) -> dict[str, Any]:
+    return (await rotate_receipt_key(service.engine, args.master_key)).to_dict()
+
+
+async def _jwt_rotate(service: AuthService, args: argparse.Namespace) -> dict[str, Any]:
+    return {"kid": await service.rotate_jwt_key()}
+
+
+async def _access_review(service: AuthService, args: argparse.Namespace) -> dict[str, Any]:
+    return await service.access_review()
+
+
+async def rewrap_secrets(engine: AsyncEngine, old: MasterKey, new: MasterKey) -> int:
+    """Re-seal every secret under ``new`` in one transaction; returns how many."""
+    count = 0
+    async with engine.connect() as conn:
+        await begin_write(conn)
+        sealed: list[tuple[Any, Any, Any, Callable[[Any], str]]] = [
+            (users, users.c.id, users.c.sealed_totp_secret, lambda row: f"totp:{row[0]}"),
+            (jwt_keys, jwt_keys.c.kid, jwt_keys.c.sealed_private_key, lambda r: f"jwt-key:{r[0]}"),
+            (
+                receipt_keys,
+                receipt_keys.c.key_id,
+                receipt_keys.c.sealed_private_key,
+                lambda r: f"receipt-key:{r[0]}",
+            ),
+        ]
+        for table, key, column, purpose in sealed:
+            for row in (await conn.execute(select(key, column))).all():
+                await conn.execute(
+                    update(table)
+                    .where(key == row[0])
+                    .values({column.name: old.rewrap(row[1], purpose(row), new)})
+                )
+                count += 1
+        await conn.commit()
+    return count
+
+
+async def _master_rotate(service: AuthService, args: argparse.Namespace) -> dict[str, Any]:
+    """New master key: written beside the old file first, secrets re-sealed in one
+    transaction, then the file swapped in. With the key in the environment, the new key
+    is printed once for the operator to store."""
+    new_raw = MasterKey.generate()
+    new = MasterKey(new_raw)
+    from_env = bool(os.environ.get(MASTER_KEY_ENV))
+    path = args.data_dir_resolved / MASTER_KEY_FILE
+    staged = path.with_suffix(".new")
+    if not from_env:
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(new_raw.hex() + "\n")
+    count = await rewrap_secrets(service.engine, args.master_key, new)
+    result: dict[str, Any] = {"rewrapped": count}
+    if from_env:
+        result["new_master_key"] = new_raw.hex()
+        result["note"] = f"set {MASTER_KEY_ENV} to new_master_key on every instance now"
+    else:
+        os.replace(staged, path)
+        result["master_key_file"] = str(path)
+    return result
+
+
+def _actor() -> str:
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return f"cli:uid-{os.getuid()}"
+
+
+async def _execute(config: Config, args: argparse.Namespace, command: Command) -> dict[str, Any]:
+    master_key = load_master_key(config.data_dir)
+    args.master_key = master_key
+    args.data_dir_resolved = config.data_dir
+    engine = make_engine(config.database_url)
+    writer = AuditWriter(engine)
+    rbac, policy = policies_for(config)
+    try:
+        await check_schema(engine)
+        await writer.start()
+        service = AuthService(engine, master_key, rbac, policy)
+        action = f"cli:admin_{args.admin_command}_{args.admin_action}".replace("-", "_")
+        outcome, detail = "success", {}
+        try:
+            result = await command(service, args)
+        except (AuthError, PolicyError, LookupError) as exc:
+            outcome, detail = "invalid", {"error": str(exc)}
+            raise
+        finally:
+            await writer.append(
+                AuditEvent(
+                    request_id=f"cli-{uuid.uuid4().hex}",
+                    occurred_at=datetime.now(UTC),
+                    actor=_actor(),
+                    role="operator",
+                    action=action,
+                    outcome=outcome,
+                    detail={**detail, **_audit_detail(args)},
+                )
+            )
+        return result
+    finally:
+        await writer.stop()
+        await engine.dispose()
+
+
+def _audit_detail(args: argparse.Namespace) -> dict[str, Any]:
+    """The non-secret arguments of the command."""
+    keep = ("username", "role", "name", "key_id", "expires_in_days", "allow_cidr")
+    return {k: getattr(args, k) for k in keep if getattr(args, k, None) is not None}
+
+
+def run(args: argparse.Namespace, command: Command) -> int:
+    try:
+        config = load_config(args.config, args.data_dir)
+        result = asyncio.run(_execute(config, args, command))
+    except (AuthError, PolicyError, LookupError) as exc:
+        print(f"kzg-gateway admin: {exc}", file=sys.stderr)
+        return 1
+    except (SQLAlchemyError, MasterKeyError, OSError) as exc:
+        print(f"kzg-gateway admin: cannot reach the gateway's data: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``admin`` command group to the top-level CLI."""
+    admin = subparsers.add_parser("admin", help="manage users, API keys and keys")
+    groups = admin.add_subparsers(dest="admin_command", required=True)
+
+    user_cmds = groups.add_parser("users", help="people").add_subparsers(
+        dest="admin_action", required=True
+    )
+    create = _add(
+        user_cmds, "create", "create a person (password and TOTP shown once)", _user_create
+    )
+    create.add_argument("username")
+    create.add_argument("--role", action="append", required=True, help="repeatable")
+    roles = _add(user_cmds, "set-roles", "replace a person's roles", _user_roles)
+    roles.add_argument("username")
+    roles.add_argument("--role", action="append", required=True, help="repeatable")
+    _add(user_cmds, "reset-mfa", "new TOTP secret (shown once)", _user_reset_mfa).add_argument(
+        "username"
+    )
+    _add(user_cmds, "disable", "disable a person", _user_disable).add_argument("username")
+
+    key_cmds = groups.add_parser("api-keys", help="machine identities").add_subparsers(
+        dest="admin_action", required=True
+    )
+    key_create = _add(key_cmds, "create", "create an API key (shown once)", _key_create)
+    key_create.add_argument("--name", required=True)
+    key_create.add_argument("--role", required=True)
+    key_create.add_argument("--expires-in-days", type=int)
+    key_create.add_argument("--allow-cidr", action="append", help="repeatable")
+    _add(key_cmds, "list", "list API keys (never their secrets)", _key_list)
+    _add(key_cmds, "revoke", "revoke an API key", _key_revoke).add_argument("key_id")
+    _add(key_cmds, "rotate", "replace an API key (new one shown once)", _key_rotate).add_argument(
+        "key_id"
+    )
+
+    for group, help_text, command in (
+        ("signing-keys", "receipt signing keys", _signing_rotate),
+        ("jwt-keys", "JWT signing keys", _jwt_rotate),
+        ("master-key", "the master key that seals every secret", _master_rotate),
+    ):
+        sub = groups.add_parser(group, help=help_text).add_subparsers(
+            dest="admin_action", required=True
+        )
+        _add(sub, "rotate", f"rotate the {help_text}", command)
+    review = groups.add_parser("access-review", help="who can do what").add_subparsers(
+        dest="admin_action", required=True
+    )
+    _add(review, "show", "every principal, roles, last use, flags", _access_review)
