@@ -1,5 +1,6 @@
 """Gateway fixtures: a real HTTPS server (TLS 1.3, dev CA, ephemeral port) on SQLite and
-on a real PostgreSQL, with helpers for authenticated calls and for reading the audit log.
+on a real PostgreSQL, with the real security module, helpers for authenticated calls
+(a real API key per role) and for reading the audit log.
 
 ``gateway`` is parametrised over both databases; ``sqlite_gateway`` is SQLite only;
 ``start_gateway`` starts one with config overrides (engine, pool size, database URL).
@@ -7,8 +8,6 @@ on a real PostgreSQL, with helpers for authenticated calls and for reading the a
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,43 +22,16 @@ from sqlalchemy import select
 
 from audit.models import audit_events
 from auth.crypto import MasterKey
-from auth.principal import Principal
-from gateway.app import PUBLIC_ROUTES, create_app
+from gateway.app import create_app
 from gateway.config import Config
-from gateway.context import REQUEST_CONTEXT
 from gateway.db import make_engine
-from gateway.errors import ApiError
+from gateway.identity import AUTH_SERVICE
+from gateway.security import install
 from tests.conftest import PgDatabase
 
 ENGINE_NAME = "ckzg"
-ROLES = ("client", "auditor", "key_admin", "admin")
-
-
-def _test_key(role: str) -> str:
-    return f"kzgtest_{role}_" + hashlib.sha256(role.encode()).hexdigest()[:24]
-
-
-def static_key_security(app: web.Application, config: Config) -> list[Any]:
-    """Test stand-in for gateway.security: one fixed API key per role, every authenticated
-    principal may call every route. Replaced by the real module in the suite once present."""
-    keys = {_test_key(role): role for role in ROLES}
-
-    @web.middleware
-    async def authenticate(request: web.Request, handler: Callable[..., Awaitable[Any]]) -> Any:
-        ctx = request[REQUEST_CONTEXT]
-        if ctx.route_name in PUBLIC_ROUTES or request.match_info.http_exception is not None:
-            return await handler(request)
-        supplied = request.headers.get("X-API-Key", "")
-        role = next((r for k, r in keys.items() if hmac.compare_digest(k, supplied)), None)
-        if role is None:
-            raise ApiError(401, "unauthenticated", "a valid X-API-Key is required")
-        ctx.principal = Principal(
-            id=f"apikey:test-{role}", kind="api_key", name=role, roles=(role,)
-        )
-        ctx.credential_ref = hashlib.sha256(supplied.encode()).hexdigest()[:16]
-        return await handler(request)
-
-    return [authenticate]
+# Password hashing cheap enough for tests; API keys are hashed with the same settings.
+CHEAP_ARGON2 = {"passwords": {"time_cost": 1, "memory_kib": 1024, "parallelism": 1}}
 
 
 @dataclass
@@ -74,6 +46,7 @@ class Gateway:
     app_url: str
     owner_url: str
     _sessions: list[aiohttp.ClientSession] = field(default_factory=list)
+    _keys: dict[str, str] = field(default_factory=dict)
 
     def ssl_context(self, maximum: ssl.TLSVersion | None = None) -> ssl.SSLContext:
         context = ssl.create_default_context(cafile=str(self.ca_file))
@@ -88,8 +61,12 @@ class Gateway:
         self._sessions.append(session)
         return session
 
-    def api_key(self, role: str = "client") -> str:
-        return _test_key(role)
+    async def api_key(self, role: str = "client") -> str:
+        """A real API key for ``role`` (created once through the identity service)."""
+        if role not in self._keys:
+            created = await self.app[AUTH_SERVICE].create_api_key(f"test-{role}", role, "tests")
+            self._keys[role] = created["api_key"]
+        return self._keys[role]
 
     async def request(
         self,
@@ -105,7 +82,7 @@ class Gateway:
         and its decoded JSON body (None when not JSON)."""
         sent = dict(headers or {})
         if role is not None:
-            sent["X-API-Key"] = self.api_key(role)
+            sent["X-API-Key"] = await self.api_key(role)
         if not self._sessions:
             self.session()
         async with self._sessions[0].request(
@@ -161,7 +138,7 @@ async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
 
     async def start(
         database: PgDatabase | None = None,
-        security: Any = static_key_security,
+        security: Any = install,
         name: str = "gw",
         **sections: Any,
     ) -> Gateway:
@@ -173,7 +150,7 @@ async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
                 "database_app_role": database.app_role,
                 **sections,
             }
-        config = gateway_config(data_dir, **sections)
+        config = gateway_config(data_dir, **{"auth": CHEAP_ARGON2, **sections})
         await initialise(config)
         master_key = MasterKey.from_text((data_dir / "master.key").read_text())
         app = create_app(config, master_key=master_key, security=security)

@@ -50,7 +50,7 @@ async def test_records_hold_digests_never_blobs_or_keys(sqlite_gateway: Gateway)
     [record] = await sqlite_gateway.audit_records(response.headers["X-Request-ID"])
     stored = repr(record)
     assert BLOB.hex()[:64] not in stored
-    assert sqlite_gateway.api_key() not in stored
+    assert await sqlite_gateway.api_key() not in stored
     assert len(record["input_digests"]) < 200
 
 

@@ -122,7 +122,9 @@ async def test_without_a_security_module_kzg_routes_are_closed(start_gateway: An
     from gateway import app as gateway_app
 
     gw = await start_gateway(security=lambda app, config: [gateway_app.deny_by_default])
-    response, body = await gw.post("/v1/kzg/verify-proof", {}, role="admin")
+    response, body = await gw.post(
+        "/v1/kzg/verify-proof", {}, role=None, headers={"X-API-Key": "kzg_anything"}
+    )
     await _refused(gw, response, body, 401, "unauthenticated", "unauthenticated")
     response, _ = await gw.request("GET", "/healthz", role=None)
     assert response.status == 200

@@ -85,7 +85,7 @@ async def _check_case(gw: Gateway, case: tuple[str, str, dict[str, Any], dict[st
     assert record["seq"] == message["audit_seq"]
     assert record["action"] == operation and record["outcome"] == "success"
     assert record["result_digest"] == output_digest(message["output"])
-    assert record["actor"] == "apikey:test-client"
+    assert record["actor"] and record["role"] == "client"
     assert record["tls_version"] == "TLSv1.3"
 
 
