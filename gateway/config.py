@@ -1,6 +1,7 @@
 """Gateway configuration: a TOML file plus ``KZG_GATEWAY_*`` environment overrides.
 
-``KZG_GATEWAY_<SECTION>__<KEY>`` sets ``[section] key``; ``KZG_GATEWAY_<KEY>`` sets a
+``KZG_GATEWAY_<SECTION>__<KEY>`` sets ``[section] key`` (deeper tables nest the same
+way: ``KZG_GATEWAY_AUTH__PASSWORDS__TIME_COST``); ``KZG_GATEWAY_<KEY>`` sets a
 top-level key (``KZG_GATEWAY_DATABASE_URL`` → ``database_url``). Values are read as TOML
 literals when they parse as one (``8443``, ``true``, ``["a"]``), else as plain strings.
 The master key is never copied into the configuration: ``auth.crypto`` reads it itself.
@@ -8,6 +9,7 @@ The master key is never copied into the configuration: ``auth.crypto`` reads it 
 
 from __future__ import annotations
 
+import copy
 import os
 import tomllib
 from collections.abc import Mapping
@@ -41,19 +43,17 @@ def _env_value(text: str) -> Any:
 
 def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
     """Return ``data`` with every ``KZG_GATEWAY_*`` override applied (keys lower-cased)."""
-    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    merged = copy.deepcopy(data)
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX) or name in _NOT_CONFIG:
             continue
-        key = name[len(ENV_PREFIX) :].lower()
-        section, sep, option = key.partition("__")
-        if sep:
-            target = merged.setdefault(section, {})
+        *path, option = name[len(ENV_PREFIX) :].lower().split("__")
+        target = merged
+        for part in path:
+            target = target.setdefault(part, {})
             if not isinstance(target, dict):
-                raise ConfigError(f"{name}: {section!r} is not a section")
-            target[option] = _env_value(raw)
-        else:
-            merged[key] = _env_value(raw)
+                raise ConfigError(f"{name}: {part!r} is not a table")
+        target[option] = _env_value(raw)
     return merged
 
 

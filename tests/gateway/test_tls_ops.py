@@ -1,0 +1,130 @@
+"""TLS 1.3 only (and mTLS when configured), the operational routes, metrics, the
+OpenAPI document against the registered routes, and draining."""
+
+from __future__ import annotations
+
+import ssl
+
+import aiohttp
+import pytest
+
+from gateway.appkeys import STATE
+from gateway.openapi import openapi_document
+from gateway.tls import issue_certificate
+from tests.gateway.conftest import Gateway, StartGateway
+from tests.gateway.helpers import hx, make_blob
+
+
+async def test_tls12_only_client_is_refused(sqlite_gateway: Gateway) -> None:
+    context = sqlite_gateway.ssl_context(maximum=ssl.TLSVersion.TLSv1_2)
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.ClientConnectorError):
+            await session.get(f"{sqlite_gateway.url}/healthz", ssl=context)
+
+
+async def test_tls13_answers_with_request_id(sqlite_gateway: Gateway) -> None:
+    response, body = await sqlite_gateway.request("GET", "/healthz", role=None)
+    assert response.status == 200 and body == {"status": "ok"}
+    assert len(response.headers["X-Request-ID"]) == 32
+    [record] = await sqlite_gateway.audit_records(response.headers["X-Request-ID"])
+    assert record["tls_version"] == "TLSv1.3"
+
+
+async def test_mtls_requires_a_client_certificate_from_the_client_ca(
+    start_gateway: StartGateway, tmp_path
+) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    ca_key, ca_cert = issue_certificate("test client CA")
+    client_key, client_cert = issue_certificate("machine-1", ca_key, ca_cert, client=True)
+    pem = serialization.Encoding.PEM
+    (tmp_path / "client-ca.pem").write_bytes(ca_cert.public_bytes(pem))
+    (tmp_path / "client.pem").write_bytes(client_cert.public_bytes(pem))
+    (tmp_path / "client.key").write_bytes(
+        client_key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    gw = await start_gateway(tls={"client_ca_file": str(tmp_path / "client-ca.pem")})
+
+    anonymous = gw.ssl_context()
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.ClientError):
+            async with session.get(f"{gw.url}/healthz", ssl=anonymous) as response:
+                await response.read()
+
+    with_cert = gw.ssl_context()
+    with_cert.load_cert_chain(tmp_path / "client.pem", tmp_path / "client.key")
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{gw.url}/healthz", ssl=with_cert) as response,
+    ):
+        assert response.status == 200
+        request_id = response.headers["X-Request-ID"]
+    [record] = await gw.audit_records(request_id)
+    assert "machine-1" in record["detail"]
+
+
+async def test_readyz_reports_each_dependency_and_turns_503_when_draining(
+    sqlite_gateway: Gateway,
+) -> None:
+    response, body = await sqlite_gateway.request("GET", "/readyz", role=None)
+    assert response.status == 200
+    assert body["checks"] == {
+        "accepting": True,
+        "database": True,
+        "audit_writer": True,
+        "pool": True,
+        "keys": True,
+    }
+    sqlite_gateway.app[STATE].draining = True
+    response, body = await sqlite_gateway.request("GET", "/readyz", role=None)
+    assert response.status == 503 and body["checks"]["accepting"] is False
+
+
+async def test_metrics_count_operations_by_outcome(sqlite_gateway: Gateway) -> None:
+    await sqlite_gateway.post("/v1/kzg/blob-to-commitment", {"blob": hx(make_blob(2))})
+    await sqlite_gateway.post("/v1/kzg/blob-to-commitment", {"blob": "0x" + "ff" * 131072})
+    response, text = await sqlite_gateway.request("GET", "/metrics", role=None)
+    assert response.status == 200
+    metrics = text.decode()
+    assert (
+        'kzg_operations_total{operation="blob_to_kzg_commitment",outcome="success"} 1.0' in metrics
+    )
+    assert (
+        'kzg_operations_total{operation="blob_to_kzg_commitment",outcome="invalid"} 1.0' in metrics
+    )
+    for name in (
+        "kzg_operation_duration_seconds_bucket",
+        "kzg_inflight_requests",
+        "kzg_pool_queue_depth",
+        "process_resident_memory_bytes",
+        "kzg_audit_queue_depth",
+        "kzg_audit_head_seq",
+    ):
+        assert name in metrics
+
+
+async def test_openapi_documents_exactly_the_registered_routes(sqlite_gateway: Gateway) -> None:
+    response, document = await sqlite_gateway.request("GET", "/openapi.json", role=None)
+    assert response.status == 200
+    assert document["openapi"] == "3.1.0"
+    documented = {
+        (method.upper(), path, operation["operationId"])
+        for path, item in document["paths"].items()
+        for method, operation in item.items()
+    }
+    registered = {
+        (route.method, route.resource.canonical, route.resource.name)
+        for route in sqlite_gateway.app.router.routes()
+        if route.method != "HEAD"
+    }
+    assert documented == registered
+    assert document == openapi_document(sqlite_gateway.app)
+    kzg = document["paths"]["/v1/kzg/blob-to-commitment"]["post"]
+    assert set(kzg["requestBody"]["content"]) == {"application/json", "application/octet-stream"}
+    assert kzg["responses"]["200"]["content"]["application/json"]["schema"]["required"] == [
+        "commitment",
+        "receipt",
+    ]
+    assert document["paths"]["/healthz"]["get"]["security"] == []
