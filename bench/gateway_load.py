@@ -1,0 +1,309 @@
+"""Load benchmark of the gateway over HTTPS against (a) the raw engine called in-process
+and (b) a bare aiohttp server running the same worker pool with no auth, audit or receipt.
+
+    .venv/bin/python bench/gateway_load.py [--engine blspy|ckzg] [--workers 2]
+        [--concurrency 16] [--seconds 5] [--database-url URL --owner-url URL --app-role R]
+
+Prints throughput and p50/p95/p99 for verify-proof, verify-blob-proof and
+blob-to-commitment, then the ratios the gateway is held to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+OPERATIONS = {
+    "verify-proof": "verify_kzg_proof",
+    "verify-blob-proof": "verify_blob_kzg_proof",
+    "blob-to-commitment": "blob_to_kzg_commitment",
+}
+
+
+def _blob(seed: int) -> bytes:
+    rng = random.Random(seed)
+    return b"".join(b"\x00" + rng.randbytes(31) for _ in range(4096))
+
+
+def make_inputs(engine: Any) -> dict[str, tuple[list[bytes], dict[str, str]]]:
+    """Engine arguments and the JSON body of each measured operation."""
+    blob = _blob(1)
+    z = bytes(31) + b"\x07"
+    commitment = engine.blob_to_kzg_commitment(blob)
+    proof, y = engine.compute_kzg_proof(blob, z)
+    blob_proof = engine.compute_blob_kzg_proof(blob, commitment)
+    hx = lambda b: "0x" + b.hex()  # noqa: E731
+    return {
+        "verify-proof": (
+            [commitment, z, y, proof],
+            {"commitment": hx(commitment), "z": hx(z), "y": hx(y), "proof": hx(proof)},
+        ),
+        "verify-blob-proof": (
+            [blob, commitment, blob_proof],
+            {"blob": hx(blob), "commitment": hx(commitment), "proof": hx(blob_proof)},
+        ),
+        "blob-to-commitment": ([blob], {"blob": hx(blob)}),
+    }
+
+
+def summary(latencies: list[float], elapsed: float) -> dict[str, float]:
+    ordered = sorted(latencies)
+
+    def pct(p: float) -> float:
+        return ordered[min(len(ordered) - 1, int(p * len(ordered)))] * 1000
+
+    return {
+        "rps": len(ordered) / elapsed,
+        "p50": pct(0.50),
+        "p95": pct(0.95),
+        "p99": pct(0.99),
+        "n": len(ordered),
+    }
+
+
+def raw_engine_loop(
+    engine: Any, function: str, args: list[bytes], seconds: float
+) -> dict[str, float]:
+    """One in-process call loop: what one core does without the gateway."""
+    call = getattr(engine, function)
+    latencies = []
+    start = time.perf_counter()
+    while (now := time.perf_counter()) - start < seconds:
+        call(*args)
+        latencies.append(time.perf_counter() - now)
+    return summary(latencies, time.perf_counter() - start)
+
+
+async def drive(
+    url: str,
+    body: dict[str, str],
+    headers: dict[str, str],
+    ca: Path,
+    concurrency: int,
+    seconds: float,
+) -> dict[str, float]:
+    """``concurrency`` clients posting back to back for ``seconds``; non-200 is an error."""
+    context = ssl.create_default_context(cafile=str(ca))
+    payload = json.dumps(body).encode()
+    sent = {**headers, "Content-Type": "application/json"}
+    latencies: list[float] = []
+    failures = 0
+    connector = aiohttp.TCPConnector(ssl=context, limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        # Warm every connection's TLS session first.
+        await asyncio.gather(
+            *(session.post(url, data=payload, headers=sent) for _ in range(concurrency))
+        )
+        deadline = time.perf_counter() + seconds
+
+        async def client() -> None:
+            nonlocal failures
+            while time.perf_counter() < deadline:
+                began = time.perf_counter()
+                async with session.post(url, data=payload, headers=sent) as response:
+                    await response.read()
+                    if response.status != 200:
+                        failures += 1
+                        continue
+                latencies.append(time.perf_counter() - began)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    result = summary(latencies, elapsed)
+    result["errors"] = failures
+    return result
+
+
+def run_baseline(args: argparse.Namespace) -> None:
+    """The bare aiohttp server: same TLS, same parsing and worker pool, nothing else."""
+    from aiohttp import web
+
+    from gateway import kzg_routes
+    from gateway.pool import EnginePool, PoolSettings
+    from gateway.tls import server_ssl_context
+
+    ops = {op.path: op for op in kzg_routes.operations()}
+    pool_key = web.AppKey("pool", EnginePool)
+
+    async def handle(request: web.Request) -> web.Response:
+        op = ops[request.path]
+        inputs = await kzg_routes.parse_inputs(request, op)
+        result = await request.app[pool_key].call(op.name, *inputs)
+        return web.json_response(op.output(result))
+
+    async def pool_ctx(app: web.Application) -> Any:
+        pool = EnginePool(PoolSettings(engine=args.engine, workers=args.workers))
+        await pool.start()
+        app[pool_key] = pool
+        yield
+        await pool.stop()
+
+    app = web.Application()
+    app.cleanup_ctx.append(pool_ctx)
+    for path in ops:
+        app.router.add_post(path, handle)
+    web.run_app(
+        app,
+        host="127.0.0.1",
+        port=args.port,
+        ssl_context=server_ssl_context({}, args.data_dir),
+        access_log=None,
+        print=None,
+    )
+
+
+def _gateway(args: argparse.Namespace, *command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *command, "--data-dir", str(args.data_dir)],
+        cwd=REPO, env=args.env, check=True, capture_output=True, text=True,
+    )  # fmt: skip
+
+
+async def _wait_ready(url: str, ca: Path, timeout: float = 120) -> None:
+    context = ssl.create_default_context(cafile=str(ca))
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            try:
+                async with session.get(url, ssl=context) as response:
+                    if response.status in (200, 404):
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.25)
+    raise RuntimeError(f"{url} did not become ready")
+
+
+def _row(name: str, r: dict[str, float]) -> str:
+    return f"  {name:<22} {r['rps']:>9.1f}/s  p50 {r['p50']:7.2f} ms  p95 {r['p95']:7.2f} ms  p99 {r['p99']:7.2f} ms"
+
+
+async def bench(args: argparse.Namespace) -> int:
+    from gateway.pool import warm_engine
+
+    print(f"engine {args.engine}, {args.workers} workers, {os.cpu_count()} cores, "
+          f"{args.concurrency} clients, {args.seconds:g} s per run, database {args.database}")  # fmt: skip
+    _gateway(args, "init")
+    created = json.loads(
+        _gateway(args, "admin", "api-keys", "create", "--name", "bench", "--role", "client").stdout
+    )
+    headers = {"X-API-Key": created["api_key"]}
+    ca = args.data_dir / "tls" / "ca.pem"
+    gw_port, base_port = args.port, args.port + 1
+    servers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--data-dir", str(args.data_dir), "--port", str(gw_port)],
+            cwd=REPO, env=args.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ),
+        subprocess.Popen(
+            [sys.executable, __file__, "--baseline-serve", "--port", str(base_port), "--data-dir",
+             str(args.data_dir), "--engine", args.engine, "--workers", str(args.workers)],
+            cwd=REPO, env=args.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ),
+    ]  # fmt: skip
+    try:
+        engine = warm_engine(args.engine)
+        inputs = make_inputs(engine)
+        await _wait_ready(f"https://127.0.0.1:{gw_port}/readyz", ca)
+        await _wait_ready(f"https://127.0.0.1:{base_port}/", ca)
+        ratios: list[tuple[str, float, float, str]] = []
+        for op, function in OPERATIONS.items():
+            engine_args, body = inputs[op]
+            path = f"/v1/kzg/{op}"
+            raw = raw_engine_loop(engine, function, engine_args, args.seconds)
+            base = await drive(
+                f"https://127.0.0.1:{base_port}{path}", body, {}, ca, args.concurrency, args.seconds
+            )
+            gw = await drive(
+                f"https://127.0.0.1:{gw_port}{path}",
+                body,
+                headers,
+                ca,
+                args.concurrency,
+                args.seconds,
+            )
+            print(f"{op}:")
+            print(_row("raw engine (1 loop)", raw))
+            print(_row("bare aiohttp + pool", base) + f"  errors {base['errors']}")
+            print(_row("gateway", gw) + f"  errors {gw['errors']}")
+            ratios.append((f"{op}: gateway / bare throughput", gw["rps"] / base["rps"], 0.8, ">="))
+            if op == "verify-blob-proof":
+                ratios.append((f"{op}: gateway / one raw loop", gw["rps"] / raw["rps"], 1.7, ">="))
+            if op == "verify-proof":
+                serial = await drive(
+                    f"https://127.0.0.1:{gw_port}{path}", body, headers, ca, 1, args.seconds
+                )
+                print(_row("gateway, 1 client", serial))
+                added = serial["p50"] - raw["p50"]
+                ratios.append((f"{op}: p50 added latency (ms)", added, 3.0, "<="))
+        print("targets:")
+        failed = 0
+        for label, value, target, sense in ratios:
+            ok = value >= target if sense == ">=" else value <= target
+            failed += not ok
+            print(
+                f"  {label:<44} {value:7.2f}  (target {sense} {target:g})  {'ok' if ok else 'MISSED'}"
+            )
+        return 1 if failed else 0
+    finally:
+        for server in servers:
+            server.terminate()
+        for server in servers:
+            server.wait(timeout=30)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--engine", default="blspy", choices=("blspy", "ckzg"))
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--port", type=int, default=18643)
+    parser.add_argument("--data-dir", type=Path)
+    parser.add_argument("--database-url", help="PostgreSQL runtime URL (default: embedded SQLite)")
+    parser.add_argument("--owner-url", help="PostgreSQL migration owner URL")
+    parser.add_argument("--app-role", help="PostgreSQL runtime role")
+    parser.add_argument("--baseline-serve", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.baseline_serve:
+        run_baseline(args)
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        args.data_dir = args.data_dir or Path(tmp) / "gw"
+        args.database = "postgresql" if args.database_url else "sqlite"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KZG_GATEWAY_")}
+        env.update({
+            "KZG_GATEWAY_ENGINE__NAME": args.engine,
+            "KZG_GATEWAY_POOL__WORKERS": str(args.workers),
+            "KZG_GATEWAY_JOBS__ENABLED": "false",
+        })  # fmt: skip
+        if args.database_url:
+            env.update({
+                "KZG_GATEWAY_DATABASE_URL": args.database_url,
+                "KZG_GATEWAY_DATABASE_OWNER_URL": args.owner_url or args.database_url,
+                "KZG_GATEWAY_DATABASE_APP_ROLE": args.app_role or "",
+            })  # fmt: skip
+        args.env = env
+        return asyncio.run(bench(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
