@@ -31,6 +31,7 @@ from .eip4844 import (
     evaluate_polynomial,
     field_from_bytes,
 )
+from .eip7594.engine import CellEngine
 from .errors import KZGError
 from .field import BLS_MODULUS, bit_reversal_permutation, bls_field_to_bytes, compute_powers
 from .setup import TrustedSetup, bundled_setup_path, load_trusted_setup, read_setup_bytes
@@ -86,6 +87,7 @@ class BlspyEngine:
             g2 = [G2Element.from_bytes(b) for b in raw.g2_monomial[:2]]
         self._g2_generator = g2[0]
         self._g2_tau = g2[1]
+        self._cells = CellEngine(raw.sha256, self.cache_dir, lambda: self.setup)
 
     @property
     def setup(self) -> TrustedSetup:
@@ -178,15 +180,15 @@ class BlspyEngine:
     # -- EIP-7594 ---------------------------------------------------------------------
 
     def compute_cells(self, blob: bytes) -> list[bytes]:
-        raise NotImplementedError("EIP-7594 cells are not available on the blspy engine yet")
+        return self._cells.compute_cells(blob)
 
     def compute_cells_and_kzg_proofs(self, blob: bytes) -> tuple[list[bytes], list[bytes]]:
-        raise NotImplementedError("EIP-7594 cells are not available on the blspy engine yet")
+        return self._cells.compute_cells_and_kzg_proofs(blob)
 
     def recover_cells_and_kzg_proofs(
         self, cell_indices: Sequence[int], cells: Sequence[bytes]
     ) -> tuple[list[bytes], list[bytes]]:
-        raise NotImplementedError("EIP-7594 cells are not available on the blspy engine yet")
+        return self._cells.recover_cells_and_kzg_proofs(cell_indices, cells)
 
     def verify_cell_kzg_proof_batch(
         self,
@@ -195,4 +197,4 @@ class BlspyEngine:
         cells: Sequence[bytes],
         proofs: Sequence[bytes],
     ) -> bool:
-        raise NotImplementedError("EIP-7594 cells are not available on the blspy engine yet")
+        return self._cells.verify_cell_kzg_proof_batch(commitments, cell_indices, cells, proofs)

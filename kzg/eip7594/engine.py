@@ -1,0 +1,154 @@
+"""The EIP-7594 operations over a validated setup, with the FK20 precomputation cached."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from blspy import G1Element, G2Element
+
+from .. import cache
+from ..curve import BYTES_PER_G1, g1_from_bytes
+from ..eip4844 import blob_to_polynomial, check_bytes
+from ..errors import KZGError
+from ..setup import TrustedSetup
+from . import fk20
+from .cells import (
+    CELLS_PER_EXT_BLOB,
+    FIELD_ELEMENTS_PER_CELL,
+    blob_coefficients,
+    cell_to_evals,
+    cells_from_coefficients,
+)
+from .recovery import recover_coefficients
+from .verify import verify_batch
+
+_VERSION = 1
+
+
+def _as_list(value: object, name: str) -> list:
+    if not isinstance(value, list | tuple):
+        raise KZGError(f"{name}: expected a list, got {type(value).__name__}")
+    return list(value)
+
+
+def _cell_index(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise KZGError(f"{name}: expected an integer cell index")
+    if not 0 <= value < CELLS_PER_EXT_BLOB:
+        raise KZGError(f"{name}: cell index {value} out of range 0..{CELLS_PER_EXT_BLOB - 1}")
+    return value
+
+
+class CellEngine:
+    """Cells, proofs, recovery and verification; built from the setup's monomial points
+    (validated on a cold start), warm from the cache."""
+
+    def __init__(
+        self,
+        setup_sha256: str,
+        cache_dir: Path,
+        load_setup: Callable[[], TrustedSetup],
+    ) -> None:
+        meta = {"kind": "fk20", "version": _VERSION, "setup_sha256": setup_sha256}
+        path = cache.table_path(cache_dir, "fk20", meta)
+        payload = cache.read_table(path, meta)
+        n = FIELD_ELEMENTS_PER_CELL
+        table_points = fk20.L * fk20.SIZE
+        if payload is None or len(payload) != (table_points + n) * BYTES_PER_G1 + 2 * 96:
+            setup = load_setup()
+            self.tables = fk20.precompute(setup.g1_monomial)
+            self.monomial = list(setup.g1_monomial[:n])
+            self.g2_generator = setup.g2_monomial[0]
+            self.g2_tau_n = setup.g2_monomial[n]
+            blob = b"".join(bytes(p) for row in self.tables for p in row)
+            blob += b"".join(bytes(p) for p in self.monomial)
+            blob += bytes(self.g2_generator) + bytes(self.g2_tau_n)
+            cache.write_table(path, meta, blob)
+            self.from_cache = False
+            return
+        unchecked = G1Element.from_bytes_unchecked
+        points = [
+            unchecked(payload[i : i + BYTES_PER_G1])
+            for i in range(0, (table_points + n) * BYTES_PER_G1, BYTES_PER_G1)
+        ]
+        self.tables = [points[r * fk20.SIZE : (r + 1) * fk20.SIZE] for r in range(fk20.L)]
+        self.monomial = points[table_points:]
+        g2 = payload[(table_points + n) * BYTES_PER_G1 :]
+        self.g2_generator = G2Element.from_bytes(g2[:96])
+        self.g2_tau_n = G2Element.from_bytes(g2[96:])
+        self.from_cache = True
+
+    def compute_cells(self, blob: bytes) -> list[bytes]:
+        return cells_from_coefficients(blob_coefficients(blob_to_polynomial(blob)))
+
+    def _cells_and_proofs(self, coefficients: list[int]) -> tuple[list[bytes], list[bytes]]:
+        cells = cells_from_coefficients(coefficients)
+        return cells, [bytes(p) for p in fk20.proofs(coefficients, self.tables)]
+
+    def compute_cells_and_kzg_proofs(self, blob: bytes) -> tuple[list[bytes], list[bytes]]:
+        return self._cells_and_proofs(blob_coefficients(blob_to_polynomial(blob)))
+
+    def recover_cells_and_kzg_proofs(
+        self, cell_indices: Sequence[int], cells: Sequence[bytes]
+    ) -> tuple[list[bytes], list[bytes]]:
+        indices = _as_list(cell_indices, "cell_indices")
+        cells = _as_list(cells, "cells")
+        if len(indices) != len(cells):
+            raise KZGError(
+                f"cell_indices and cells must have the same length, got {len(indices)} and {len(cells)}"
+            )
+        half = CELLS_PER_EXT_BLOB // 2
+        if not half <= len(indices) <= CELLS_PER_EXT_BLOB:
+            raise KZGError(
+                f"cells: recovery needs {half} to {CELLS_PER_EXT_BLOB} cells, got {len(indices)}"
+            )
+        checked = [_cell_index(v, f"cell_indices[{i}]") for i, v in enumerate(indices)]
+        for i in range(1, len(checked)):
+            if checked[i] == checked[i - 1]:
+                raise KZGError(f"cell_indices[{i}]: duplicate cell index {checked[i]}")
+            if checked[i] < checked[i - 1]:
+                raise KZGError(f"cell_indices[{i}]: indices must be in ascending order")
+        evals = [cell_to_evals(c, f"cells[{i}]") for i, c in enumerate(cells)]
+        return self._cells_and_proofs(recover_coefficients(checked, evals))
+
+    def verify_cell_kzg_proof_batch(
+        self,
+        commitments: Sequence[bytes],
+        cell_indices: Sequence[int],
+        cells: Sequence[bytes],
+        proofs: Sequence[bytes],
+    ) -> bool:
+        commitments = _as_list(commitments, "commitments")
+        indices = _as_list(cell_indices, "cell_indices")
+        cells = _as_list(cells, "cells")
+        proofs = _as_list(proofs, "proofs")
+        if not len(commitments) == len(indices) == len(cells) == len(proofs):
+            raise KZGError(
+                "commitments, cell_indices, cells and proofs must have the same length, got "
+                f"{len(commitments)}, {len(indices)}, {len(cells)} and {len(proofs)}"
+            )
+        raw = [check_bytes(c, BYTES_PER_G1, f"commitments[{i}]") for i, c in enumerate(commitments)]
+        checked = [_cell_index(v, f"cell_indices[{i}]") for i, v in enumerate(indices)]
+        evals = [cell_to_evals(c, f"cells[{i}]") for i, c in enumerate(cells)]
+        proof_bytes = [check_bytes(p, BYTES_PER_G1, f"proofs[{i}]") for i, p in enumerate(proofs)]
+        unique: dict[bytes, int] = {}
+        for c in raw:
+            unique.setdefault(c, len(unique))
+        first_position = {c: raw.index(c) for c in unique}
+        points = [g1_from_bytes(c, f"commitments[{first_position[c]}]") for c in unique]
+        proof_points = [g1_from_bytes(p, f"proofs[{i}]") for i, p in enumerate(proof_bytes)]
+        if not checked:
+            return True
+        return verify_batch(
+            list(unique),
+            points,
+            [unique[c] for c in raw],
+            checked,
+            evals,
+            proof_bytes,
+            proof_points,
+            self.monomial,
+            self.g2_tau_n,
+            self.g2_generator,
+        )

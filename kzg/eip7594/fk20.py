@@ -1,0 +1,49 @@
+"""FK20: the KZG multi-proofs of all 128 cells at once.
+
+For f of degree < n = 4096, cells of l = 64 points and k = n/l = 64, the proof of the
+cell whose coset has Z(X) = X^l − c is [q(τ)] with q = f div (X^l − c), and
+    q(τ) = Σ_{s<k−1} c^s · H_s,   H_s = Σ_{m>s} Σ_{r<l} f_{ml+r} · [τ^{(m−1−s)l+r}].
+The c of the 128 cells are the 128th roots of unity (bit-reversed), so the proofs are one
+G1 FFT of (H_0 … H_{k−2}). Each H_s is, for every offset r, a Toeplitz product, computed
+as a cyclic convolution of size 2k: the G1 side, FFT_2k of the reversed setup points of
+each offset, depends only on the setup and is precomputed (and cached on disk); per blob
+it costs l field FFTs, 2k multi-scalar multiplications of l points, and two G1 FFTs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from blspy import G1Element
+
+from ..curve import g1_lincomb
+from ..fft import fft, g1_fft
+from ..field import FIELD_ELEMENTS_PER_BLOB
+from ..field import bit_reversal_permutation as brp
+from .cells import CELLS_PER_EXT_BLOB, FIELD_ELEMENTS_PER_CELL
+
+L = FIELD_ELEMENTS_PER_CELL
+K = FIELD_ELEMENTS_PER_BLOB // L
+SIZE = 2 * K  # the circulant embedding; equals CELLS_PER_EXT_BLOB here
+
+
+def precompute(monomial: Sequence[G1Element]) -> list[list[G1Element]]:
+    """For each offset r: FFT_2k of (τ^{(k−1−v)l+r})_{v<k} padded with k identities."""
+    tables = []
+    for r in range(L):
+        column = [monomial[(K - 1 - v) * L + r] for v in range(K)]
+        tables.append(g1_fft(column + [G1Element()] * K))
+    return tables
+
+
+def proofs(coefficients: Sequence[int], tables: Sequence[Sequence[G1Element]]) -> list[G1Element]:
+    """The 128 cell proofs, in cell order."""
+    # Per offset r, the FFT of a_m = f_{ml+r}; H is read off positions k … 2k−2.
+    spectra = [fft([coefficients[m * L + r] for m in range(K)] + [0] * K) for r in range(L)]
+    products = [
+        g1_lincomb([tables[r][j] for r in range(L)], [spectra[r][j] for r in range(L)])
+        for j in range(SIZE)
+    ]
+    h = g1_fft(products, inverse=True)[K : 2 * K - 1]
+    padded = h + [G1Element()] * (CELLS_PER_EXT_BLOB - len(h))
+    return brp(g1_fft(padded))
