@@ -1,6 +1,7 @@
 """Times the blspy engine against c-kzg-4844 in one run and prints, per operation, both
 times and the ratio blspy/ckzg, for random blobs and rollup-style blobs (31-byte packed,
-~60% full).
+~60% full); then the EIP-7594 cell operations against ckzg loaded without and with its
+precomputation (precompute=0 is c-kzg's default, 8 what the gateway's ckzg engine uses).
 
     python bench/kzg_engines.py [--repeat N] [--batch 16] [--cache-dir D]
 """
@@ -17,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from kzg import load_engine
+from kzg.ckzg_engine import CkzgEngine
 from kzg.field import BLS_MODULUS, BYTES_PER_BLOB, FIELD_ELEMENTS_PER_BLOB
+from kzg.setup import bundled_setup_path
 
 
 def random_blob(rng: random.Random) -> bytes:
@@ -60,6 +63,22 @@ def operations(engine: Any, blobs: list[bytes], batch: int) -> dict[str, Callabl
     }
 
 
+def cell_operations(engine: Any, blob: bytes) -> dict[str, Callable[[], Any]]:
+    cells, proofs = engine.compute_cells_and_kzg_proofs(blob)
+    commitment = engine.blob_to_kzg_commitment(blob)
+    half = list(range(0, 128, 2))
+    return {
+        "compute_cells": lambda: engine.compute_cells(blob),
+        "compute_cells_and_kzg_proofs": lambda: engine.compute_cells_and_kzg_proofs(blob),
+        "recover_cells_and_kzg_proofs[64 of 128]": lambda: engine.recover_cells_and_kzg_proofs(
+            half, [cells[i] for i in half]
+        ),
+        "verify_cell_kzg_proof_batch[128]": lambda: engine.verify_cell_kzg_proof_batch(
+            [commitment] * 128, list(range(128)), cells, proofs
+        ),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
@@ -98,6 +117,23 @@ def main() -> int:
                 f"{name:40} {kind:7} {t_ours * 1e3:10.2f} {t_theirs * 1e3:10.2f} "
                 f"{t_ours / t_theirs:6.2f}x"
             )
+
+    ckzg_plain = CkzgEngine(bundled_setup_path(), precompute=0)
+    blob = workloads["random"][0]
+    ours = cell_operations(blspy, blob)
+    peers = {"p0": cell_operations(ckzg_plain, blob), "p8": cell_operations(ckzg, blob)}
+    print(
+        f"\n{'EIP-7594 operation':40} {'blspy ms':>10} {'ckzg p0':>10} {'ratio':>7} "
+        f"{'ckzg p8':>10} {'ratio':>7}"
+    )
+    for name, fn in ours.items():
+        t_ours = best(fn, args.repeat)
+        t_p0 = best(peers["p0"][name], args.repeat)
+        t_p8 = best(peers["p8"][name], args.repeat)
+        print(
+            f"{name:40} {t_ours * 1e3:10.1f} {t_p0 * 1e3:10.1f} {t_ours / t_p0:6.2f}x "
+            f"{t_p8 * 1e3:10.1f} {t_ours / t_p8:6.2f}x"
+        )
     return 0
 
 
