@@ -46,6 +46,7 @@ from gateway.openapi import RouteDoc, document_route, openapi_document
 from gateway.pool import EnginePool, PoolSettings
 from gateway.receipts import ReceiptResponse, ReceiptSigner, list_receipt_keys
 from gateway.state import ServerState
+from gateway.tls import certificate_not_after, tls_files
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SecurityInstaller = Callable[[web.Application, Config], list[Any]]
@@ -339,6 +340,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     signer = ReceiptSigner(engine, app[MASTER_KEY])
     scheduler: Scheduler | None = None
     refresher: asyncio.Task[None] | None = None
+    with contextlib.suppress(OSError, ValueError):
+        cert_file, _ = tls_files(config.section("tls"), config.data_dir)
+        app[METRICS].tls_not_after.set(certificate_not_after(cert_file))
     try:
         await check_schema(engine)
         await signer.refresh()

@@ -27,6 +27,7 @@ class GatewayMetrics:
     queue_depth: Gauge
     requests: Counter
     audit: AuditMetrics
+    tls_not_after: Gauge
 
     @classmethod
     def create(cls) -> GatewayMetrics:
@@ -76,6 +77,11 @@ class GatewayMetrics:
                 registry=registry,
             ),
             audit=AuditMetrics.create(registry),
+            tls_not_after=Gauge(
+                "kzg_tls_certificate_not_after_seconds",
+                "Expiry of the served TLS certificate (Unix time)",
+                registry=registry,
+            ),
         )
 
     def render(self) -> bytes:

@@ -169,3 +169,9 @@ def client_ssl_context(ca_file: Path, cert: tuple[Path, Path] | None = None) -> 
     if cert is not None:
         context.load_cert_chain(*cert)
     return context
+
+
+def certificate_not_after(path: Path) -> float:
+    """Unix time at which the certificate in ``path`` (PEM) expires."""
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    return cert.not_valid_after_utc.timestamp()
