@@ -3,7 +3,8 @@ audit checkpoints. Private keys live only sealed under the master key (AES-256-G
 
 A receipt is ``{key_id, scheme, message, signature}``: ``message`` is the canonical JSON
 of ``{operation, request_id, audit_seq, issued_at, input_sha256, output}`` and
-``signature`` the hex AugSchemeMPL signature over its UTF-8 bytes.
+``signature`` the 0x-hex AugSchemeMPL signature over its UTF-8 bytes. Public keys are
+published as 0x-hex too (stored as plain hex, as the audit verifier reads them).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class ReceiptKeyInfo:
     def to_dict(self) -> dict[str, Any]:
         return {
             "key_id": self.key_id,
-            "public_key": self.public_key,
+            "public_key": "0x" + self.public_key,
             "not_before": self.not_before,
             "not_after": self.not_after,
             "status": self.status,
@@ -221,7 +222,7 @@ class ReceiptSigner:
             "key_id": key_id,
             "scheme": SCHEME,
             "message": message,
-            "signature": signature.hex(),
+            "signature": "0x" + signature.hex(),
         }
 
 

@@ -35,6 +35,8 @@ def verify_receipt(
 ) -> dict[str, Any]:
     """Check a receipt with blspy against the published keys; return its message."""
     assert receipt["scheme"] == "bls12381-aug"
+    assert receipt["signature"].startswith("0x")
+    assert all(k["public_key"].startswith("0x") for k in keys)
     published = {k["key_id"]: k["public_key"] for k in keys}
     public_key = G1Element.from_bytes(
         bytes.fromhex(published[receipt["key_id"]].removeprefix("0x"))
