@@ -45,6 +45,7 @@ class Gateway:
     app: web.Application
     app_url: str
     owner_url: str
+    runner: web.AppRunner
     _sessions: list[aiohttp.ClientSession] = field(default_factory=list)
     _keys: dict[str, str] = field(default_factory=dict)
 
@@ -171,6 +172,7 @@ async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
             app=app,
             app_url=config.database_url,
             owner_url=config.database_owner_url,
+            runner=runner,
         )
         started.append((gateway, runner))
         return gateway
