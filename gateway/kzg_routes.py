@@ -4,6 +4,7 @@ with the result and its signed receipt. Route names are the engine function name
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -120,6 +121,9 @@ def operations(max_batch: int = 64, max_cells: int = 1024) -> tuple[Operation, .
     )  # fmt: skip
 
 
+_HEX_DIGITS = re.compile(r"[0-9a-fA-F]*")
+
+
 def _parse_hex(value: Any, where: str, size: int) -> bytes:
     if not isinstance(value, str) or not value.startswith("0x"):
         raise bad_request(
@@ -130,10 +134,10 @@ def _parse_hex(value: Any, where: str, size: int) -> bytes:
             f"invalid_{where.split('[')[0]}",
             f"{where} must be {size} bytes ({2 + 2 * size} characters with 0x), got {len(value)} characters",
         )
-    try:
-        return bytes.fromhex(value[2:])
-    except ValueError:
-        raise bad_request(f"invalid_{where.split('[')[0]}", f"{where} is not valid hex") from None
+    # bytes.fromhex would skip whitespace; only hex digits are accepted.
+    if not _HEX_DIGITS.fullmatch(value, 2):
+        raise bad_request(f"invalid_{where.split('[')[0]}", f"{where} is not valid hex")
+    return bytes.fromhex(value[2:])
 
 
 def _parse_field(field: Field, value: Any) -> Any:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from kzg import Engine, load_engine
+
 REPO = Path(__file__).resolve().parent.parent
 SPEC_TESTS = Path(os.environ.get("KZG_SPEC_TESTS", REPO.parent / "shared" / "kzg-spec-tests"))
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -94,3 +96,30 @@ def pg_database() -> Iterator[PgDatabase]:
         )
     finally:
         _psql(env, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+# KZG engines, each loaded once per session; the blspy engine's tables are built into a
+# session directory, so its cold start (setup validation, table builds) runs on every
+# fresh machine.
+@pytest.fixture(scope="session")
+def kzg_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("kzg-cache")
+
+
+@pytest.fixture(scope="session")
+def blspy_engine(kzg_cache_dir: Path) -> Engine:
+    return load_engine("blspy", cache_dir=kzg_cache_dir)
+
+
+@pytest.fixture(scope="session")
+def ckzg_engine() -> Engine:
+    try:
+        import ckzg  # noqa: F401
+    except ImportError:
+        missing("ckzg (pip install 'kzg-gateway[ckzg]')")
+    return load_engine("ckzg")
+
+
+@pytest.fixture(scope="session", params=["blspy", "ckzg"])
+def engine(request: pytest.FixtureRequest) -> Engine:
+    return request.getfixturevalue(f"{request.param}_engine")

@@ -1,0 +1,158 @@
+"""Hostile input, generated: decoders and parsers answer with their own precise error or
+a well-formed value, never anything else (hypothesis, fixed seed budget per run)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from auth import tokens
+from auth.credentials import parse_api_key
+from gateway.errors import ApiError
+from gateway.kzg_routes import operations, parse_json_inputs
+from kzg import KZGError
+from kzg.curve import g1_from_bytes
+from kzg.eip4844 import blob_to_polynomial, field_from_bytes
+from kzg.eip7594.cells import cell_to_evals
+
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+OPS = {op.name: op for op in operations()}
+
+
+def _near(size: int) -> st.SearchStrategy[bytes]:
+    return st.one_of(
+        st.binary(min_size=size, max_size=size),
+        st.binary(max_size=2 * size),
+        st.just(bytes([0xFF]) * size),
+    )
+
+
+@FUZZ
+@given(_near(48))
+def test_g1_decoding(data: bytes) -> None:
+    try:
+        point = g1_from_bytes(data, "proof")
+    except KZGError as exc:
+        assert str(exc).startswith("proof:")
+    else:
+        assert bytes(point) == data
+
+
+@FUZZ
+@given(_near(32))
+def test_field_decoding(data: bytes) -> None:
+    try:
+        value = field_from_bytes(data, "z")
+    except KZGError as exc:
+        assert str(exc).startswith("z:")
+    else:
+        assert value.to_bytes(32, "big") == data
+
+
+def _patched(size: int) -> st.SearchStrategy[bytes]:
+    """A zero buffer of ``size`` with one random 32-byte element written in."""
+    return st.tuples(st.integers(0, size // 32 - 1), st.binary(min_size=32, max_size=32)).map(
+        lambda t: bytes(32 * t[0]) + t[1] + bytes(size - 32 * t[0] - 32)
+    )
+
+
+@FUZZ
+@given(_patched(131072) | st.binary(max_size=200))
+def test_blob_decoding(data: bytes) -> None:
+    try:
+        values = blob_to_polynomial(data, "blob")
+    except KZGError as exc:
+        assert str(exc).startswith("blob:")
+    else:
+        assert b"".join(v.to_bytes(32, "big") for v in values) == data
+
+
+@FUZZ
+@given(_patched(2048) | st.binary(max_size=4096))
+def test_cell_decoding(data: bytes) -> None:
+    try:
+        values = cell_to_evals(data, "cells[3]")
+    except KZGError as exc:
+        assert str(exc).startswith("cells[3]:")
+    else:
+        assert len(values) == 64
+
+
+@settings(max_examples=150, deadline=None)
+@given(_near(48), _near(32), _near(32), _near(48))
+def test_engines_agree_on_arbitrary_verify_inputs(
+    blspy_engine: Any, ckzg_engine: Any, c: bytes, z: bytes, y: bytes, p: bytes
+) -> None:
+    answers = []
+    for engine in (blspy_engine, ckzg_engine):
+        try:
+            answers.append(engine.verify_kzg_proof(c, z, y, p))
+        except KZGError:
+            answers.append("refused")
+    assert answers[0] == answers[1]
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=120),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+HEXISH = st.from_regex(r"\A0x[0-9a-fA-F \n]{0,130}\Z") | st.text(max_size=100)
+
+
+@FUZZ
+@given(
+    st.sampled_from(sorted(OPS)),
+    st.dictionaries(
+        st.sampled_from(["blob", "z", "y", "commitment", "proof", "cell_indices", "cells", "x"]),
+        JSON | HEXISH,
+        max_size=5,
+    ),
+)
+def test_request_bodies(name: str, document: dict[str, Any]) -> None:
+    op = OPS[name]
+    try:
+        values = parse_json_inputs(op, json.dumps(document).encode())
+    except ApiError as exc:
+        assert exc.status == 400 and exc.message
+        return
+    for field, value in zip(op.inputs, values, strict=True):
+        if field.kind == "bytes":
+            assert isinstance(value, bytes) and len(value) == field.size
+        elif field.kind == "bytes_list":
+            assert all(isinstance(v, bytes) and len(v) == field.size for v in value)
+
+
+@FUZZ
+@given(st.binary(max_size=300))
+def test_raw_bodies_are_refused_precisely(body: bytes) -> None:
+    with pytest.raises(ApiError) as refused:
+        parse_json_inputs(OPS["verify_kzg_proof"], body)
+    assert refused.value.status == 400
+
+
+@FUZZ
+@given(st.text(max_size=120) | st.from_regex(r"\Akzg_[0-9a-f]{16}_[A-Za-z0-9_-]{43}\Z"))
+def test_api_key_parser(text: str) -> None:
+    parts = parse_api_key(text)
+    if parts is not None:
+        assert text == f"kzg_{parts.key_id}_{parts.secret}"
+
+
+@FUZZ
+@given(
+    st.text(max_size=300)
+    | st.from_regex(r"\A[A-Za-z0-9_-]{0,60}\.[A-Za-z0-9_-]{0,60}\.[A-Za-z0-9_-]{0,60}\Z")
+)
+def test_jwt_header_parser(token: str) -> None:
+    try:
+        kid = tokens.unverified_kid(token)
+    except tokens.TokenError:
+        return
+    assert isinstance(kid, str)
