@@ -188,7 +188,7 @@ async def audit_middleware(request: web.Request, handler: Handler) -> web.Stream
         )
     ctx.audit_seq = appended.seq
     if isinstance(response, ReceiptResponse):
-        response.complete(appended.seq)
+        await response.complete(appended.seq)
     return response
 
 

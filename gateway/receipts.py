@@ -249,8 +249,16 @@ class ReceiptResponse(web.Response):
         self._receipt_output = receipt_output
         ctx.result_digest = output_digest(receipt_output)
 
-    def complete(self, audit_seq: int) -> None:
-        receipt = self._signer.receipt(
-            self._operation, self._request_id, audit_seq, self._input_sha256, self._receipt_output
+    async def complete(self, audit_seq: int) -> None:
+        # blspy releases the GIL while it signs: in a thread, the signature (~0.8 ms)
+        # runs beside the event loop instead of stalling it.
+        receipt = await asyncio.get_running_loop().run_in_executor(
+            None,
+            self._signer.receipt,
+            self._operation,
+            self._request_id,
+            audit_seq,
+            self._input_sha256,
+            self._receipt_output,
         )
         self.body = json.dumps({**self._output, "receipt": receipt}).encode("utf-8")
