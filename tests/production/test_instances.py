@@ -1,0 +1,248 @@
+"""Several gateway instances — separate processes, separate ports — on one real
+PostgreSQL: shared identities and one audit chain, revocation reaching every instance,
+SIGKILL under load, the database restarted or read-only under load."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from auth.crypto import MasterKey
+from tests.conftest import PgDatabase
+
+# The verify-proof request of the identity point: valid, and cheap for the engine.
+BODY = {
+    "commitment": "0xc0" + "00" * 47,
+    "z": "0x" + "00" * 32,
+    "y": "0x" + "00" * 32,
+    "proof": "0xc0" + "00" * 47,
+}
+CHEAP_ARGON2 = "{time_cost = 1, memory_kib = 1024, parallelism = 1}"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Instance:
+    name: str
+    data_dir: Path
+    port: int
+    env: dict[str, str]
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def ssl(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.data_dir / "tls" / "ca.pem"))
+
+    def cli(self, *args: str) -> dict:
+        result = subprocess.run(
+            [sys.executable, "-m", "gateway", *args, "--data-dir", str(self.data_dir)],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return json.loads(result.stdout)
+
+    def start(self) -> None:
+        log = (self.data_dir / "serve.log").open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--data-dir", str(self.data_dir),
+             "--port", str(self.port)],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+    async def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self.ssl())) as s:
+            while time.monotonic() < deadline:
+                assert self.process is not None and self.process.poll() is None, self.log()
+                try:
+                    async with s.get(f"{self.url}/readyz") as response:
+                        if response.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.2)
+        raise AssertionError(f"{self.name} not ready: {self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(timeout=30)
+
+    def log(self) -> str:
+        path = self.data_dir / "serve.log"
+        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+
+@pytest.fixture
+def instances(tmp_path: Path, pg_database: PgDatabase) -> Iterator[list[Instance]]:
+    env = {
+        **os.environ,
+        "KZG_GATEWAY_MASTER_KEY": MasterKey.generate().hex(),
+        "KZG_GATEWAY_DATABASE_URL": pg_database.app_url,
+        "KZG_GATEWAY_DATABASE_OWNER_URL": pg_database.owner_url,
+        "KZG_GATEWAY_DATABASE_APP_ROLE": pg_database.app_role,
+        "KZG_GATEWAY_ENGINE__NAME": "ckzg",
+        "KZG_GATEWAY_POOL__WORKERS": "1",
+        "KZG_GATEWAY_AUTH__PASSWORDS": CHEAP_ARGON2,
+        "KZG_GATEWAY_AUDIT__COMMIT_TIMEOUT_SECONDS": "2",
+    }
+    made = []
+    for name in ("a", "b"):
+        instance = Instance(name, tmp_path / name, _free_port(), env)
+        instance.cli("init", "--json")
+        made.append(instance)
+    yield made
+    for instance in made:
+        instance.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+async def running(instances: list[Instance]) -> AsyncIterator[list[Instance]]:
+    for instance in instances:
+        instance.start()
+    await asyncio.gather(*(i.wait_ready() for i in instances))
+    yield instances
+
+
+async def _call(instance: Instance, key: str, session: aiohttp.ClientSession) -> tuple[int, str]:
+    async with session.post(
+        f"{instance.url}/v1/kzg/verify-proof",
+        json=BODY,
+        headers={"X-API-Key": key},
+        ssl=instance.ssl(),
+    ) as response:
+        await response.read()
+        return response.status, response.headers.get("X-Request-ID", "")
+
+
+def _verify_chain(instance: Instance, db_url: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "audit", "verify", "--db-url", db_url, "--json"],
+        env=instance.env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+async def test_two_instances_share_keys_revocation_and_one_chain(
+    running: list[Instance], pg_database: PgDatabase
+) -> None:
+    a, b = running
+    key = a.cli("admin", "api-keys", "create", "--name", "shared", "--role", "client")
+    async with aiohttp.ClientSession() as session:
+        statuses = await asyncio.gather(
+            *(_call(inst, key["api_key"], session) for inst in (a, b) for _ in range(10))
+        )
+        assert {s for s, _ in statuses} == {200}
+        a.cli("admin", "api-keys", "revoke", key["id"])
+        revoked_at = time.monotonic()
+        # Instance b had the key cached; it must drop it within the revocation bound.
+        while (await _call(b, key["api_key"], session))[0] == 200:
+            assert time.monotonic() - revoked_at < 5, "revocation did not reach instance b"
+            await asyncio.sleep(0.2)
+        assert (await _call(a, key["api_key"], session))[0] == 401
+    report = _verify_chain(a, pg_database.owner_url)
+    assert report.returncode == 0, report.stdout + report.stderr
+    assert json.loads(report.stdout)["checked"] >= 22
+
+
+async def test_sigkill_under_load_loses_no_acknowledged_request(
+    running: list[Instance], pg_database: PgDatabase
+) -> None:
+    a, b = running
+    key = a.cli("admin", "api-keys", "create", "--name", "load", "--role", "client")["api_key"]
+    acknowledged: list[str] = []
+
+    async def client(instance: Instance, session: aiohttp.ClientSession) -> None:
+        for _ in range(200):
+            try:
+                status, request_id = await _call(instance, key, session)
+            except aiohttp.ClientError:
+                return
+            if status == 200:
+                acknowledged.append(request_id)
+
+    async with aiohttp.ClientSession() as session:
+        load = [asyncio.create_task(client(inst, session)) for inst in (a, b) for _ in range(4)]
+        await asyncio.sleep(1.5)
+        a.stop(signal.SIGKILL)
+        await asyncio.gather(*load)
+    assert len(acknowledged) > 20
+    from sqlalchemy import select
+
+    from audit.models import audit_events
+    from gateway.db import make_engine
+
+    engine = make_engine(pg_database.owner_url)
+    async with engine.connect() as conn:
+        recorded = set((await conn.execute(select(audit_events.c.request_id))).scalars())
+    await engine.dispose()
+    assert set(acknowledged) <= recorded, "an answered request has no audit record"
+    a.start()
+    await a.wait_ready()
+    report = _verify_chain(a, pg_database.owner_url)
+    assert report.returncode == 0, report.stdout + report.stderr
+
+
+def _pg(*sql: str) -> None:
+    for statement in sql:
+        subprocess.run(
+            ["runuser", "-u", "postgres", "--", "psql", "-qtAc", statement],
+            check=True,
+            capture_output=True,
+        )
+
+
+async def test_read_only_database_fails_closed_and_recovers(
+    running: list[Instance], pg_database: PgDatabase
+) -> None:
+    a, _ = running
+    key = a.cli("admin", "api-keys", "create", "--name", "ro", "--role", "client")["api_key"]
+    async with aiohttp.ClientSession() as session:
+        assert (await _call(a, key, session))[0] == 200
+        _pg(
+            f'ALTER DATABASE "{pg_database.name}" SET default_transaction_read_only = on',
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            f"WHERE datname = '{pg_database.name}' AND pid <> pg_backend_pid()",
+        )
+        try:
+            statuses = [(await _call(a, key, session))[0] for _ in range(5)]
+            assert set(statuses) == {503}, statuses
+        finally:
+            _pg(
+                f'ALTER DATABASE "{pg_database.name}" SET default_transaction_read_only = off',
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                f"WHERE datname = '{pg_database.name}' AND pid <> pg_backend_pid()",
+            )
+        deadline = time.monotonic() + 15
+        while (await _call(a, key, session))[0] != 200:
+            assert time.monotonic() < deadline, "service did not resume"
+            await asyncio.sleep(0.3)
+    report = _verify_chain(a, pg_database.owner_url)
+    assert report.returncode == 0, report.stdout + report.stderr
