@@ -246,3 +246,45 @@ async def test_read_only_database_fails_closed_and_recovers(
             await asyncio.sleep(0.3)
     report = _verify_chain(a, pg_database.owner_url)
     assert report.returncode == 0, report.stdout + report.stderr
+
+
+def _cluster(action: str) -> None:
+    version = sorted(os.listdir("/usr/lib/postgresql"), key=int)[-1]
+    subprocess.run(["pg_ctlcluster", version, "main", action], check=True, capture_output=True)
+
+
+async def test_postgresql_restart_under_load(
+    running: list[Instance], pg_database: PgDatabase
+) -> None:
+    a, b = running
+    key = a.cli("admin", "api-keys", "create", "--name", "pg", "--role", "client")["api_key"]
+    seen: list[int] = []
+    stop = asyncio.Event()
+
+    async def client(instance: Instance, session: aiohttp.ClientSession) -> None:
+        while not stop.is_set():
+            try:
+                seen.append((await _call(instance, key, session))[0])
+            except aiohttp.ClientError:
+                seen.append(0)
+            await asyncio.sleep(0.05)
+
+    async with aiohttp.ClientSession() as session:
+        load = [asyncio.create_task(client(inst, session)) for inst in (a, b) for _ in range(2)]
+        await asyncio.sleep(1)
+        _cluster("stop")
+        try:
+            await asyncio.sleep(3)
+            down = len(seen)
+        finally:
+            _cluster("start")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and seen[-4:] != [200] * 4:
+            await asyncio.sleep(0.5)
+        stop.set()
+        await asyncio.gather(*load)
+    # While the database was down requests were refused with 503, never half-answered.
+    assert 503 in seen[:down] and set(seen) <= {200, 503}, sorted(set(seen))
+    assert seen[-4:] == [200] * 4, "service did not resume on its own"
+    report = _verify_chain(a, pg_database.owner_url)
+    assert report.returncode == 0, report.stdout + report.stderr
