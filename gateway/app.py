@@ -19,6 +19,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.errors import AuditUnavailable
 from audit.settings import AuditSettings
@@ -216,11 +218,20 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def _database_ready(engine: AsyncEngine, timeout: float = 2.0) -> bool:
+    try:
+        async with asyncio.timeout(timeout), engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+    except Exception:
+        return False
+    return True
+
+
 async def readyz(request: web.Request) -> web.Response:
     app = request.app
     checks = {
         "accepting": not app[STATE].draining,
-        "database": await app[AUDIT_WRITER].ready(),
+        "database": await _database_ready(app[DB_ENGINE]),
         "audit_writer": await app[AUDIT_WRITER].ready(),
         "pool": app[KZG_POOL].ready,
         "keys": app[RECEIPT_SIGNER].ready,

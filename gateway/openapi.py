@@ -119,10 +119,10 @@ def openapi_document(app: web.Application) -> dict[str, Any]:
     """Return the OpenAPI 3.1 document of every named route of ``app``."""
     paths: dict[str, dict[str, Any]] = {}
     for route in app.router.routes():
-        name = route.name or route.resource.name if route.resource else None
         method = route.method.lower()
-        if name is None or method == "head" or route.resource is None:
+        if route.resource is None or route.resource.name is None or method == "head":
             continue
+        name = route.resource.name
         path = route.resource.canonical
         paths.setdefault(path, {})[method] = _operation(name, method, _DOCS.get(name))
     return {
