@@ -3,13 +3,19 @@ it with cheap argon2 parameters and a clock the test moves."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import jwt
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from auth import tokens
 from auth.crypto import MasterKey
 from auth.policy import load_policies
 from auth.service import AuthService
@@ -65,3 +71,31 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 
     yield Store(request.param, engine, master_key, clock, make)
     await engine.dispose()
+
+
+async def tokens_to_refuse(service: AuthService, good: str) -> dict[str, str]:
+    """Variants of the valid token ``good`` that a verifier must refuse, by name."""
+    header, payload, signature = good.split(".")
+    claims = jwt.decode(good, options={"verify_signature": False})
+    kid = jwt.get_unverified_header(good)["kid"]
+    public_pem = (await service._valid_jwt_keys())[0].public_key
+    # The classic confusion: an HS256 token keyed with the published public key, built
+    # by hand since pyjwt itself refuses to create one.
+    hs_header = jwt.utils.base64url_encode(
+        json.dumps({"alg": "HS256", "typ": "JWT", "kid": kid}).encode()
+    ).decode()
+    mac = hmac.new(public_pem.encode(), f"{hs_header}.{payload}".encode(), hashlib.sha256)
+    other_payload = jwt.utils.base64url_encode(b'{"sub":"x"}').decode()
+    key = await service._current_signing_key()
+    return {
+        "alg none": jwt.encode(claims, None, algorithm="none", headers={"kid": kid}),
+        "HS256 keyed with the public key": (
+            f"{hs_header}.{payload}.{jwt.utils.base64url_encode(mac.digest()).decode()}"
+        ),
+        "forged signature": f"{header}.{payload}.{signature[:-4]}AAAA",
+        "tampered claims": f"{header}.{other_payload}.{signature}",
+        "wrong audience": tokens.issue(key, {**claims, "aud": "someone-else"}),
+        "wrong issuer": tokens.issue(key, {**claims, "iss": "someone-else"}),
+        "expired": tokens.issue(key, {**claims, "exp": int(time.time()) - 1}),
+        "not yet valid": tokens.issue(key, {**claims, "nbf": int(time.time()) + 600}),
+    }

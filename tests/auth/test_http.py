@@ -4,19 +4,25 @@ no secret in clear anywhere the gateway writes."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pyotp
 import pytest
+from sqlalchemy import update
 
+from audit.events import format_timestamp
+from auth.models import api_keys
 from auth.policy import load_policies
+from gateway.db import make_engine
 from gateway.identity import AUTH_SERVICE
 from gateway.security import install
-from tests.auth.conftest import CHEAP_ARGON2
+from tests.auth.conftest import CHEAP_ARGON2, tokens_to_refuse
 from tests.gateway.conftest import Gateway, StartGateway, start_gateway  # noqa: F401
 
 RBAC, _ = load_policies()
@@ -231,3 +237,84 @@ async def test_no_secret_in_clear_in_the_data_dir_or_logs(
     for secret in ids.secrets:
         for hay in haystacks:
             assert secret.encode() not in hay, "a secret is stored or logged in clear"
+
+
+async def test_tokens_keys_codes_and_lockout_over_https(secured: Gateway) -> None:
+    """Given a person and machines with real credentials, when each is bent (forged
+    tokens, an expired or out-of-network key, a replayed code, a guessed password), then
+    the gateway refuses it, audits why, and the access review shows the aftermath."""
+    gw = secured
+    service = gw.app[AUTH_SERVICE]
+    person = await service.create_user("reviewer", ["auditor"])
+    totp = pyotp.TOTP(person["totp_secret"]).now()
+    login = {"username": "reviewer", "password": person["password"], "totp": totp}
+    response, answer = await gw.post("/v1/auth/login", login, role=None)
+    assert response.status == 200, answer
+    good = answer["access_token"]
+    replayed, body = await gw.post("/v1/auth/login", login, role=None)
+    assert (replayed.status, body["error"]["code"]) == (401, "invalid_credentials")
+    (record,) = await gw.audit_records(body["error"]["request_id"])
+    assert "replayed" in json.loads(record["detail"])["reason"]
+
+    for name, token in (await tokens_to_refuse(service, good)).items():
+        headers = {"Authorization": f"Bearer {token}"}
+        response, body = await gw.request("GET", "/v1/audit/verify", role=None, headers=headers)
+        assert (response.status, body["error"]["code"]) == (401, "invalid_credentials"), name
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    accepted = (await gw.request("GET", "/v1/audit/verify", role=None, headers={
+        "Authorization": f"Bearer {good}"}))[0]  # fmt: skip
+    assert accepted.status == 200
+
+    expiring = await service.create_api_key("expiring", "client", "test", expires_in_days=1)
+    elsewhere = await service.create_api_key(
+        "elsewhere", "client", "test", allowed_cidrs=["192.0.2.0/24"]
+    )
+    here = await service.create_api_key("here", "client", "test", allowed_cidrs=["127.0.0.0/8"])
+    await service.create_api_key("idle", "client", "test")
+    engine = make_engine(gw.app_url)
+    async with engine.begin() as conn:
+        await conn.execute(
+            update(api_keys)
+            .where(api_keys.c.id == expiring["id"])
+            .values(expires_at=format_timestamp(datetime.now(UTC) - timedelta(seconds=1)))
+        )
+    await engine.dispose()
+    for created, status, code in (
+        (expiring, 401, "invalid_credentials"),
+        (elsewhere, 403, "address_not_allowed"),
+        (here, 200, None),
+    ):
+        response, body = await gw.post(
+            "/v1/kzg/verify-proof", IDENTITY_PROOF, role=None,
+            headers={"X-API-Key": created["api_key"]},
+        )  # fmt: skip
+        assert response.status == status, (created["name"], body)
+        if code:
+            assert body["error"]["code"] == code
+
+    victim = await service.create_user("victim", ["client"])
+    max_failures = int(service.policy.get("lockout", "max_failures"))
+    for _ in range(max_failures):
+        wrong = {"username": "victim", "password": "not-the-password"}
+        assert (await gw.post("/v1/auth/login", wrong, role=None))[0].status == 401
+    right = {"username": "victim", "password": victim["password"]}
+    response, body = await gw.post("/v1/auth/login", right, role=None)
+    assert (response.status, body["error"]["code"]) == (401, "invalid_credentials")
+    (record,) = await gw.audit_records(body["error"]["request_id"])
+    assert json.loads(record["detail"])["reason"] == "locked"
+    assert victim["password"] not in json.dumps(record, default=str)
+
+    response, review = await gw.request(
+        "GET", "/v1/admin/access-review", role=None, headers={"Authorization": f"Bearer {good}"}
+    )
+    assert response.status == 200, review
+    by_name = {p["name"]: p for p in review["principals"]}
+    assert by_name["reviewer"]["roles"] == ["auditor"]
+    assert by_name["reviewer"]["last_used_at"] is not None
+    assert "locked" in by_name["victim"]["flags"]
+    assert "expired" in by_name["expiring"]["flags"]
+    assert "never_used" in by_name["idle"]["flags"]
+    assert by_name["here"]["last_used_at"] is not None and by_name["here"]["flags"] == []
+    for entry in review["principals"]:
+        assert {"principal", "kind", "roles", "created_at", "age_days", "flags"} <= set(entry)
+        assert "password" not in json.dumps(entry) and "secret" not in json.dumps(entry)

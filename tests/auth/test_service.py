@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import json
 import time
 
 import jwt
@@ -13,13 +10,12 @@ import pytest
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import DBAPIError
 
-from auth import tokens
 from auth.credentials import parse_api_key
 from auth.models import api_keys, users
 from auth.policy import PolicyError, load_policies
 from auth.service import AuthError
 from gateway.db import make_engine, migrate
-from tests.auth.conftest import Store
+from tests.auth.conftest import Store, tokens_to_refuse
 from tests.conftest import PgDatabase
 
 
@@ -94,26 +90,7 @@ async def test_tokens_that_must_be_refused(store: Store) -> None:
     service = store.make()
     created = await service.create_user("frank", ["client"])
     good = (await service.login("frank", created["password"], None)).access_token
-    header, payload, signature = good.split(".")
-    claims = jwt.decode(good, options={"verify_signature": False})
-    kid = jwt.get_unverified_header(good)["kid"]
-    unsigned = jwt.encode(claims, None, algorithm="none", headers={"kid": kid})
-    public_pem = (await service._valid_jwt_keys())[0].public_key
-    # The classic confusion: an HS256 token keyed with the published public key, built
-    # by hand since pyjwt itself refuses to create one.
-    hs_header = jwt.utils.base64url_encode(
-        json.dumps({"alg": "HS256", "typ": "JWT", "kid": kid}).encode()
-    ).decode()
-    mac = hmac.new(public_pem.encode(), f"{hs_header}.{payload}".encode(), hashlib.sha256)
-    hs_confusion = f"{hs_header}.{payload}.{jwt.utils.base64url_encode(mac.digest()).decode()}"
-    forged_signature = f"{header}.{payload}.{signature[:-4]}AAAA"
-    other_payload = jwt.utils.base64url_encode(b'{"sub":"x"}').decode()
-    tampered = f"{header}.{other_payload}.{signature}"
-    key = await service._current_signing_key()
-    wrong_aud = tokens.issue(key, {**claims, "aud": "someone-else"})
-    expired = tokens.issue(key, {**claims, "exp": int(time.time()) - 1})
-    not_yet = tokens.issue(key, {**claims, "nbf": int(time.time()) + 600})
-    for token in (unsigned, hs_confusion, forged_signature, tampered, wrong_aud, expired, not_yet):
+    for token in (await tokens_to_refuse(service, good)).values():
         with pytest.raises(AuthError) as refused:
             await service.authenticate_token(token)
         assert refused.value.status == 401
