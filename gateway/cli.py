@@ -46,6 +46,9 @@ async def initialise(config: Config) -> dict[str, Any]:
         write_master_key_file(data_dir / MASTER_KEY_FILE)
     master_key = load_master_key(data_dir)
     await migrate(config.database_owner_url, config.database_app_role)
+    database_file = config.database_url.partition(":///")[2]
+    if config.database_url.startswith("sqlite") and Path(database_file).is_file():
+        os.chmod(database_file, 0o600)
     tls = config.section("tls")
     ca_cert: Path | None = Path(tls["ca_file"]) if tls.get("ca_file") else None
     if not tls.get("cert_file"):

@@ -34,7 +34,7 @@ def test_init_is_idempotent_and_prints_the_admin_once(
     assert Path(first["ca_cert"]) == (data_dir / "tls" / "ca.pem").resolve()
     assert first["admin"]["username"] == "admin"
     assert first["admin"]["password"] and first["admin"]["totp_secret"]
-    for private in ("master.key", "tls/ca.key", "tls/server.key"):
+    for private in ("master.key", "tls/ca.key", "tls/server.key", "gateway.db"):
         assert stat.S_IMODE((data_dir / private).stat().st_mode) == 0o600
     ca_before = (data_dir / "tls" / "ca.pem").read_bytes()
 
