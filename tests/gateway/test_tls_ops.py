@@ -128,3 +128,22 @@ async def test_openapi_documents_exactly_the_registered_routes(sqlite_gateway: G
         "receipt",
     ]
     assert document["paths"]["/healthz"]["get"]["security"] == []
+
+
+async def test_one_json_access_line_per_request_without_secrets(
+    sqlite_gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    import json
+    import logging
+
+    blob = make_blob(6)
+    with caplog.at_level(logging.INFO, logger="kzg_gateway.access"):
+        response, _ = await sqlite_gateway.post("/v1/kzg/blob-to-commitment", {"blob": hx(blob)})
+    lines = [r.getMessage() for r in caplog.records if r.name == "kzg_gateway.access"]
+    [line] = [entry for entry in map(json.loads, lines) if entry["path"] != "/healthz"]
+    assert line["request_id"] == response.headers["X-Request-ID"]
+    assert line["route"] == "blob_to_kzg_commitment" and line["status"] == 200
+    assert line["audit_seq"] >= 1 and line["tls"] == "TLSv1.3"
+    text = "\n".join(lines)
+    assert await sqlite_gateway.api_key() not in text
+    assert blob.hex()[:64] not in text
