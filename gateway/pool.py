@@ -54,7 +54,7 @@ class PoolSettings:
 
     @property
     def worker_count(self) -> int:
-        return self.workers or os.cpu_count() or 1
+        return self.workers or len(os.sched_getaffinity(0)) or 1
 
     @property
     def queue_limit(self) -> int:
