@@ -5,7 +5,8 @@ and (b) a bare aiohttp server running the same worker pool with no auth, audit o
         [--concurrency 16] [--seconds 5] [--database-url URL --owner-url URL --app-role R]
 
 Prints throughput and p50/p95/p99 for verify-proof, verify-blob-proof and
-blob-to-commitment, then the ratios the gateway is held to.
+blob-to-commitment, then the ratios the gateway is held to, then verify-proof with an
+API key against the same gateway with auth disabled (``--auth-only`` runs just that).
 """
 
 from __future__ import annotations
@@ -285,9 +286,16 @@ def main() -> int:
     parser.add_argument("--owner-url", help="PostgreSQL migration owner URL")
     parser.add_argument("--app-role", help="PostgreSQL runtime role")
     parser.add_argument("--baseline-serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--auth-off-serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--auth-only", action="store_true", help="only the API key vs auth disabled comparison"
+    )
     args = parser.parse_args()
     if args.baseline_serve:
         run_baseline(args)
+        return 0
+    if args.auth_off_serve:
+        run_auth_off(args)
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         args.data_dir = args.data_dir or Path(tmp) / "gw"
@@ -305,7 +313,89 @@ def main() -> int:
                 "KZG_GATEWAY_DATABASE_APP_ROLE": args.app_role or "",
             })  # fmt: skip
         args.env = env
-        return asyncio.run(bench(args))
+        status = 0 if args.auth_only else asyncio.run(bench(args))
+        return asyncio.run(auth_overhead(args)) or status
+
+
+def run_auth_off(args: argparse.Namespace) -> None:
+    """The gateway itself with authentication, authorization and rate limiting replaced by
+    one fixed client principal: the "auth disabled" side of the API-key comparison."""
+    from aiohttp import web
+
+    from auth.principal import Principal
+    from gateway.app import create_app
+    from gateway.config import load_config
+    from gateway.context import REQUEST_CONTEXT
+    from gateway.tls import server_ssl_context
+
+    caller = Principal("bench", "api_key", "bench", ("client",))
+
+    @web.middleware
+    async def no_auth(request: web.Request, handler: Any) -> web.StreamResponse:
+        request[REQUEST_CONTEXT].principal = caller
+        return await handler(request)
+
+    config = load_config(None, args.data_dir)
+    web.run_app(
+        create_app(config, security=lambda app, config: [no_auth]),
+        host="127.0.0.1",
+        port=args.port,
+        ssl_context=server_ssl_context(config.section("tls"), args.data_dir),
+        access_log=None,
+        print=None,
+    )
+
+
+async def auth_overhead(args: argparse.Namespace) -> int:
+    """verify-proof (the cheapest route, where auth weighs most) through the gateway with
+    an API key, against the same gateway with auth disabled, in alternating runs; prints
+    the medians and their ratio (target >= 0.95). The client's rate limit is lifted on both
+    sides so that the middleware runs but never refuses."""
+    from gateway.pool import warm_engine
+
+    args.env = {**args.env, "KZG_GATEWAY_AUTH__RATELIMIT__CLIENT__RATE": "1000000",
+                "KZG_GATEWAY_AUTH__RATELIMIT__CLIENT__BURST": "1000000"}  # fmt: skip
+    _gateway(args, "init")
+    created = json.loads(
+        _gateway(args, "admin", "api-keys", "create", "--name", "auth-bench", "--role", "client").stdout
+    )  # fmt: skip
+    ca = args.data_dir / "tls" / "ca.pem"
+    on_port, off_port = args.port + 2, args.port + 3
+    servers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--data-dir", str(args.data_dir), "--port", str(on_port)],
+            cwd=REPO, env=args.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ),
+        subprocess.Popen(
+            [sys.executable, __file__, "--auth-off-serve", "--port", str(off_port), "--data-dir", str(args.data_dir)],
+            cwd=REPO, env=args.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ),
+    ]  # fmt: skip
+    try:
+        _, body = make_inputs(warm_engine(args.engine))["verify-proof"]
+        await _wait_ready(f"https://127.0.0.1:{on_port}/readyz", ca)
+        await _wait_ready(f"https://127.0.0.1:{off_port}/readyz", ca)
+        runs: dict[str, list[dict[str, float]]] = {"off": [], "key": []}
+        sides = (("off", off_port, {}), ("key", on_port, {"X-API-Key": created["api_key"]}))
+        for _ in range(args.rounds):
+            for name, port, headers in sides:
+                url = f"https://127.0.0.1:{port}/v1/kzg/verify-proof"
+                seconds = args.seconds / args.rounds
+                runs[name].append(await drive(url, body, headers, ca, args.concurrency, seconds))
+        off, key = (sorted(runs[n], key=lambda r: r["rps"])[args.rounds // 2] for n in runs)
+        ratio = key["rps"] / off["rps"]
+        print("verify-proof, authentication:")
+        print(_row("auth disabled", off) + f"  errors {off['errors']}")
+        print(_row("API key", key) + f"  errors {key['errors']}")
+        ok = ratio >= 0.95
+        print(f"  {'API key / auth disabled throughput':<44} {ratio:7.2f}  (target >= 0.95)  "
+              f"{'ok' if ok else 'MISSED'}")  # fmt: skip
+        return 0 if ok and not key["errors"] and not off["errors"] else 1
+    finally:
+        for server in servers:
+            server.terminate()
+        for server in servers:
+            server.wait(timeout=30)
 
 
 if __name__ == "__main__":
