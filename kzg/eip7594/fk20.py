@@ -18,7 +18,7 @@ from blspy import G1Element
 
 from ..curve import g1_lincomb
 from ..fft import fft, g1_fft
-from ..field import FIELD_ELEMENTS_PER_BLOB
+from ..field import BLS_MODULUS, FIELD_ELEMENTS_PER_BLOB, inv
 from ..field import bit_reversal_permutation as brp
 from .cells import CELLS_PER_EXT_BLOB, FIELD_ELEMENTS_PER_CELL
 
@@ -38,12 +38,20 @@ def precompute(monomial: Sequence[G1Element]) -> list[list[G1Element]]:
 
 def proofs(coefficients: Sequence[int], tables: Sequence[Sequence[G1Element]]) -> list[G1Element]:
     """The 128 cell proofs, in cell order."""
-    # Per offset r, the FFT of a_m = f_{ml+r}; H is read off positions k … 2k−2.
-    spectra = [fft([coefficients[m * L + r] for m in range(K)] + [0] * K) for r in range(L)]
+    # Per offset r, the FFT of a_m = f_{ml+r}, scaled by 1/2k: the inverse G1 FFT below
+    # then needs no scalar multiplication by 1/2k of its 128 outputs.
+    scale = inv(SIZE)
+    spectra = [
+        fft([coefficients[m * L + r] * scale % BLS_MODULUS for m in range(K)] + [0] * K)
+        for r in range(L)
+    ]
     products = [
         g1_lincomb([tables[r][j] for r in range(L)], [spectra[r][j] for r in range(L)])
         for j in range(SIZE)
     ]
-    h = g1_fft(products, inverse=True)[K : 2 * K - 1]
+    # H_s is position k + s of the inverse transform of the products; an unscaled
+    # inverse DFT is the forward DFT read at negated positions: (2k − k − s) = k − s.
+    transformed = g1_fft(products)
+    h = [transformed[K - s] for s in range(K - 1)]
     padded = h + [G1Element()] * (CELLS_PER_EXT_BLOB - len(h))
     return brp(g1_fft(padded))
