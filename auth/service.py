@@ -133,6 +133,7 @@ class AuthService:
     def _forget(self) -> None:
         self._key_cache.clear()
         self._user_cache.clear()
+        self._jwt_public.clear()
 
     async def check_revision(self, force: bool = False) -> None:
         """Drop cached credentials when another process revoked or changed one."""
@@ -249,6 +250,13 @@ class AuthService:
             row = (await conn.execute(select(users).where(users.c.username == username))).first()
         if row is None:
             await self._verify(self._dummy_hash, password)
+            # The write a known user's failure costs, matching no row: same timing.
+            async with self.engine.begin() as conn:
+                await conn.execute(
+                    update(users)
+                    .where(users.c.username == username)
+                    .values(failed_logins=users.c.failed_logins)
+                )
             raise _invalid_login("unknown user")
         password_ok = await self._verify(row.password_hash, password)
         roles = tuple(r for r in row.roles.split(",") if r)
@@ -355,6 +363,7 @@ class AuthService:
                     status=CURRENT,
                 )
             )
+            await self._bump_revision(conn)
         return key.kid
 
     async def _valid_jwt_keys(self) -> list[Any]:
@@ -515,11 +524,12 @@ class AuthService:
         digest = hmac.new(self._cache_key, presented.encode(), hashlib.sha256).digest()
         ttl = float(self.policy.get("api_keys", "cache_seconds"))
         cached = self._key_cache.get(digest)
-        if (
+        fresh = (
             cached is None
             or not hmac.compare_digest(cached.digest, digest)
             or self._clock() - cached.cached_at >= ttl
-        ):
+        )
+        if cached is None or fresh:
             cached = await self._verify_api_key(presented, digest)
         if cached.expires_at <= self.now():
             self._key_cache.pop(digest, None)
@@ -528,6 +538,14 @@ class AuthService:
             raise AuthError(
                 403, "address_not_allowed", "this API key is not allowed from this address"
             )
+        if fresh:
+            # Last use means accepted use, recorded at the cache's granularity.
+            async with self.engine.begin() as conn:
+                await conn.execute(
+                    update(api_keys)
+                    .where(api_keys.c.id == cached.principal.id)
+                    .values(last_used_at=format_timestamp(self.now()))
+                )
         return cached.principal
 
     async def _verify_api_key(self, presented: str, digest: bytes) -> _CachedKey:
@@ -545,13 +563,6 @@ class AuthService:
             raise _invalid_key("wrong API key secret")
         if row.revoked_at is not None:
             raise _invalid_key("revoked API key")
-        now = self.now()
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                update(api_keys)
-                .where(api_keys.c.id == row.id)
-                .values(last_used_at=format_timestamp(now))
-            )
         entry = _CachedKey(
             digest,
             Principal(row.id, "api_key", row.name, (row.role,), mfa=False),

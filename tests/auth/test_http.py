@@ -314,6 +314,8 @@ async def test_tokens_keys_codes_and_lockout_over_https(secured: Gateway) -> Non
     assert "locked" in by_name["victim"]["flags"]
     assert "expired" in by_name["expiring"]["flags"]
     assert "never_used" in by_name["idle"]["flags"]
+    # Refused for its address, so never used: last use counts accepted requests only.
+    assert "never_used" in by_name["elsewhere"]["flags"]
     assert by_name["here"]["last_used_at"] is not None and by_name["here"]["flags"] == []
     for entry in review["principals"]:
         assert {"principal", "kind", "roles", "created_at", "age_days", "flags"} <= set(entry)
