@@ -19,15 +19,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.events import AuditEvent
 from audit.writer import AuditWriter, begin_write
 from auth.crypto import MASTER_KEY_ENV, MASTER_KEY_FILE, MasterKey, MasterKeyError, load_master_key
-from auth.models import jwt_keys, users
 from auth.policy import PolicyError
+from auth.rewrap import IDENTITY_SEALED, SealedColumn, rewrap_columns
 from auth.service import AuthError, AuthService
 from gateway.config import Config, load_config
 from gateway.db import check_schema, make_engine
@@ -100,28 +99,14 @@ async def _access_review(service: AuthService, args: argparse.Namespace) -> dict
 
 
 async def rewrap_secrets(engine: AsyncEngine, old: MasterKey, new: MasterKey) -> int:
-    """Re-seal every secret under ``new`` in one transaction; returns how many."""
-    count = 0
+    """Re-seal every secret of the database (identity and receipt keys) under ``new`` in
+    one transaction; returns how many."""
+    receipts = SealedColumn(
+        receipt_keys, receipt_keys.c.key_id, receipt_keys.c.sealed_private_key, "receipt-key"
+    )
     async with engine.connect() as conn:
         await begin_write(conn)
-        sealed: list[tuple[Any, Any, Any, Callable[[Any], str]]] = [
-            (users, users.c.id, users.c.sealed_totp_secret, lambda row: f"totp:{row[0]}"),
-            (jwt_keys, jwt_keys.c.kid, jwt_keys.c.sealed_private_key, lambda r: f"jwt-key:{r[0]}"),
-            (
-                receipt_keys,
-                receipt_keys.c.key_id,
-                receipt_keys.c.sealed_private_key,
-                lambda r: f"receipt-key:{r[0]}",
-            ),
-        ]
-        for table, key, column, purpose in sealed:
-            for row in (await conn.execute(select(key, column))).all():
-                await conn.execute(
-                    update(table)
-                    .where(key == row[0])
-                    .values({column.name: old.rewrap(row[1], purpose(row), new)})
-                )
-                count += 1
+        count = await rewrap_columns(conn, old, new, (*IDENTITY_SEALED, receipts))
         await conn.commit()
     return count
 

@@ -7,13 +7,16 @@ import time
 import jwt
 import pyotp
 import pytest
+from cryptography.exceptions import InvalidTag
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import DBAPIError
 
 from auth.credentials import parse_api_key
+from auth.crypto import MasterKey
 from auth.models import api_keys, users
 from auth.policy import PolicyError, load_policies
-from auth.service import AuthError
+from auth.rewrap import IDENTITY_SEALED, rewrap_columns
+from auth.service import AuthError, AuthService
 from gateway.db import make_engine, migrate
 from tests.auth.conftest import Store, tokens_to_refuse
 from tests.conftest import PgDatabase
@@ -224,3 +227,20 @@ async def test_disabled_user_token_stops_working(store: Store) -> None:
     await service.check_revision(force=True)
     with pytest.raises(AuthError):
         await service.authenticate_token(token)
+
+
+async def test_master_key_rotation_rewraps_every_identity_secret(store: Store) -> None:
+    service = store.make()
+    created = await service.create_user("mira", ["auditor"])
+    await service.rotate_jwt_key()
+    new_key = MasterKey(MasterKey.generate())
+    async with store.engine.begin() as conn:
+        assert await rewrap_columns(conn, store.master_key, new_key, IDENTITY_SEALED) == 2
+    rbac, policy = service.rbac, service.policy
+    after = AuthService(store.engine, new_key, rbac, policy, clock=store.clock)
+    login = await after.login("mira", created["password"], code(created["totp_secret"]))
+    assert (await after.authenticate_token(login.access_token)).mfa is True
+    async with store.engine.connect() as conn:
+        sealed = (await conn.execute(select(users.c.sealed_totp_secret))).scalar_one()
+    with pytest.raises(InvalidTag):
+        store.master_key.open(sealed, f"totp:{login.principal.id}")
