@@ -87,7 +87,7 @@ class BlspyEngine:
             g2 = [G2Element.from_bytes(b) for b in raw.g2_monomial[:2]]
         self._g2_generator = g2[0]
         self._g2_tau = g2[1]
-        self._cells = CellEngine(raw.sha256, self.cache_dir, lambda: self.setup)
+        self._cells = CellEngine(raw, self.cache_dir, lambda: self.setup)
 
     @property
     def setup(self) -> TrustedSetup:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import cache
+from typing import TypeVar
 
 from blspy import G1Element
 
@@ -16,6 +17,7 @@ from .curve import g1_mul
 from .field import BLS_MODULUS, PRIMITIVE_ROOT_OF_UNITY, bit_reversal_permutation, inv
 
 R = BLS_MODULUS
+T = TypeVar("T")
 
 
 @cache
@@ -32,14 +34,24 @@ def _brp_indices(order: int) -> tuple[int, ...]:
     return tuple(bit_reversal_permutation(list(range(order))))
 
 
-def fft(values: Sequence[int], inverse: bool = False) -> list[int]:
+def brp(values: Sequence[T]) -> list[T]:
+    """``field.bit_reversal_permutation`` with the index table cached per length."""
+    return [values[i] for i in _brp_indices(len(values))]
+
+
+def fft(values: Sequence[int], inverse: bool = False, brp_input: bool = False) -> list[int]:
     """Evaluations p(ω^i) of the polynomial with coefficients ``values`` (or, inverse,
-    the coefficients from evaluations), ω the primitive len(values)-th root of unity."""
+    the coefficients from evaluations), ω the primitive len(values)-th root of unity.
+    With ``brp_input`` the values are given in bit-reversed order, which is the order
+    the iterative transform consumes, so no permutation is made."""
     n = len(values)
     roots = roots_of_unity(n)
     if inverse:
         roots = (roots[0], *roots[:0:-1])
-    a = [values[i] for i in _brp_indices(n)]
+    a = list(values) if brp_input else brp(values)
+    # Sums and differences are left unreduced, as are butterflies whose twiddle is 1
+    # (every one of the first level): values grow by at most a bit a level; products are
+    # reduced, and everything once at the end.
     h = 1
     while h < n:
         stride = n // (2 * h)
@@ -48,20 +60,20 @@ def fft(values: Sequence[int], inverse: bool = False) -> list[int]:
             for k in range(0, n, 2 * h):
                 lo = a[k : k + h]
                 t = [x * w % R for x, w in zip(a[k + h : k + 2 * h], twiddles, strict=True)]
-                a[k : k + h] = [(u + v) % R for u, v in zip(lo, t, strict=True)]
-                a[k + h : k + 2 * h] = [(u - v) % R for u, v in zip(lo, t, strict=True)]
+                a[k : k + h] = [u + v for u, v in zip(lo, t, strict=True)]
+                a[k + h : k + 2 * h] = [u - v for u, v in zip(lo, t, strict=True)]
         else:
             for j in range(h):
                 w = twiddles[j]
                 lo = a[j :: 2 * h]
-                t = [x * w % R for x in a[j + h :: 2 * h]]
-                a[j :: 2 * h] = [(u + v) % R for u, v in zip(lo, t, strict=True)]
-                a[j + h :: 2 * h] = [(u - v) % R for u, v in zip(lo, t, strict=True)]
+                t = a[j + h :: 2 * h] if w == 1 else [x * w % R for x in a[j + h :: 2 * h]]
+                a[j :: 2 * h] = [u + v for u, v in zip(lo, t, strict=True)]
+                a[j + h :: 2 * h] = [u - v for u, v in zip(lo, t, strict=True)]
         h *= 2
     if inverse:
         n_inv = inv(n)
         return [x * n_inv % R for x in a]
-    return a
+    return [x % R for x in a]
 
 
 def coset_fft(values: Sequence[int], shift: int, inverse: bool = False) -> list[int]:
@@ -88,7 +100,7 @@ def g1_fft(points: Sequence[G1Element], inverse: bool = False) -> list[G1Element
     roots = roots_of_unity(n)
     if inverse:
         roots = (roots[0], *roots[:0:-1])
-    a = [points[i] for i in _brp_indices(n)]
+    a = brp(points)
     h = 1
     while h < n:
         stride = n // (2 * h)

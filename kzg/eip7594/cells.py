@@ -8,9 +8,8 @@ from functools import cache
 
 from ..eip4844 import check_bytes
 from ..errors import KZGError
-from ..fft import fft, roots_of_unity
+from ..fft import brp, fft, roots_of_unity
 from ..field import BLS_MODULUS, BYTES_PER_FIELD_ELEMENT, FIELD_ELEMENTS_PER_BLOB
-from ..field import bit_reversal_permutation as brp
 
 FIELD_ELEMENTS_PER_EXT_BLOB = 2 * FIELD_ELEMENTS_PER_BLOB
 FIELD_ELEMENTS_PER_CELL = 64
@@ -20,7 +19,7 @@ CELLS_PER_EXT_BLOB = FIELD_ELEMENTS_PER_EXT_BLOB // FIELD_ELEMENTS_PER_CELL
 
 @cache
 def ext_roots_brp() -> tuple[int, ...]:
-    return tuple(brp(list(roots_of_unity(FIELD_ELEMENTS_PER_EXT_BLOB))))
+    return tuple(brp(roots_of_unity(FIELD_ELEMENTS_PER_EXT_BLOB)))
 
 
 def coset_for_cell(index: int) -> tuple[int, ...]:
@@ -49,7 +48,7 @@ def evals_to_cell(evals: Sequence[int]) -> bytes:
 
 def blob_coefficients(poly_brp: Sequence[int]) -> list[int]:
     """Monomial coefficients of a blob given in (bit-reversed) evaluation form."""
-    return fft(brp(list(poly_brp)), inverse=True)
+    return fft(poly_brp, inverse=True, brp_input=True)
 
 
 def extend(coefficients: Sequence[int]) -> list[int]:

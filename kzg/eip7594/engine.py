@@ -11,7 +11,7 @@ from .. import cache
 from ..curve import BYTES_PER_G1, g1_from_bytes
 from ..eip4844 import blob_to_polynomial, check_bytes
 from ..errors import KZGError
-from ..setup import TrustedSetup
+from ..setup import SetupBytes, TrustedSetup
 from . import fk20
 from .cells import (
     CELLS_PER_EXT_BLOB,
@@ -23,13 +23,20 @@ from .cells import (
 from .recovery import recover_coefficients
 from .verify import verify_batch
 
-_VERSION = 1
+_VERSION = 2
 
 
 def _as_list(value: object, name: str) -> list:
     if not isinstance(value, list | tuple):
         raise KZGError(f"{name}: expected a list, got {type(value).__name__}")
     return list(value)
+
+
+def _setup_point(cls: type, encoded: Sequence[bytes], index: int, what: str):
+    try:
+        return cls.from_bytes(encoded[index])
+    except (ValueError, RuntimeError) as exc:
+        raise KZGError(f"trusted setup: {what}[{index}] is not a valid point") from exc
 
 
 def _cell_index(value: object, name: str) -> int:
@@ -41,42 +48,38 @@ def _cell_index(value: object, name: str) -> int:
 
 
 class CellEngine:
-    """Cells, proofs, recovery and verification; built from the setup's monomial points
-    (validated on a cold start), warm from the cache."""
+    """Cells, proofs, recovery and verification. The FK20 tables are built from the
+    setup's monomial points (validated on a cold start) and cached; the points the
+    verification equation uses are always read from the setup itself, not the cache."""
 
     def __init__(
         self,
-        setup_sha256: str,
+        setup_bytes: SetupBytes,
         cache_dir: Path,
         load_setup: Callable[[], TrustedSetup],
     ) -> None:
-        meta = {"kind": "fk20", "version": _VERSION, "setup_sha256": setup_sha256}
+        n = FIELD_ELEMENTS_PER_CELL
+        # The table is derived from a setup file whose every point was validated before
+        # it was cached (the file's SHA-256 keys the cache); these few are checked again.
+        self.monomial = [
+            _setup_point(G1Element, setup_bytes.g1_monomial, i, "g1_monomial") for i in range(n)
+        ]
+        self.g2_generator = _setup_point(G2Element, setup_bytes.g2_monomial, 0, "g2_monomial")
+        self.g2_tau_n = _setup_point(G2Element, setup_bytes.g2_monomial, n, "g2_monomial")
+        meta = {"kind": "fk20", "version": _VERSION, "setup_sha256": setup_bytes.sha256}
         path = cache.table_path(cache_dir, "fk20", meta)
         payload = cache.read_table(path, meta)
-        n = FIELD_ELEMENTS_PER_CELL
         table_points = fk20.L * fk20.SIZE
-        if payload is None or len(payload) != (table_points + n) * BYTES_PER_G1 + 2 * 96:
-            setup = load_setup()
-            self.tables = fk20.precompute(setup.g1_monomial)
-            self.monomial = list(setup.g1_monomial[:n])
-            self.g2_generator = setup.g2_monomial[0]
-            self.g2_tau_n = setup.g2_monomial[n]
-            blob = b"".join(bytes(p) for row in self.tables for p in row)
-            blob += b"".join(bytes(p) for p in self.monomial)
-            blob += bytes(self.g2_generator) + bytes(self.g2_tau_n)
-            cache.write_table(path, meta, blob)
+        if payload is None or len(payload) != table_points * BYTES_PER_G1:
+            self.tables = fk20.precompute(load_setup().g1_monomial)
+            cache.write_table(path, meta, b"".join(bytes(p) for row in self.tables for p in row))
             self.from_cache = False
             return
         unchecked = G1Element.from_bytes_unchecked
         points = [
-            unchecked(payload[i : i + BYTES_PER_G1])
-            for i in range(0, (table_points + n) * BYTES_PER_G1, BYTES_PER_G1)
+            unchecked(payload[i : i + BYTES_PER_G1]) for i in range(0, len(payload), BYTES_PER_G1)
         ]
         self.tables = [points[r * fk20.SIZE : (r + 1) * fk20.SIZE] for r in range(fk20.L)]
-        self.monomial = points[table_points:]
-        g2 = payload[(table_points + n) * BYTES_PER_G1 :]
-        self.g2_generator = G2Element.from_bytes(g2[:96])
-        self.g2_tau_n = G2Element.from_bytes(g2[96:])
         self.from_cache = True
 
     def compute_cells(self, blob: bytes) -> list[bytes]:

@@ -17,9 +17,8 @@ from collections.abc import Sequence
 from blspy import G1Element
 
 from ..curve import g1_lincomb
-from ..fft import fft, g1_fft
+from ..fft import brp, fft, g1_fft
 from ..field import BLS_MODULUS, FIELD_ELEMENTS_PER_BLOB, inv
-from ..field import bit_reversal_permutation as brp
 from .cells import CELLS_PER_EXT_BLOB, FIELD_ELEMENTS_PER_CELL
 
 L = FIELD_ELEMENTS_PER_CELL

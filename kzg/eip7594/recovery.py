@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..fft import coset_fft, fft, roots_of_unity
+from ..fft import brp, coset_fft, fft, roots_of_unity
 from ..field import (
     BLS_MODULUS,
     FIELD_ELEMENTS_PER_BLOB,
@@ -13,7 +13,6 @@ from ..field import (
     batch_inverse,
     reverse_bits,
 )
-from ..field import bit_reversal_permutation as brp
 from .cells import CELLS_PER_EXT_BLOB, FIELD_ELEMENTS_PER_CELL, FIELD_ELEMENTS_PER_EXT_BLOB
 
 R = BLS_MODULUS

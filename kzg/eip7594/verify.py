@@ -25,7 +25,6 @@ from ..field import (
     hash_to_bls_field,
     inv,
 )
-from ..field import bit_reversal_permutation as brp
 from .cells import FIELD_ELEMENTS_PER_CELL, coset_shift_for_cell
 
 R = BLS_MODULUS
@@ -86,7 +85,7 @@ def verify_batch(
     interpolation = [0] * n
     for index, evals in by_cell.items():
         # A cell lists its coset in bit-reversed order of the powers of ω₆₄.
-        coefficients = fft(brp([v % R for v in evals]), inverse=True)
+        coefficients = fft([v % R for v in evals], inverse=True, brp_input=True)
         h_inv = inv(coset_shift_for_cell(index))
         scale = 1
         for j in range(n):
