@@ -200,9 +200,20 @@ async def test_rate_limit_answers_429_with_retry_after(start_gateway: StartGatew
 
 
 async def test_ip_rules_refuse_the_client(start_gateway: StartGateway) -> None:  # noqa: F811
-    gw = await start_gateway(security=install, auth={**CHEAP_ARGON2, "deny_cidrs": ["127.0.0.0/8"]})
-    response, body = await gw.request("GET", "/healthz", role=None)
-    assert (response.status, body["error"]["code"]) == (403, "address_not_allowed")
+    rules = {
+        "denied": ({"deny_cidrs": ["127.0.0.0/8"]}, 403),
+        "not_allowed": ({"allow_cidrs": ["10.0.0.0/8", "::1/128"]}, 403),
+        "allowed": ({"allow_cidrs": ["127.0.0.0/8"]}, 200),
+        "deny_wins": ({"allow_cidrs": ["127.0.0.0/8"], "deny_cidrs": ["127.0.0.1/32"]}, 403),
+    }
+    for name, (cidrs, status) in rules.items():
+        gw = await start_gateway(security=install, name=name, auth={**CHEAP_ARGON2, **cidrs})
+        response, body = await gw.request("GET", "/healthz", role=None)
+        assert response.status == status, name
+        if status == 403:
+            assert body["error"]["code"] == "address_not_allowed"
+            (record,) = await gw.audit_records(body["error"]["request_id"])
+            assert record["http_status"] == 403
 
 
 async def test_no_secret_in_clear_in_the_data_dir_or_logs(
