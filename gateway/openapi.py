@@ -70,6 +70,7 @@ class RouteDoc:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+_DEFAULT_ERRORS = RouteDoc.__dataclass_fields__["errors"].default
 _DOCS: dict[str, RouteDoc] = {}
 
 
@@ -102,11 +103,12 @@ def _operation(name: str, method: str, doc: RouteDoc | None) -> dict[str, Any]:
     if doc.response_schema is not None:
         success["content"] = {doc.response_type: {"schema": doc.response_schema}}
     responses: dict[str, Any] = {"200": success}
-    errors = set(doc.errors) | {404, 405}
+    # IP rules (403) and rate limits (429) apply to every route, public ones included.
+    errors = set(doc.errors) | {403, 404, 405, 429}
     if doc.request_schema is not None:
         errors |= {413, 415}
-    if doc.public:
-        errors -= {401, 403}
+    if doc.public and doc.errors == _DEFAULT_ERRORS:
+        errors.discard(401)
     for status in sorted(errors):
         responses[str(status)] = {"$ref": f"#/components/responses/E{status}"}
     operation["responses"] = responses
