@@ -23,7 +23,7 @@ from .cells import (
 from .recovery import recover_coefficients
 from .verify import verify_batch
 
-_VERSION = 2
+_VERSION = 3
 
 
 def _as_list(value: object, name: str) -> list:
@@ -69,17 +69,17 @@ class CellEngine:
         meta = {"kind": "fk20", "version": _VERSION, "setup_sha256": setup_bytes.sha256}
         path = cache.table_path(cache_dir, "fk20", meta)
         payload = cache.read_table(path, meta)
-        table_points = fk20.L * fk20.SIZE
-        if payload is None or len(payload) != table_points * BYTES_PER_G1:
-            self.tables = fk20.precompute(load_setup().g1_monomial)
-            cache.write_table(path, meta, b"".join(bytes(p) for row in self.tables for p in row))
+        per_column = fk20.CHUNKS * fk20.L
+        if payload is None or len(payload) != fk20.SIZE * per_column * BYTES_PER_G1:
+            self.columns = fk20.precompute(load_setup().g1_monomial)
+            cache.write_table(path, meta, b"".join(bytes(p) for col in self.columns for p in col))
             self.from_cache = False
             return
         unchecked = G1Element.from_bytes_unchecked
         points = [
             unchecked(payload[i : i + BYTES_PER_G1]) for i in range(0, len(payload), BYTES_PER_G1)
         ]
-        self.tables = [points[r * fk20.SIZE : (r + 1) * fk20.SIZE] for r in range(fk20.L)]
+        self.columns = [points[j : j + per_column] for j in range(0, len(points), per_column)]
         self.from_cache = True
 
     def compute_cells(self, blob: bytes) -> list[bytes]:
@@ -87,7 +87,7 @@ class CellEngine:
 
     def _cells_and_proofs(self, coefficients: list[int]) -> tuple[list[bytes], list[bytes]]:
         cells = cells_from_coefficients(coefficients)
-        return cells, [bytes(p) for p in fk20.proofs(coefficients, self.tables)]
+        return cells, [bytes(p) for p in fk20.proofs(coefficients, self.columns)]
 
     def compute_cells_and_kzg_proofs(self, blob: bytes) -> tuple[list[bytes], list[bytes]]:
         return self._cells_and_proofs(blob_coefficients(blob_to_polynomial(blob)))

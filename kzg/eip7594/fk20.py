@@ -7,7 +7,8 @@ The c of the 128 cells are the 128th roots of unity (bit-reversed), so the proof
 G1 FFT of (H_0 … H_{k−2}). Each H_s is, for every offset r, a Toeplitz product, computed
 as a cyclic convolution of size 2k: the G1 side, FFT_2k of the reversed setup points of
 each offset, depends only on the setup and is precomputed (and cached on disk); per blob
-it costs l field FFTs, 2k multi-scalar multiplications of l points, and two G1 FFTs.
+it costs l field FFTs, 2k multi-scalar multiplications (of l points, each stored with
+its multiples by 2^64, 2^128, 2^192), and two G1 FFTs.
 """
 
 from __future__ import annotations
@@ -26,16 +27,36 @@ K = FIELD_ELEMENTS_PER_BLOB // L
 SIZE = 2 * K  # the circulant embedding; equals CELLS_PER_EXT_BLOB here
 
 
+# The 64 scalars of each product are cut into four 64-bit chunks, the points stored with
+# their multiples by 2^64, 2^128 and 2^192: a product is then one MSM of 256 points with
+# 64-bit scalars, about 25% fewer additions than 64 points with 255-bit scalars (every
+# doubling chain is precomputed), for 32768 stored points instead of 8192.
+CHUNKS = 4
+CHUNK_BITS = 64
+
+
 def precompute(monomial: Sequence[G1Element]) -> list[list[G1Element]]:
-    """For each offset r: FFT_2k of (τ^{(k−1−v)l+r})_{v<k} padded with k identities."""
-    tables = []
+    """Per frequency j < 2k, the points of its product: for every chunk q and offset r,
+    2^(64q) times entry j of FFT_2k of (τ^{(k−1−v)l+r})_{v<k} padded with k identities."""
+    rows = []
     for r in range(L):
         column = [monomial[(K - 1 - v) * L + r] for v in range(K)]
-        tables.append(g1_fft(column + [G1Element()] * K))
-    return tables
+        rows.append(g1_fft(column + [G1Element()] * K))
+    chunks = [rows]
+    for _ in range(CHUNKS - 1):
+        shifted = []
+        for row in chunks[-1]:
+            out = []
+            for p in row:
+                for _ in range(CHUNK_BITS):
+                    p = p + p
+                out.append(p)
+            shifted.append(out)
+        chunks.append(shifted)
+    return [[chunk[r][j] for chunk in chunks for r in range(L)] for j in range(SIZE)]
 
 
-def proofs(coefficients: Sequence[int], tables: Sequence[Sequence[G1Element]]) -> list[G1Element]:
+def proofs(coefficients: Sequence[int], columns: Sequence[Sequence[G1Element]]) -> list[G1Element]:
     """The 128 cell proofs, in cell order."""
     # Per offset r, the FFT of a_m = f_{ml+r}, scaled by 1/2k: the inverse G1 FFT below
     # then needs no scalar multiplication by 1/2k of its 128 outputs.
@@ -44,8 +65,12 @@ def proofs(coefficients: Sequence[int], tables: Sequence[Sequence[G1Element]]) -
         fft([coefficients[m * L + r] * scale % BLS_MODULUS for m in range(K)] + [0] * K)
         for r in range(L)
     ]
+    mask = (1 << CHUNK_BITS) - 1
+    shifts = [q * CHUNK_BITS for q in range(CHUNKS)]
     products = [
-        g1_lincomb([tables[r][j] for r in range(L)], [spectra[r][j] for r in range(L)])
+        g1_lincomb(
+            columns[j], [spectra[r][j] >> shift & mask for shift in shifts for r in range(L)]
+        )
         for j in range(SIZE)
     ]
     # H_s is position k + s of the inverse transform of the products; an unscaled
