@@ -37,9 +37,10 @@ def verify_hash(hasher: PasswordHasher, stored: str, secret: str) -> bool:
         return False
 
 
-def new_password() -> str:
-    """A generated password shown once to its owner: 144 random bits."""
-    return secrets.token_urlsafe(18)
+def new_password(min_length: int) -> str:
+    """A generated password shown once to its owner: at least 144 random bits and
+    ``min_length`` characters (each carries 6 bits)."""
+    return secrets.token_urlsafe(max(18, -(-min_length * 3 // 4)))
 
 
 @dataclass(frozen=True)

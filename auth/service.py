@@ -168,7 +168,7 @@ class AuthService:
         """Create a person; returns the generated password and TOTP secret, shown once."""
         self._check_username(username)
         self.rbac.check_roles(roles)
-        password = credentials.new_password()
+        password = credentials.new_password(int(self.policy.get("passwords", "min_length")))
         secret = credentials.new_totp_secret()
         user_id = f"usr_{secrets.token_hex(8)}"
         stamp = format_timestamp(self.now())

@@ -18,7 +18,7 @@ from auth.policy import PolicyError, load_policies
 from auth.rewrap import IDENTITY_SEALED, rewrap_columns
 from auth.service import AuthError, AuthService
 from gateway.db import make_engine, migrate
-from tests.auth.conftest import Store, tokens_to_refuse
+from tests.auth.conftest import CHEAP_ARGON2, Store, tokens_to_refuse
 from tests.conftest import PgDatabase
 
 
@@ -227,6 +227,13 @@ async def test_disabled_user_token_stops_working(store: Store) -> None:
     await service.check_revision(force=True)
     with pytest.raises(AuthError):
         await service.authenticate_token(token)
+
+
+async def test_generated_passwords_follow_the_policy_length(store: Store) -> None:
+    for min_length, expected in ((16, 24), (40, 40)):
+        service = store.make(passwords={**CHEAP_ARGON2["passwords"], "min_length": min_length})
+        created = await service.create_user(f"len{min_length}", ["client"])
+        assert len(created["password"]) == expected
 
 
 async def test_master_key_rotation_rewraps_every_identity_secret(store: Store) -> None:
