@@ -66,7 +66,12 @@ class CellEngine:
         ]
         self.g2_generator = _setup_point(G2Element, setup_bytes.g2_monomial, 0, "g2_monomial")
         self.g2_tau_n = _setup_point(G2Element, setup_bytes.g2_monomial, n, "g2_monomial")
-        meta = {"kind": "fk20", "version": _VERSION, "setup_sha256": setup_bytes.sha256}
+        meta = {
+            "kind": "fk20",
+            "version": _VERSION,
+            "chunks": fk20.CHUNKS,
+            "setup_sha256": setup_bytes.sha256,
+        }
         path = cache.table_path(cache_dir, "fk20", meta)
         payload = cache.read_table(path, meta)
         per_column = fk20.CHUNKS * fk20.L
