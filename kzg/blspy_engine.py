@@ -27,8 +27,8 @@ from .eip4844 import (
     blob_to_polynomial,
     check_bytes,
     compute_challenge,
-    compute_quotient,
     evaluate_polynomial,
+    evaluate_with_quotient,
     field_from_bytes,
 )
 from .eip7594.engine import CellEngine
@@ -111,8 +111,7 @@ class BlspyEngine:
         return bytes(self._lagrange.lincomb(blob_to_polynomial(blob)))
 
     def _proof(self, poly: list[int], z: int) -> tuple[bytes, int]:
-        y = evaluate_polynomial(poly, z)
-        quotient = compute_quotient(poly, z, y)
+        y, quotient = evaluate_with_quotient(poly, z)
         return bytes(self._lagrange.lincomb(quotient)), y
 
     def compute_kzg_proof(self, blob: bytes, z: bytes) -> tuple[bytes, bytes]:

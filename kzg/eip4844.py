@@ -6,6 +6,7 @@ Fiat-Shamir challenges, exactly as the consensus specs define them (polynomial-c
 from __future__ import annotations
 
 import hashlib
+import operator
 from collections.abc import Sequence
 from functools import cache
 
@@ -92,10 +93,11 @@ def evaluate_polynomial(poly: Sequence[int], z: int) -> int:
         return poly[index]
     r = BLS_MODULUS
     levels = _fold_roots()
-    # First fold with a = f·w and b = f'·(−w) written out: w·((f − f')·z + (f + f')·w),
-    # left unreduced: the next fold's reduction covers it, one modulo fewer per pair.
+    # First fold with a = f·w and b = f'·(−w) written out: w·((f − f')·z + (f + f')·w);
+    # the factor w stays outside the reduction (the next fold's reduction covers it), so
+    # the next level multiplies 510-bit rather than 765-bit numbers (measured ~30% faster).
     acc = [
-        w * ((a - b) * z + (a + b) * w)
+        ((a - b) * z + (a + b) * w) % r * w
         for w, a, b in zip(levels[0], poly[0::2], poly[1::2], strict=True)
     ]
     big_z = z * z % r
@@ -113,26 +115,76 @@ def _inverse_width() -> int:
     return inv(FIELD_ELEMENTS_PER_BLOB)
 
 
+@cache
+def _halving_levels() -> tuple[tuple[int, ...], ...]:
+    """Level k: the even-indexed entries of the bit-reversed (N/2^k)-th roots of unity
+    (the odd-indexed ones are their negatives)."""
+    return _fold_roots()
+
+
+def _inverse_differences(z: int) -> tuple[list[int], int]:
+    """Return 1/(ωᵢ − z) for every ωᵢ of the bit-reversed domain, z outside it.
+
+    Halving instead of a batch inversion: for neighbours ±w, 1/(w − Z) = (w + Z)/(w² − Z²)
+    and 1/(−w − Z) = (Z − w)/(w² − Z²), and the w² − Z² are the same problem over the
+    (N/2)-th roots with Z² for Z. One inversion at the bottom and ~2N products in list
+    comprehensions, against 3N products in a Python loop for a batch inversion.
+    Also returns zᴺ, which the barycentric formula needs.
+    """
+    r = BLS_MODULUS
+    levels = _halving_levels()
+    powers = [z]
+    for _ in levels:
+        powers.append(powers[-1] * powers[-1] % r)
+    inverses = [pow((1 - powers[-1]) % r, -1, r)]
+    for k in range(len(levels) - 1, -1, -1):
+        big_z = powers[k]
+        evens = levels[k]
+        level = [0] * (2 * len(evens))
+        level[0::2] = [(w + big_z) * d % r for w, d in zip(evens, inverses, strict=True)]
+        level[1::2] = [(big_z - w) * d % r for w, d in zip(evens, inverses, strict=True)]
+        inverses = level
+    return inverses, powers[-1]
+
+
 def compute_quotient(poly: Sequence[int], z: int, y: int) -> list[int]:
     """Return q = (p − y)/(X − z) in evaluation form, including the in-domain case."""
     r = BLS_MODULUS
-    roots = roots_of_unity_brp()
     index = _root_index().get(z)
+    if index is None:
+        # q(ωᵢ) = (fᵢ − y)/(ωᵢ − z)
+        inverses, _ = _inverse_differences(z)
+        return [(f - y) * d % r for f, d in zip(poly, inverses, strict=True)]
+    roots = roots_of_unity_brp()
     denominators = [(w - z) % r for w in roots]
-    if index is not None:
-        denominators[index] = 1
+    denominators[index] = 1
     inverses = batch_inverse(denominators)
     quotient = [(f - y) * d % r for f, d in zip(poly, inverses, strict=True)]
-    if index is not None:
-        # q(ω_m) = Σ_{i≠m} (fᵢ − y)·ωᵢ / (z·(z − ωᵢ))
-        terms = [(z * (z - w)) % r for i, w in enumerate(roots) if i != index]
-        term_inverses = iter(batch_inverse(terms))
-        total = 0
-        for i, (f, w) in enumerate(zip(poly, roots, strict=True)):
-            if i != index:
-                total += (f - y) * w % r * next(term_inverses)
-        quotient[index] = total % r
+    # q(ω_m) = Σ_{i≠m} (fᵢ − y)·ωᵢ / (z·(z − ωᵢ))
+    terms = [(z * (z - w)) % r for i, w in enumerate(roots) if i != index]
+    term_inverses = iter(batch_inverse(terms))
+    total = 0
+    for i, (f, w) in enumerate(zip(poly, roots, strict=True)):
+        if i != index:
+            total += (f - y) * w % r * next(term_inverses)
+    quotient[index] = total % r
     return quotient
+
+
+def evaluate_with_quotient(poly: Sequence[int], z: int) -> tuple[int, list[int]]:
+    """Return (p(z), (p − p(z))/(X − z)): outside the domain the inverses 1/(ωᵢ − z) serve
+    both the barycentric sum and the quotient, so the evaluation costs two C-level
+    products per element instead of a separate fold."""
+    index = _root_index().get(z)
+    if index is not None:
+        y = poly[index]
+        return y, compute_quotient(poly, z, y)
+    r = BLS_MODULUS
+    inverses, z_n = _inverse_differences(z)
+    weighted = sum(map(operator.mul, map(operator.mul, poly, roots_of_unity_brp()), inverses))
+    # p(z) = (zᴺ − 1)/N · Σ fᵢωᵢ/(z − ωᵢ), and the inverses are of ωᵢ − z
+    y = (1 - z_n) * _inverse_width() % r * (weighted % r) % r
+    return y, [(f - y) * d % r for f, d in zip(poly, inverses, strict=True)]
 
 
 def compute_challenge(blob: bytes, commitment: bytes) -> int:
