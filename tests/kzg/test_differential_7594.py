@@ -4,6 +4,7 @@ random blobs, random erasures of exactly half, wrong cells and swapped proofs.""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
@@ -18,7 +19,9 @@ from kzg.eip7594.cells import (
     coset_for_cell,
     evaluate_coefficients,
 )
+from kzg.eip7594.engine import CellEngine
 from kzg.field import BLS_MODULUS
+from kzg.setup import read_setup_bytes
 
 R = BLS_MODULUS
 
@@ -112,3 +115,41 @@ def test_recovery_refusals_name_the_problem(blspy_engine: Engine, blob_data: tup
         blspy_engine.recover_cells_and_kzg_proofs([*half[:63], 128], cells[:64])
     with pytest.raises(KZGError, match="same length"):
         blspy_engine.recover_cells_and_kzg_proofs(half, cells[:65])
+
+
+def _rollup_blob(seed: int, used: int) -> bytes:
+    rng = random.Random(seed)
+    return b"".join(b"\0" + rng.randbytes(31) for _ in range(used)).ljust(131072, b"\0")
+
+
+def test_cells_agree_on_random_and_edge_case_blobs(
+    blspy_engine: Engine, ckzg_engine: Engine
+) -> None:
+    top = (R - 1).to_bytes(32, "big")
+    blobs = [
+        _blob(1),
+        _blob(2),
+        bytes(131072),
+        top * 4096,
+        _rollup_blob(3, 1),
+        _rollup_blob(4, 2500),
+    ]
+    for blob in blobs:
+        assert blspy_engine.compute_cells(blob) == list(ckzg_engine.compute_cells(blob))
+
+
+def test_cached_precomputation_gives_the_same_proofs(
+    blspy_engine: Engine, ckzg_engine: Engine, kzg_cache_dir: Path
+) -> None:
+    # A second cell engine over the session's cache: the warm path (tables read back
+    # from disk) must give c-kzg's proofs, here on a rollup-style blob.
+    warm = CellEngine(read_setup_bytes(blspy_engine.setup_path), kzg_cache_dir, _no_setup)
+    assert warm.from_cache is True
+    blob = _rollup_blob(5, 2458)
+    assert warm.compute_cells_and_kzg_proofs(blob) == tuple(
+        list(x) for x in ckzg_engine.compute_cells_and_kzg_proofs(blob)
+    )
+
+
+def _no_setup() -> None:
+    raise AssertionError("the warm path must not need the parsed setup")
