@@ -3,7 +3,7 @@ times and the ratio blspy/ckzg, for random blobs and rollup-style blobs (31-byte
 ~60% full); then the EIP-7594 cell operations against ckzg loaded without and with its
 precomputation (precompute=0 is c-kzg's default, 8 what the gateway's ckzg engine uses).
 
-    python bench/kzg_engines.py [--repeat N] [--batch 16] [--cache-dir D]
+    python bench/kzg_engines.py [--repeat N] [--batch 16] [--cache-dir D] [--eip4844-only]
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--eip4844-only", action="store_true", help="skip the cell operations")
     args = parser.parse_args()
 
     cache_dir = args.cache_dir or Path(tempfile.mkdtemp(prefix="kzg-bench-"))
@@ -119,6 +120,8 @@ def main() -> int:
                 f"{t_ours / t_theirs:6.2f}x"
             )
 
+    if args.eip4844_only:
+        return 0
     # The cells' own precomputation (FK20 tables) alone, warm from the cache.
     setup_bytes = read_setup_bytes(blspy.setup_path)
     start = time.perf_counter()

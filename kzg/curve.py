@@ -111,16 +111,62 @@ def digit_offset(c: int, windows: int) -> int:
     return sum(1 << (c * j + c - 1) for j in range(windows))
 
 
-def _window_for(count: int) -> int:
-    # Roughly minimises count·256/c + 2^c additions for the variable-base case.
-    for c, limit in ((2, 4), (3, 12), (4, 32), (5, 80), (6, 200), (7, 500), (8, 1200)):
-        if count <= limit:
-            return c
-    return 10
+def _wnaf5(k: int) -> list[int]:
+    """Width-5 NAF digits of k ≥ 0, least significant first: odd digits in [−15, 15]."""
+    digits = []
+    while k:
+        if k & 1:
+            d = k & 31
+            if d > 16:
+                d -= 32
+            k -= d
+            digits.append(d)
+        else:
+            digits.append(0)
+        k >>= 1
+    return digits
+
+
+def _straus_cost(count: int, bits: int) -> float:
+    # Shared doublings, one addition per ~6 bits per point, 8 odd multiples and their
+    # negatives per point.
+    return bits + count * (bits / 6 + 12)
+
+
+def _pippenger_plan(count: int, bits: int) -> tuple[float, int]:
+    """(additions, window) of the cheapest signed-digit Pippenger for this shape."""
+    return min((windows_for(c, bits) * (count + 1.5 * (1 << c) + c), c) for c in range(2, 13))
+
+
+def _straus(pairs: Sequence[tuple[G1Element, int]]) -> G1Element:
+    """Σ sᵢ·Pᵢ by interleaved width-5 NAF: the doublings are shared by all points, so for
+    a few points this needs far fewer additions than buckets would."""
+    tables = []
+    nafs = []
+    for p, s in pairs:
+        double = p + p
+        odd = [p]  # odd[i] = (2i+1)·p
+        for _ in range(7):
+            odd.append(odd[-1] + double)
+        tables.append((odd, [q.negate() for q in odd]))
+        nafs.append(_wnaf5(s))
+    rows = list(zip(tables, nafs, strict=True))
+    acc = None
+    for bit in range(max(len(d) for d in nafs) - 1, -1, -1):
+        if acc is not None:
+            acc = acc + acc
+        for (odd, neg), digits in rows:
+            if bit < len(digits):
+                d = digits[bit]
+                if d:
+                    term = odd[(d - 1) >> 1] if d > 0 else neg[(-d - 1) >> 1]
+                    acc = term if acc is None else acc + term
+    return acc if acc is not None else G1Element()
 
 
 def g1_lincomb(points: Sequence[G1Element], scalars: Sequence[int]) -> G1Element:
-    """Return Σ scalars[i]·points[i] (Pippenger with signed digits, per-window buckets)."""
+    """Return Σ scalars[i]·points[i]: interleaved wNAF for few points, else Pippenger with
+    signed digits and per-window buckets, whichever the addition count favours."""
     pairs = []
     for p, s in zip(points, scalars, strict=True):
         s %= BLS_MODULUS
@@ -133,9 +179,12 @@ def g1_lincomb(points: Sequence[G1Element], scalars: Sequence[int]) -> G1Element
         return G1Element()
     if len(pairs) == 1:
         return g1_mul(*pairs[0])
-    c = _window_for(len(pairs))
+    bits = max(s.bit_length() for _, s in pairs)
+    cost, c = _pippenger_plan(len(pairs), bits)
+    if _straus_cost(len(pairs), bits) < cost:
+        return _straus(pairs)
     half, mask = 1 << (c - 1), (1 << c) - 1
-    windows = windows_for(c, max(s.bit_length() for _, s in pairs))
+    windows = windows_for(c, bits)
     offset = digit_offset(c, windows)
     shifts = range(0, windows * c, c)
     digits = [[((s + offset) >> shift & mask) - half for shift in shifts] for _, s in pairs]
