@@ -56,30 +56,7 @@ def g1_mul(point: G1Element, k: int) -> G1Element:
         point, k = point.negate(), BLS_MODULUS - k
     if k == 0:
         return G1Element()
-    double = point + point
-    odd = [point]  # odd[i] = (2i+1)·point
-    for _ in range(7):
-        odd.append(odd[-1] + double)
-    neg = [p.negate() for p in odd]
-    digits = []
-    while k:
-        if k & 1:
-            d = k & 31
-            if d > 16:
-                d -= 32
-            k -= d
-            digits.append(d)
-        else:
-            digits.append(0)
-        k >>= 1
-    acc = None
-    for d in reversed(digits):
-        if acc is not None:
-            acc = acc + acc
-        if d:
-            term = odd[(d - 1) >> 1] if d > 0 else neg[(-d - 1) >> 1]
-            acc = term if acc is None else acc + term
-    return acc if acc is not None else G1Element()
+    return _straus([(point, k)])
 
 
 def _sum_buckets(pos: list, neg: list) -> G1Element | None:

@@ -39,6 +39,11 @@ def _root_index() -> dict[int, int]:
     return {w: i for i, w in enumerate(roots_of_unity_brp())}
 
 
+_ELEMENT_SLICES = tuple(
+    slice(i, i + BYTES_PER_FIELD_ELEMENT) for i in range(0, BYTES_PER_BLOB, BYTES_PER_FIELD_ELEMENT)
+)
+
+
 def check_bytes(value: object, size: int, name: str) -> bytes:
     """Return ``value`` as bytes of exactly ``size``; KZGError naming ``name`` otherwise."""
     if not isinstance(value, bytes | bytearray | memoryview):
@@ -59,9 +64,9 @@ def field_from_bytes(value: object, name: str) -> int:
 def blob_to_polynomial(blob: object, name: str = "blob") -> list[int]:
     """Return the blob's 4096 field elements; KZGError naming the first non-canonical one."""
     data = check_bytes(blob, BYTES_PER_BLOB, name)
-    step = BYTES_PER_FIELD_ELEMENT
-    from_bytes = int.from_bytes
-    poly = [from_bytes(data[i : i + step], "big") for i in range(0, BYTES_PER_BLOB, step)]
+    # int.from_bytes is big-endian by default; map keeps the 4096 slices and conversions
+    # out of the interpreter loop (~1/3 faster than a comprehension).
+    poly = list(map(int.from_bytes, map(data.__getitem__, _ELEMENT_SLICES)))
     if max(poly) >= BLS_MODULUS:
         index = next(i for i, x in enumerate(poly) if x >= BLS_MODULUS)
         raise KZGError(f"{name}: field element {index} is not canonical (>= BLS_MODULUS)")
