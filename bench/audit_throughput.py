@@ -21,11 +21,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from alembic import command
-from alembic.config import Config
 from prometheus_client import CollectorRegistry
-from sqlalchemy import event, text
-from sqlalchemy.engine import Connection
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -34,40 +31,14 @@ from audit.events import AuditEvent
 from audit.metrics import AuditMetrics
 from audit.verify import verify_database
 from audit.writer import AuditWriter
-from migrations import MIGRATIONS_DIR
+from gateway.db import make_engine, migrate
 
 TARGETS = {"sqlite": 2000, "postgresql": 5000}
 _POOL = 64
 
 
-def _engine(url: str) -> AsyncEngine:
-    if not url.startswith("sqlite"):
-        return create_async_engine(url, pool_size=5)
-    engine = create_async_engine(url, connect_args={"timeout": 30})
-
-    @event.listens_for(engine.sync_engine, "connect")
-    def _wal(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=FULL")
-        cursor.close()
-
-    return engine
-
-
-def _upgrade(connection: Connection, app_role: str | None) -> None:
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    config.attributes["connection"] = connection
-    config.attributes["app_role"] = app_role
-    command.upgrade(config, "audit@head")
-
-
 async def _migrate(url: str, app_role: str | None) -> None:
-    engine = _engine(url)
-    async with engine.begin() as conn:
-        await conn.run_sync(_upgrade, app_role)
-    await engine.dispose()
+    await migrate(url, app_role, target="audit@head")
 
 
 def _event(worker: int, n: int) -> AuditEvent:
@@ -103,7 +74,7 @@ class RunResult:
 
 
 async def _run(url: str, writers: int, seconds: float) -> RunResult:
-    engine = _engine(url)
+    engine = make_engine(url)
     registry = CollectorRegistry()
     writer = AuditWriter(engine, commit_timeout=30, metrics=AuditMetrics.create(registry))
     await writer.start()

@@ -49,20 +49,21 @@ def alembic_config(
     return config
 
 
-def _upgrade(connection: Connection, app_role: str | None) -> None:
-    command.upgrade(alembic_config(connection, app_role), "heads")
+def _upgrade(connection: Connection, app_role: str | None, target: str) -> None:
+    command.upgrade(alembic_config(connection, app_role), target)
     if app_role and connection.dialect.name == "postgresql":
         # The running gateway checks at start that the schema is current.
         connection.exec_driver_sql(f'GRANT SELECT ON alembic_version TO "{app_role}"')
 
 
-async def migrate(owner_url: str, app_role: str | None = None) -> None:
-    """Upgrade every branch to its head as the schema owner; on PostgreSQL the migrations
-    grant ``app_role`` only what the running gateway needs."""
+async def migrate(owner_url: str, app_role: str | None = None, target: str = "heads") -> None:
+    """Upgrade every branch to its head (or to ``target``, e.g. ``audit@head``) as the
+    schema owner; on PostgreSQL the migrations grant ``app_role`` only what the running
+    gateway needs."""
     engine = make_engine(owner_url)
     try:
         async with engine.begin() as conn:
-            await conn.run_sync(_upgrade, app_role)
+            await conn.run_sync(_upgrade, app_role, target)
     finally:
         await engine.dispose()
 

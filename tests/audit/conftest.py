@@ -7,48 +7,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from alembic import command
-from alembic.config import Config
-from sqlalchemy import event
-from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.writer import AuditWriter
-from migrations import MIGRATIONS_DIR
+from gateway.db import make_engine, migrate
 from tests.conftest import PgDatabase
 
-
-def make_engine(url: str, busy_timeout: float = 30.0) -> AsyncEngine:
-    """An async engine; SQLite in WAL mode with a busy timeout, as the gateway runs it."""
-    if not url.startswith("sqlite"):
-        return create_async_engine(url)
-    engine = create_async_engine(url, connect_args={"timeout": busy_timeout})
-
-    @event.listens_for(engine.sync_engine, "connect")
-    def _pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.close()
-
-    return engine
-
-
-def _upgrade(connection: Connection, app_role: str | None) -> None:
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    config.attributes["connection"] = connection
-    config.attributes["app_role"] = app_role
-    command.upgrade(config, "audit@head")
+__all__ = ["make_engine", "migrate_audit"]  # the audit tests import both from here
 
 
 async def migrate_audit(owner_url: str, app_role: str | None = None) -> None:
     """Run the audit branch of the migrations as the owner role."""
-    engine = make_engine(owner_url)
-    try:
-        async with engine.begin() as conn:
-            await conn.run_sync(_upgrade, app_role)
-    finally:
-        await engine.dispose()
+    await migrate(owner_url, app_role, target="audit@head")
 
 
 @dataclass(frozen=True)
