@@ -7,6 +7,8 @@ and (b) a bare aiohttp server running the same worker pool with no auth, audit o
 Prints throughput and p50/p95/p99 for verify-proof, verify-blob-proof and
 blob-to-commitment, then the ratios the gateway is held to, then verify-proof with an
 API key against the same gateway with auth disabled (``--auth-only`` runs just that).
+``--scale-out`` (with a PostgreSQL URL) compares one and two instances on one database
+and prints where a request's time goes.
 """
 
 from __future__ import annotations
@@ -290,6 +292,11 @@ def main() -> int:
     parser.add_argument(
         "--auth-only", action="store_true", help="only the API key vs auth disabled comparison"
     )
+    parser.add_argument(
+        "--scale-out",
+        action="store_true",
+        help="one vs two instances on PostgreSQL (needs --database-url) and where time goes",
+    )
     args = parser.parse_args()
     if args.baseline_serve:
         run_baseline(args)
@@ -313,6 +320,8 @@ def main() -> int:
                 "KZG_GATEWAY_DATABASE_APP_ROLE": args.app_role or "",
             })  # fmt: skip
         args.env = env
+        if args.scale_out:
+            return asyncio.run(scale_out(args))
         status = 0 if args.auth_only else asyncio.run(bench(args))
         return asyncio.run(auth_overhead(args)) or status
 
@@ -391,6 +400,115 @@ async def auth_overhead(args: argparse.Namespace) -> int:
         print(f"  {'API key / auth disabled throughput':<44} {ratio:7.2f}  (target >= 0.95)  "
               f"{'ok' if ok else 'MISSED'}")  # fmt: skip
         return 0 if ok and not key["errors"] and not off["errors"] else 1
+    finally:
+        for server in servers:
+            server.terminate()
+        for server in servers:
+            server.wait(timeout=30)
+
+
+def _metric(text: str, name: str) -> float:
+    """Sum of the samples of ``name`` in a Prometheus text page."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _delta(after: list[str], before: list[str], name: str) -> float:
+    """How much ``name`` grew over the run, summed over the instances."""
+    return sum(_metric(a, name) - _metric(b, name) for a, b in zip(after, before, strict=True))
+
+
+async def _metrics(url: str, ca: Path) -> str:
+    context = ssl.create_default_context(cafile=str(ca))
+    async with aiohttp.ClientSession() as session, session.get(url, ssl=context) as response:
+        return await response.text()
+
+
+async def scale_out(args: argparse.Namespace) -> int:
+    """One and then two gateway instances (separate processes and ports) on one
+    PostgreSQL against the bare baseline, for verify-proof and verify-blob-proof: the
+    throughput and p95 of each, each configuration's overhead against the baseline, and
+    where a request's time goes (engine, audit commit, the rest: TLS, HTTP, auth)."""
+    from gateway.pool import warm_engine
+
+    if not args.database_url:
+        print("--scale-out needs --database-url (instances share one PostgreSQL)")
+        return 2
+    args.env = {**args.env, "KZG_GATEWAY_AUTH__RATELIMIT__CLIENT__RATE": "1000000",
+                "KZG_GATEWAY_AUTH__RATELIMIT__CLIENT__BURST": "1000000"}  # fmt: skip
+    _gateway(args, "init")
+    created = json.loads(
+        _gateway(args, "admin", "api-keys", "create", "--name", "scale", "--role", "client").stdout
+    )
+    headers = {"X-API-Key": created["api_key"]}
+    ca = args.data_dir / "tls" / "ca.pem"
+    ports = [args.port + 4, args.port + 5]
+    base_port = args.port + 6
+    servers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--data-dir", str(args.data_dir), "--port", str(port)],
+            cwd=REPO, env=args.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        for port in ports
+    ] + [
+        subprocess.Popen(
+            [sys.executable, __file__, "--baseline-serve", "--port", str(base_port), "--data-dir",
+             str(args.data_dir), "--engine", args.engine, "--workers", str(args.workers)],
+            cwd=REPO, env=args.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+    ]  # fmt: skip
+    try:
+        engine = warm_engine(args.engine)
+        inputs = make_inputs(engine)
+        for port in ports:
+            await _wait_ready(f"https://127.0.0.1:{port}/readyz", ca)
+        await _wait_ready(f"https://127.0.0.1:{base_port}/", ca)
+        print(f"scale-out on PostgreSQL: engine {args.engine}, {args.workers} workers per "
+              f"instance, {os.cpu_count()} cores shared by every server and the clients")  # fmt: skip
+        for op in ("verify-proof", "verify-blob-proof"):
+            engine_args, body = inputs[op]
+            path = f"/v1/kzg/{op}"
+            raw = raw_engine_loop(engine, OPERATIONS[op], engine_args, args.seconds)
+            urls = [f"https://127.0.0.1:{port}{path}" for port in ports]
+            before = [await _metrics(f"https://127.0.0.1:{p}/metrics", ca) for p in ports]
+            base = await drive(f"https://127.0.0.1:{base_port}{path}", body, {}, ca,
+                               args.concurrency, args.seconds)  # fmt: skip
+            one = await drive(urls[0], body, headers, ca, args.concurrency, args.seconds)
+            half = max(1, args.concurrency // 2)
+            pair = await asyncio.gather(
+                *(drive(url, body, headers, ca, half, args.seconds) for url in urls)
+            )
+            after = [await _metrics(f"https://127.0.0.1:{p}/metrics", ca) for p in ports]
+            two = {"rps": sum(r["rps"] for r in pair), "p50": max(r["p50"] for r in pair),
+                   "p95": max(r["p95"] for r in pair), "p99": max(r["p99"] for r in pair)}  # fmt: skip
+            print(f"{op}:")
+            print(_row("raw engine (1 loop)", raw))
+            print(_row("bare aiohttp + pool", base))
+            print(_row("1 instance", one) + f"  overhead {1 - one['rps'] / base['rps']:+.0%}")
+            print(_row("2 instances", two) + f"  overhead {1 - two['rps'] / base['rps']:+.0%}"
+                  f"  scaling {two['rps'] / one['rps']:.2f}x")  # fmt: skip
+            commits = _delta(after, before, "kzg_audit_commit_seconds_count")
+            commit_s = _delta(after, before, "kzg_audit_commit_seconds_sum")
+            batched = _delta(after, before, "kzg_audit_batch_size_sum")
+            commit_ms = 1000 * commit_s / commits if commits else 0.0
+            engine_cores = two["rps"] * raw["p50"] / 1000
+            rest_ms = max(two["p50"] - raw["p50"] - commit_ms, 0.0)
+            print(f"  time of a request at p50 ({two['p50']:.1f} ms): engine {raw['p50']:.2f} ms, "
+                  f"audit commit {commit_ms:.2f} ms (batches of {batched / max(commits, 1):.1f}), "
+                  f"the rest (TLS, HTTP, auth, queueing) "
+                  f"{rest_ms:.2f} ms")  # fmt: skip
+            shares = {
+                "engine": raw["p50"],
+                "audit commit": commit_ms,
+                "TLS/HTTP/auth/queue": rest_ms,
+            }
+            busy = max(shares, key=lambda k: shares[k])
+            print(f"  engine work uses {engine_cores:.2f} of {os.cpu_count()} cores at 2 instances: "
+                  f"bottleneck: {busy}")  # fmt: skip
+        return 0
     finally:
         for server in servers:
             server.terminate()
