@@ -57,7 +57,10 @@ class BlspyEngine:
         trusted_setup: str | Path | None = None,
         cache_dir: str | Path | None = None,
         window: int = DEFAULT_WINDOW,
+        table_windows: int | None = None,
     ) -> None:
+        """``table_windows`` below the 20 that 255-bit scalars need stores a smaller table
+        (warm load ∝ stored points) and pays one more bucket set per extra chunk."""
         self.setup_path = Path(trusted_setup) if trusted_setup else bundled_setup_path()
         self.cache_dir = cache.default_cache_dir(cache_dir)
         raw = read_setup_bytes(self.setup_path)
@@ -69,7 +72,7 @@ class BlspyEngine:
             "version": _TABLE_VERSION,
             "setup_sha256": raw.sha256,
             "window": window,
-            "windows": windows_for(window, 255),
+            "windows": table_windows or windows_for(window, 255),
         }
         path = cache.table_path(self.cache_dir, "lagrange", meta)
         lagrange_brp = b"".join(bit_reversal_permutation(raw.g1_lagrange))
@@ -78,7 +81,7 @@ class BlspyEngine:
             # Cold start: validate every setup point, then build and store the table.
             self.table_from_cache = False
             setup = self.setup
-            table = FixedBaseMSM.build(setup.g1_lagrange_brp, window)
+            table = FixedBaseMSM.build(setup.g1_lagrange_brp, window, windows=meta["windows"])
             cache.write_table(path, meta, b"".join(bytes(p) for row in table.rows for p in row))
             self._lagrange = table
             g2 = setup.g2_monomial

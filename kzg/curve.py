@@ -204,13 +204,15 @@ class FixedBaseMSM:
         self.size = len(rows[0]) if rows else 0
         self.rows = rows  # rows[j][i] = 2^(c·j)·P_i
         self._columns = [list(col) for col in zip(*rows, strict=True)]
-        self._offsets = [digit_offset(c, w) for w in range(self.windows + 1)]
 
     @classmethod
-    def build(cls, points: Sequence[G1Element], c: int, bits: int = 255) -> FixedBaseMSM:
-        """Compute the table: each window is the previous one doubled c times."""
+    def build(
+        cls, points: Sequence[G1Element], c: int, bits: int = 255, windows: int | None = None
+    ) -> FixedBaseMSM:
+        """Compute the table: each window is the previous one doubled c times. With
+        ``windows`` below what ``bits`` need, scalars are handled in chunks."""
         rows = [list(points)]
-        for _ in range(windows_for(c, bits) - 1):
+        for _ in range((windows or windows_for(c, bits)) - 1):
             row = []
             for p in rows[-1]:
                 for _ in range(c):
@@ -224,7 +226,6 @@ class FixedBaseMSM:
         if len(scalars) != self.size:
             raise ValueError(f"expected {self.size} scalars, got {len(scalars)}")
         c = self.c
-        half, full, mask = 1 << (c - 1), 1 << c, (1 << c) - 1
         # A scalar above r/2 is negated so all stay below 2^254; its digits then go to
         # the mirrored buckets (index full − u holds digit −(u − half)).
         terms = []
@@ -241,10 +242,27 @@ class FixedBaseMSM:
         if not terms:
             return G1Element()
         windows = windows_for(c, top.bit_length())
-        if windows > self.windows:
-            raise ValueError("scalar too large for the table")
-        offset = self._offsets[windows]
-        shifts = range(0, windows * c, c)
+        offset = digit_offset(c, windows)
+        stored = self.windows
+        # A table of fewer windows than the scalars need (a smaller file, a faster warm
+        # load): Horner over chunks of `stored` windows, each with its own buckets.
+        result = None
+        for start in range(((windows - 1) // stored) * stored, -1, -stored):
+            if result is not None:
+                for _ in range(c * stored):
+                    result = result + result
+            shifts = range(start * c, min(start + stored, windows) * c, c)
+            part = self._chunk_sum(terms, offset, shifts)
+            if part is not None:
+                result = part if result is None else result + part
+        return result if result is not None else G1Element()
+
+    def _chunk_sum(
+        self, terms: list[tuple[int, int, bool]], offset: int, shifts: range
+    ) -> G1Element | None:
+        """Σ over the given windows of digit·(row point), the rows taken from the first."""
+        c = self.c
+        half, full, mask = 1 << (c - 1), 1 << c, (1 << c) - 1
         buckets: list[list[G1Element]] = [[] for _ in range(full + 1)]
         append = [b.append for b in buckets]
         mirrored = append[::-1]
@@ -265,7 +283,7 @@ class FixedBaseMSM:
                 running = p if running is None else running + p
             if running is not None:
                 total = running if total is None else total + running
-        return total if total is not None else G1Element()
+        return total
 
 
 def pairing_check(pairs: Sequence[tuple[G1Element, G2Element]]) -> bool:

@@ -41,11 +41,14 @@ def test_variable_base_msm_with_identity_points_and_zero_scalars() -> None:
     assert g1_lincomb(points, [0, 0, 0]) == G1Element()
 
 
-@pytest.mark.parametrize("c", [2, 5, 8])
-def test_fixed_base_msm_matches_the_sum(c: int) -> None:
+@pytest.mark.parametrize(
+    ("c", "windows"), [(2, None), (5, None), (8, None), (13, 10), (8, 7), (5, 1)]
+)
+def test_fixed_base_msm_matches_the_sum(c: int, windows: int | None) -> None:
+    # windows below what 255-bit scalars need: the compact table, scalars in chunks.
     rng = random.Random(c)
     logs = [rng.randrange(R) for _ in range(40)]
-    table = FixedBaseMSM.build([g1_generator_mul(k) for k in logs], c)
+    table = FixedBaseMSM.build([g1_generator_mul(k) for k in logs], c, windows=windows)
     for scalars in (
         [rng.randrange(R) for _ in logs],
         [rng.choice(EDGE_SCALARS) for _ in logs],
