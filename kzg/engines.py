@@ -44,9 +44,11 @@ def load_engine(
     name: str = "blspy",
     trusted_setup: str | Path | None = None,
     cache_dir: str | Path | None = None,
+    table_windows: int | None = None,
 ) -> Engine:
     """Return a ready engine by name, over the bundled mainnet setup unless a path is given.
-    ``cache_dir`` holds the blspy engine's precomputed tables (see ``kzg.cache``)."""
+    ``cache_dir`` holds the blspy engine's precomputed tables (see ``kzg.cache``);
+    ``table_windows`` (blspy) trades commitment speed for a smaller, faster-loading table."""
     if name == "ckzg":
         from .ckzg_engine import CkzgEngine
 
@@ -54,5 +56,5 @@ def load_engine(
     if name == "blspy":
         from .blspy_engine import BlspyEngine
 
-        return BlspyEngine(trusted_setup, cache_dir=cache_dir)
+        return BlspyEngine(trusted_setup, cache_dir=cache_dir, table_windows=table_windows)
     raise KZGError(f"engine: unknown engine {name!r}, expected one of {ENGINE_NAMES}")

@@ -111,3 +111,19 @@ def test_corrupt_table_cache_is_rebuilt(
     assert warm.table_from_cache is True
     blob = BLOBS["random"]
     assert warm.blob_to_kzg_commitment(blob) == first.blob_to_kzg_commitment(blob)
+
+
+def test_compact_table_gives_the_same_results(
+    tmp_path: Path, blspy_engine: Engine, ckzg_engine: Engine, kzg_cache_dir: Path
+) -> None:
+    for cached in kzg_cache_dir.glob("fk20-*.bin"):
+        shutil.copy(cached, tmp_path / cached.name)
+    compact = load_engine("blspy", cache_dir=tmp_path, table_windows=7)
+    assert len(compact._lagrange.rows) == 7  # type: ignore[attr-defined]
+    for kind in ("random", "rollup_31_byte_packed", "all_r_minus_1"):
+        blob = BLOBS[kind]
+        commitment = ckzg_engine.blob_to_kzg_commitment(blob)
+        assert compact.blob_to_kzg_commitment(blob) == commitment, kind
+        assert compact.compute_blob_kzg_proof(blob, commitment) == (
+            ckzg_engine.compute_blob_kzg_proof(blob, commitment)
+        ), kind
