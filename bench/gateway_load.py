@@ -171,6 +171,26 @@ def run_baseline(args: argparse.Namespace) -> None:
     )
 
 
+def _spawn(args: argparse.Namespace, *command: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, *command], cwd=REPO, env=args.env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def serve_gateway(args: argparse.Namespace, port: int) -> subprocess.Popen[bytes]:
+    return _spawn(
+        args, "-m", "gateway", "serve", "--data-dir", str(args.data_dir), "--port", str(port)
+    )
+
+
+def serve_baseline(args: argparse.Namespace, port: int) -> subprocess.Popen[bytes]:
+    return _spawn(
+        args, __file__, "--baseline-serve", "--port", str(port), "--data-dir", str(args.data_dir),
+        "--engine", args.engine, "--workers", str(args.workers),
+    )  # fmt: skip
+
+
 def _gateway(args: argparse.Namespace, *command: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "gateway", *command, "--data-dir", str(args.data_dir)],
@@ -209,17 +229,7 @@ async def bench(args: argparse.Namespace) -> int:
     headers = {"X-API-Key": created["api_key"]}
     ca = args.data_dir / "tls" / "ca.pem"
     gw_port, base_port = args.port, args.port + 1
-    servers = [
-        subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--data-dir", str(args.data_dir), "--port", str(gw_port)],
-            cwd=REPO, env=args.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        ),
-        subprocess.Popen(
-            [sys.executable, __file__, "--baseline-serve", "--port", str(base_port), "--data-dir",
-             str(args.data_dir), "--engine", args.engine, "--workers", str(args.workers)],
-            cwd=REPO, env=args.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        ),
-    ]  # fmt: skip
+    servers = [serve_gateway(args, gw_port), serve_baseline(args, base_port)]
     try:
         engine = warm_engine(args.engine)
         inputs = make_inputs(engine)
@@ -371,14 +381,8 @@ async def auth_overhead(args: argparse.Namespace) -> int:
     ca = args.data_dir / "tls" / "ca.pem"
     on_port, off_port = args.port + 2, args.port + 3
     servers = [
-        subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--data-dir", str(args.data_dir), "--port", str(on_port)],
-            cwd=REPO, env=args.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        ),
-        subprocess.Popen(
-            [sys.executable, __file__, "--auth-off-serve", "--port", str(off_port), "--data-dir", str(args.data_dir)],
-            cwd=REPO, env=args.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        ),
+        serve_gateway(args, on_port),
+        _spawn(args, __file__, "--auth-off-serve", "--port", str(off_port), "--data-dir", str(args.data_dir)),
     ]  # fmt: skip
     try:
         _, body = make_inputs(warm_engine(args.engine))["verify-proof"]
@@ -447,19 +451,7 @@ async def scale_out(args: argparse.Namespace) -> int:
     ca = args.data_dir / "tls" / "ca.pem"
     ports = [args.port + 4, args.port + 5]
     base_port = args.port + 6
-    servers = [
-        subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--data-dir", str(args.data_dir), "--port", str(port)],
-            cwd=REPO, env=args.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        for port in ports
-    ] + [
-        subprocess.Popen(
-            [sys.executable, __file__, "--baseline-serve", "--port", str(base_port), "--data-dir",
-             str(args.data_dir), "--engine", args.engine, "--workers", str(args.workers)],
-            cwd=REPO, env=args.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-    ]  # fmt: skip
+    servers = [*(serve_gateway(args, port) for port in ports), serve_baseline(args, base_port)]
     try:
         engine = warm_engine(args.engine)
         inputs = make_inputs(engine)

@@ -26,6 +26,7 @@ from .eip4844 import (
     batch_challenge,
     blob_to_polynomial,
     check_bytes,
+    check_list,
     compute_challenge,
     evaluate_polynomial,
     evaluate_with_quotient,
@@ -39,12 +40,6 @@ from .setup import TrustedSetup, bundled_setup_path, load_trusted_setup, read_se
 # 13-bit windows: 20 windows of 4096 points; ~86k additions a commitment (see README).
 DEFAULT_WINDOW = 13
 _TABLE_VERSION = 1
-
-
-def _as_list(value: object, name: str) -> list:
-    if not isinstance(value, list | tuple):
-        raise KZGError(f"{name}: expected a list, got {type(value).__name__}")
-    return list(value)
 
 
 class BlspyEngine:
@@ -152,9 +147,9 @@ class BlspyEngine:
     def verify_blob_kzg_proof_batch(
         self, blobs: Sequence[bytes], commitments: Sequence[bytes], proofs: Sequence[bytes]
     ) -> bool:
-        blobs = _as_list(blobs, "blobs")
-        commitments = _as_list(commitments, "commitments")
-        proofs = _as_list(proofs, "proofs")
+        blobs = check_list(blobs, "blobs")
+        commitments = check_list(commitments, "commitments")
+        proofs = check_list(proofs, "proofs")
         if not len(blobs) == len(commitments) == len(proofs):
             raise KZGError(
                 f"blobs, commitments and proofs must have the same length, got "

@@ -273,17 +273,8 @@ class FixedBaseMSM:
             for shift, point in zip(shifts, columns[i]):  # noqa: B905 (columns may be longer)
                 add_to[t >> shift & mask](point)
         sums = [reduce(operator.add, b) if b else None for b in buckets]
-        running = total = None
-        for k in range(half, 0, -1):
-            p, n = sums[half + k], sums[half - k]
-            if n is not None:
-                n = n.negate()
-                p = n if p is None else p + n
-            if p is not None:
-                running = p if running is None else running + p
-            if running is not None:
-                total = running if total is None else total + running
-        return total
+        # Digit +k sits at index half + k, digit −k at half − k.
+        return _sum_buckets(sums[half:], sums[half::-1])
 
 
 def pairing_check(pairs: Sequence[tuple[G1Element, G2Element]]) -> bool:

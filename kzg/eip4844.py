@@ -53,6 +53,13 @@ def check_bytes(value: object, size: int, name: str) -> bytes:
     return bytes(value)
 
 
+def check_list(value: object, name: str) -> list:
+    """``value`` as a list; KZGError naming ``name`` unless it is a list or tuple."""
+    if not isinstance(value, list | tuple):
+        raise KZGError(f"{name}: expected a list, got {type(value).__name__}")
+    return list(value)
+
+
 def field_from_bytes(value: object, name: str) -> int:
     """Return the canonical field element in ``value`` (32 bytes, big-endian, < r)."""
     x = int.from_bytes(check_bytes(value, BYTES_PER_FIELD_ELEMENT, name), "big")

@@ -9,7 +9,7 @@ from blspy import G1Element, G2Element
 
 from .. import cache
 from ..curve import BYTES_PER_G1, g1_from_bytes
-from ..eip4844 import blob_to_polynomial, check_bytes
+from ..eip4844 import blob_to_polynomial, check_bytes, check_list
 from ..errors import KZGError
 from ..setup import SetupBytes, TrustedSetup
 from . import fk20
@@ -24,12 +24,6 @@ from .recovery import recover_coefficients
 from .verify import verify_batch
 
 _VERSION = 3
-
-
-def _as_list(value: object, name: str) -> list:
-    if not isinstance(value, list | tuple):
-        raise KZGError(f"{name}: expected a list, got {type(value).__name__}")
-    return list(value)
 
 
 def _setup_point(cls: type, encoded: Sequence[bytes], index: int, what: str):
@@ -100,8 +94,8 @@ class CellEngine:
     def recover_cells_and_kzg_proofs(
         self, cell_indices: Sequence[int], cells: Sequence[bytes]
     ) -> tuple[list[bytes], list[bytes]]:
-        indices = _as_list(cell_indices, "cell_indices")
-        cells = _as_list(cells, "cells")
+        indices = check_list(cell_indices, "cell_indices")
+        cells = check_list(cells, "cells")
         if len(indices) != len(cells):
             raise KZGError(
                 f"cell_indices and cells must have the same length, got {len(indices)} and {len(cells)}"
@@ -127,10 +121,10 @@ class CellEngine:
         cells: Sequence[bytes],
         proofs: Sequence[bytes],
     ) -> bool:
-        commitments = _as_list(commitments, "commitments")
-        indices = _as_list(cell_indices, "cell_indices")
-        cells = _as_list(cells, "cells")
-        proofs = _as_list(proofs, "proofs")
+        commitments = check_list(commitments, "commitments")
+        indices = check_list(cell_indices, "cell_indices")
+        cells = check_list(cells, "cells")
+        proofs = check_list(proofs, "proofs")
         if not len(commitments) == len(indices) == len(cells) == len(proofs):
             raise KZGError(
                 "commitments, cell_indices, cells and proofs must have the same length, got "
