@@ -55,9 +55,5 @@ async def access_review(ctx: JobContext) -> dict[str, Any]:
     return {**summary, "review": review}
 
 
-def register_identity_jobs() -> None:
-    register_job("rotate-keys", rotate_keys, 3600.0)
-    register_job("access-review", access_review, 86400.0)
-
-
-register_identity_jobs()
+register_job("rotate-keys", rotate_keys, 3600.0)
+register_job("access-review", access_review, 86400.0)

@@ -70,17 +70,12 @@ class RouteDoc:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-_DEFAULT_ERRORS = RouteDoc.__dataclass_fields__["errors"].default
 _DOCS: dict[str, RouteDoc] = {}
 
 
 def document_route(name: str, doc: RouteDoc) -> None:
     """Declare (or replace) the documentation of the route named ``name``."""
     _DOCS[name] = doc
-
-
-def route_doc(name: str) -> RouteDoc | None:
-    return _DOCS.get(name)
 
 
 def _operation(name: str, method: str, doc: RouteDoc | None) -> dict[str, Any]:
@@ -107,8 +102,6 @@ def _operation(name: str, method: str, doc: RouteDoc | None) -> dict[str, Any]:
     errors = set(doc.errors) | {403, 404, 405, 429}
     if doc.request_schema is not None:
         errors |= {413, 415}
-    if doc.public and doc.errors == _DEFAULT_ERRORS:
-        errors.discard(401)
     for status in sorted(errors):
         responses[str(status)] = {"$ref": f"#/components/responses/E{status}"}
     operation["responses"] = responses

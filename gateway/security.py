@@ -25,13 +25,16 @@ from audit.events import parse_timestamp
 from auth.policy import PolicyError, RbacPolicy, SecurityPolicy
 from auth.ratelimit import RateLimiter
 from auth.service import AuthError, AuthService
-from gateway import admin_routes, auth_routes
+from gateway import (
+    admin_routes,
+    auth_routes,
+    identity_jobs,  # noqa: F401  (importing registers the identity jobs)
+)
 from gateway.appkeys import DB_ENGINE, MASTER_KEY, METRICS
 from gateway.config import Config
 from gateway.context import REQUEST_CONTEXT
 from gateway.errors import ApiError
 from gateway.identity import AUTH_SERVICE, policies_for, to_api_error
-from gateway.identity_jobs import register_identity_jobs
 from gateway.receipts import list_receipt_keys
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -207,7 +210,6 @@ def install(app: web.Application, config: Config) -> list[Any]:
         yield
 
     app.cleanup_ctx.append(resources)
-    register_identity_jobs()
     auth_routes.add_routes(app)
     admin_routes.add_routes(app)
     return [authenticate, authorize, rate_limit]

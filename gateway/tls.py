@@ -162,15 +162,6 @@ def server_ssl_context(tls: dict[str, Any], data_dir: Path) -> ssl.SSLContext:
     return context
 
 
-def client_ssl_context(ca_file: Path, cert: tuple[Path, Path] | None = None) -> ssl.SSLContext:
-    """Return a client context trusting ``ca_file`` (TLS 1.3), with an optional client cert."""
-    context = ssl.create_default_context(cafile=str(ca_file))
-    context.minimum_version = ssl.TLSVersion.TLSv1_3
-    if cert is not None:
-        context.load_cert_chain(*cert)
-    return context
-
-
 def certificate_not_after(path: Path) -> float:
     """Unix time at which the certificate in ``path`` (PEM) expires."""
     cert = x509.load_pem_x509_certificate(path.read_bytes())

@@ -25,7 +25,6 @@ from .curve import (
 from .eip4844 import (
     batch_challenge,
     blob_to_polynomial,
-    check_bytes,
     check_list,
     compute_challenge,
     evaluate_polynomial,
@@ -119,7 +118,6 @@ class BlspyEngine:
 
     def compute_blob_kzg_proof(self, blob: bytes, commitment: bytes) -> bytes:
         poly = blob_to_polynomial(blob)
-        commitment = check_bytes(commitment, BYTES_PER_G1, "commitment")
         g1_from_bytes(commitment, "commitment")
         proof, _ = self._proof(poly, compute_challenge(blob, commitment))
         return proof

@@ -1,5 +1,5 @@
 """G1/G2 arithmetic that blspy lacks: parsing with named errors, scalar multiplication,
-multi-scalar multiplication (variable and fixed base) and the pairing check.
+and multi-scalar multiplication (variable and fixed base).
 
 blspy offers point addition, negation, pairings and generator multiples
 (``PrivateKey.get_g1``), each a C call of a few microseconds; everything here is
@@ -13,30 +13,22 @@ import operator
 from collections.abc import Sequence
 from functools import reduce
 
-from blspy import G1Element, G2Element, GTElement, PrivateKey
+from blspy import G1Element, PrivateKey
 
+from .eip4844 import check_bytes
 from .errors import KZGError
 from .field import BLS_MODULUS
+from .setup import BYTES_PER_G1
 
-BYTES_PER_G1 = 48
-BYTES_PER_G2 = 96
-G1_IDENTITY_BYTES = bytes([0xC0]) + bytes(47)
 _HALF_MODULUS = BLS_MODULUS // 2
 
 
-def g1_identity() -> G1Element:
-    return G1Element()
-
-
-def g1_from_bytes(data: bytes, name: str) -> G1Element:
+def g1_from_bytes(data: object, name: str) -> G1Element:
     """Return the G1 point encoded in ``data``; KZGError naming ``name`` unless it is a
     compressed point on the curve and in the subgroup (the identity included)."""
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise KZGError(f"{name}: expected bytes, got {type(data).__name__}")
-    if len(data) != BYTES_PER_G1:
-        raise KZGError(f"{name}: expected {BYTES_PER_G1} bytes, got {len(data)}")
+    raw = check_bytes(data, BYTES_PER_G1, name)
     try:
-        return G1Element.from_bytes(bytes(data))
+        return G1Element.from_bytes(raw)
     except (ValueError, RuntimeError) as exc:
         raise KZGError(f"{name}: not a valid G1 point ({exc})") from exc
 
@@ -275,12 +267,3 @@ class FixedBaseMSM:
         sums = [reduce(operator.add, b) if b else None for b in buckets]
         # Digit +k sits at index half + k, digit −k at half − k.
         return _sum_buckets(sums[half:], sums[half::-1])
-
-
-def pairing_check(pairs: Sequence[tuple[G1Element, G2Element]]) -> bool:
-    """True when Π e(Pᵢ, Qᵢ) is the identity of GT."""
-    acc: GTElement | None = None
-    for p, q in pairs:
-        e = p.pair(q)
-        acc = e if acc is None else acc * e
-    return acc == GTElement.unity() if acc is not None else True

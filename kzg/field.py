@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TypeVar
 
-from .errors import KZGError
-
 BLS_MODULUS = 0x73EDA753299D7D483339D80809A1D80553BDA402FFFE5BFEFFFFFFFF00000001
 BYTES_PER_FIELD_ELEMENT = 32
 FIELD_ELEMENTS_PER_BLOB = 4096
@@ -14,16 +12,6 @@ BYTES_PER_BLOB = BYTES_PER_FIELD_ELEMENT * FIELD_ELEMENTS_PER_BLOB
 PRIMITIVE_ROOT_OF_UNITY = 7
 
 T = TypeVar("T")
-
-
-def bytes_to_bls_field(b: bytes, name: str = "field element") -> int:
-    """Return the canonical field element encoded big-endian in ``b``."""
-    if len(b) != BYTES_PER_FIELD_ELEMENT:
-        raise KZGError(f"{name}: expected {BYTES_PER_FIELD_ELEMENT} bytes, got {len(b)}")
-    x = int.from_bytes(b, "big")
-    if x >= BLS_MODULUS:
-        raise KZGError(f"{name}: not a canonical field element (>= BLS_MODULUS)")
-    return x
 
 
 def bls_field_to_bytes(x: int) -> bytes:

@@ -20,9 +20,9 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 def missing(what: str) -> None:
     """Skip locally, but fail under CI: nothing the product needs may be skipped there."""
-    if IN_CI:
-        pytest.fail(f"required for CI but missing: {what}")
-    pytest.skip(f"missing: {what}")
+    if not IN_CI:
+        pytest.skip(f"missing: {what}")
+    pytest.fail(f"required for CI but missing: {what}")
 
 
 @pytest.fixture(scope="session")
