@@ -134,11 +134,13 @@ class CellEngine:
         checked = [_cell_index(v, f"cell_indices[{i}]") for i, v in enumerate(indices)]
         evals = [cell_to_evals(c, f"cells[{i}]") for i, c in enumerate(cells)]
         proof_bytes = [check_bytes(p, BYTES_PER_G1, f"proofs[{i}]") for i, p in enumerate(proofs)]
+        # Each distinct commitment is parsed once, and named by its first position.
         unique: dict[bytes, int] = {}
-        for c in raw:
-            unique.setdefault(c, len(unique))
-        first_position = {c: raw.index(c) for c in unique}
-        points = [g1_from_bytes(c, f"commitments[{first_position[c]}]") for c in unique]
+        points = []
+        for i, c in enumerate(raw):
+            if c not in unique:
+                unique[c] = len(unique)
+                points.append(g1_from_bytes(c, f"commitments[{i}]"))
         proof_points = [g1_from_bytes(p, f"proofs[{i}]") for i, p in enumerate(proof_bytes)]
         if not checked:
             return True
