@@ -57,3 +57,15 @@ auth_revision = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("revision", sa.BigInteger, nullable=False),
 )
+
+# Each instance's running total of tokens spent per rate-limit key (auth.ratelimit).
+rate_usage = sa.Table(
+    "rate_usage",
+    metadata,
+    sa.Column("instance_id", sa.String(32), primary_key=True),
+    sa.Column("key", sa.String(256), primary_key=True),
+    sa.Column("spent", sa.Float, nullable=False),
+    sa.Column("rate", sa.Float, nullable=False),
+    sa.Column("burst", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False, index=True),
+)

@@ -1,28 +1,50 @@
-"""Token buckets per principal: ``rate`` tokens a second up to ``burst``."""
+"""Token buckets per principal (``rate`` tokens a second up to ``burst``), shared by
+every instance on one database.
+
+Each request is decided from this process's buckets alone, so the hot path never
+waits on the database. ``UsageExchange`` then publishes, every few tenths of a second,
+what this instance spent per key and charges each bucket with what the other instances
+spent, so N instances together admit one principal's rate, not N times it. Between two
+exchanges an instance may admit up to one interval's worth (and at first contact one
+burst) beyond the shared bucket; the debt is repaid from later tokens.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
+import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from auth.models import rate_usage
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class _Bucket:
     tokens: float
     updated: float
+    rate: float
+    burst: float
 
 
 class RateLimiter:
-    """In-process buckets; each instance limits its own share of the traffic."""
+    """In-process buckets; pair with a UsageExchange to share them across instances."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, max_keys: int = 100_000):
         self._clock = clock
         self._buckets: dict[str, _Bucket] = {}
         self._max_keys = max_keys
+        self._spent: Counter[str] = Counter()
 
-    def take(self, key: str, rate: float, burst: float) -> float:
-        """Spend one token; return 0 when allowed, else the seconds until one is free."""
+    def _bucket(self, key: str, rate: float, burst: float) -> _Bucket:
         now = self._clock()
         bucket = self._buckets.get(key)
         if bucket is None:
@@ -31,12 +53,122 @@ class RateLimiter:
                 self._buckets = {
                     k: b
                     for k, b in self._buckets.items()
-                    if b.tokens + (now - b.updated) * rate < burst
+                    if b.tokens + (now - b.updated) * b.rate < b.burst
                 }
-            bucket = self._buckets[key] = _Bucket(burst, now)
+            bucket = self._buckets[key] = _Bucket(burst, now, rate, burst)
+        bucket.rate, bucket.burst = rate, burst
         bucket.tokens = min(burst, bucket.tokens + (now - bucket.updated) * rate)
         bucket.updated = now
+        return bucket
+
+    def take(self, key: str, rate: float, burst: float) -> float:
+        """Spend one token; return 0 when allowed, else the seconds until one is free."""
+        bucket = self._bucket(key, rate, burst)
         if bucket.tokens >= 1:
             bucket.tokens -= 1
+            self._spent[key] += 1
             return 0.0
         return (1 - bucket.tokens) / rate if rate > 0 else float("inf")
+
+    def charge(self, key: str, tokens: float, rate: float, burst: float) -> None:
+        """Remove tokens spent elsewhere; the bucket may go into debt down to -burst."""
+        bucket = self._bucket(key, rate, burst)
+        bucket.tokens = max(-burst, bucket.tokens - tokens)
+
+    def spent(self) -> dict[str, tuple[int, float, float]]:
+        """Tokens spent here since ``forget_spent`` was last told of them, with each
+        key's rate and burst."""
+        return {
+            key: (count, self._buckets[key].rate, self._buckets[key].burst)
+            for key, count in self._spent.items()
+            if key in self._buckets
+        }
+
+    def forget_spent(self, published: dict[str, tuple[int, float, float]]) -> None:
+        self._spent.subtract({key: count for key, (count, _, _) in published.items()})
+        self._spent = +self._spent  # drop the keys that reached zero
+
+
+class UsageExchange:
+    """Publishes this instance's spending in ``rate_usage`` and charges the others'.
+
+    Rows hold each instance's running total per key; a key idle for ``horizon``
+    seconds is deleted (whoever syncs first) and its total starts again from zero."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        limiter: RateLimiter,
+        horizon: float = 300.0,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.instance_id = uuid.uuid4().hex
+        self._engine = engine
+        self._limiter = limiter
+        self._horizon = horizon
+        self._wall = wall_clock
+        self._totals: dict[str, tuple[float, float]] = {}  # key -> (total, last published)
+        self._seen: dict[tuple[str, str], float] | None = None
+
+    def _upsert(self) -> sa.Insert:
+        dialect = postgresql if self._engine.dialect.name == "postgresql" else sqlite
+        statement = dialect.insert(rate_usage)
+        return statement.on_conflict_do_update(
+            index_elements=[rate_usage.c.instance_id, rate_usage.c.key],
+            set_={
+                "spent": statement.excluded.spent,
+                "rate": statement.excluded.rate,
+                "burst": statement.excluded.burst,
+                "updated_at": statement.excluded.updated_at,
+            },
+        )
+
+    async def sync(self) -> float:
+        """One exchange; return the tokens charged for other instances' spending."""
+        now = self._wall()
+        stale = now - self._horizon
+        # A key idle past the horizon starts again from zero, as its row is deleted.
+        self._totals = {k: v for k, v in self._totals.items() if v[1] >= stale}
+        published = self._limiter.spent()
+        rows = []
+        for key, (count, rate, burst) in published.items():
+            total = self._totals.get(key, (0.0, now))[0] + count
+            self._totals[key] = (total, now)
+            rows.append(
+                {
+                    "instance_id": self.instance_id,
+                    "key": key,
+                    "spent": total,
+                    "rate": rate,
+                    "burst": burst,
+                    "updated_at": now,
+                }
+            )
+        async with self._engine.begin() as conn:
+            if rows:
+                await conn.execute(self._upsert(), rows)
+            others = (
+                await conn.execute(
+                    sa.select(rate_usage).where(
+                        rate_usage.c.instance_id != self.instance_id,
+                        rate_usage.c.updated_at >= stale,
+                    )
+                )
+            ).all()
+            await conn.execute(sa.delete(rate_usage).where(rate_usage.c.updated_at < stale))
+        self._limiter.forget_spent(published)
+        first = self._seen is None
+        seen = self._seen or {}
+        self._seen = {}
+        charged = 0.0
+        for row in others:
+            ident = (row.instance_id, row.key)
+            self._seen[ident] = row.spent
+            before = seen.get(ident)
+            # A total that went down belongs to a row deleted and started again.
+            delta = row.spent if before is None or row.spent < before else row.spent - before
+            if first or delta <= 0:
+                continue  # what others spent before this instance started is not ours to pay
+            self._limiter.charge(row.key, delta, row.rate, row.burst)
+            charged += delta
+        return charged

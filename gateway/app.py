@@ -43,6 +43,7 @@ from gateway.context import REQUEST_CONTEXT, RequestContext
 from gateway.db import check_schema, make_engine
 from gateway.errors import ApiError
 from gateway.jobs import JobContext, Scheduler
+from gateway.limits import SERVER_LIMITS, ServerLimits
 from gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from gateway.openapi import RouteDoc, document_route, openapi_document
 from gateway.pool import EnginePool, PoolSettings
@@ -64,6 +65,7 @@ _HTTP_CODES = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "body_timeout",
     413: "too_large",
     415: "unsupported_media_type",
     429: "rate_limited",
@@ -75,11 +77,15 @@ def error_response(
     request_id: str, status: int, code: str, message: str, headers: dict[str, str] | None = None
 ) -> web.Response:
     """Return the error envelope every refusal uses."""
-    return web.json_response(
+    response = web.json_response(
         {"error": {"code": code, "message": message, "request_id": request_id}},
         status=status,
         headers=headers,
     )
+    if status == 408:
+        # The rest of a body that came too slowly is still on the wire: close the connection.
+        response.force_close()
+    return response
 
 
 @web.middleware
@@ -405,6 +411,7 @@ def create_app(
         client_max_size=max(op.body_limit for op in ops),
     )
     app[CONFIG] = config
+    app[SERVER_LIMITS] = ServerLimits.from_config(config)
     app[MASTER_KEY] = master_key or load_master_key(config.data_dir)
     app[METRICS] = GatewayMetrics.create()
     app[STATE] = ServerState()

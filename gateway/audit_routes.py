@@ -28,6 +28,7 @@ _OUTCOMES = {
     401: "unauthenticated",
     403: "denied",
     404: "not_found",
+    408: "timeout",
     413: "too_large",
     429: "rate_limited",
     503: "unavailable",

@@ -91,23 +91,13 @@ async def serve(config: Config) -> None:
     """Serve until SIGTERM/SIGINT, then drain: /readyz turns 503, the listener closes
     after ``[server] drain_seconds``, in-flight requests finish (up to
     ``shutdown_timeout_seconds``), then resources close."""
-    from aiohttp import web
-
     from gateway.app import create_app
     from gateway.appkeys import STATE
+    from gateway.server import start_server
 
     app = create_app(config)
     ssl_context = server_ssl_context(config.section("tls"), config.data_dir)
-    server = config.section("server")
-    runner = web.AppRunner(
-        app,
-        access_log=None,
-        shutdown_timeout=float(server.get("shutdown_timeout_seconds", 30)),
-        handle_signals=False,
-    )
-    await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, ssl_context=ssl_context, backlog=1024)
-    await site.start()
+    runner, _ = await start_server(app, config.host, config.port, ssl_context)
     log.info("kzg-gateway serving on %s", config.url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -115,7 +105,7 @@ async def serve(config: Config) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     app[STATE].draining = True
-    await asyncio.sleep(float(server.get("drain_seconds", 0)))
+    await asyncio.sleep(float(config.get("server", "drain_seconds", 0)))
     log.info("draining %d in-flight requests", app[STATE].inflight)
     await runner.cleanup()
 

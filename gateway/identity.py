@@ -13,6 +13,7 @@ from auth.policy import PolicyError, RbacPolicy, SecurityPolicy, load_policies
 from auth.service import AuthError, AuthService
 from gateway.config import Config
 from gateway.errors import ApiError
+from gateway.limits import read_body
 
 AUTH_SERVICE: web.AppKey[AuthService] = web.AppKey("auth_service", AuthService)
 
@@ -45,11 +46,7 @@ async def json_body(request: web.Request, limit: int) -> dict[str, Any]:
     """The request's JSON object; 415, 413 and 400 envelopes for anything else."""
     if request.content_type != "application/json":
         raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json")
-    if request.content_length is not None and request.content_length > limit:
-        raise ApiError(413, "too_large", f"body larger than {limit} bytes")
-    raw = await request.content.read(limit + 1)
-    if len(raw) > limit:
-        raise ApiError(413, "too_large", f"body larger than {limit} bytes")
+    raw = await read_body(request, limit)
     try:
         body = json.loads(raw)
     except ValueError as exc:

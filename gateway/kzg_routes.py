@@ -15,6 +15,7 @@ from aiohttp import web
 from gateway.appkeys import KZG_POOL, METRICS, RECEIPT_SIGNER
 from gateway.context import REQUEST_CONTEXT
 from gateway.errors import ApiError, bad_request
+from gateway.limits import read_body
 from gateway.openapi import HEX, RouteDoc, document_route
 from gateway.pool import PoolClosed, PoolSaturated, WorkerCrashed
 from gateway.receipts import ReceiptResponse, input_digest
@@ -176,20 +177,6 @@ def parse_json_inputs(op: Operation, body: bytes) -> list[Any]:
     if missing:
         raise bad_request("missing_field", f"{missing[0]} is required")
     return [_parse_field(f, document[f.name]) for f in op.inputs]
-
-
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """Read the body, refusing with 413 as soon as it exceeds ``limit`` bytes."""
-    if request.content_length is not None and request.content_length > limit:
-        raise ApiError(413, "too_large", f"the body exceeds {limit} bytes for this route")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.content.iter_chunked(256 * 1024):
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, "too_large", f"the body exceeds {limit} bytes for this route")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 async def parse_inputs(request: web.Request, op: Operation) -> list[Any]:

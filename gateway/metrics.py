@@ -28,6 +28,8 @@ class GatewayMetrics:
     requests: Counter
     audit: AuditMetrics
     tls_not_after: Gauge
+    connections: Gauge
+    connections_refused: Counter
 
     @classmethod
     def create(cls) -> GatewayMetrics:
@@ -80,6 +82,15 @@ class GatewayMetrics:
             tls_not_after=Gauge(
                 "kzg_tls_certificate_not_after_seconds",
                 "Expiry of the served TLS certificate (Unix time)",
+                registry=registry,
+            ),
+            connections=Gauge(
+                "kzg_open_connections", "Client connections open right now", registry=registry
+            ),
+            connections_refused=Counter(
+                "kzg_connections_refused",
+                "Connections closed on arrival because a connection limit was reached",
+                ["limit"],
                 registry=registry,
             ),
         )

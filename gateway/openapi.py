@@ -49,6 +49,7 @@ _STATUS_TEXT = {
     403: "not permitted",
     404: "not found",
     405: "method not allowed",
+    408: "the body arrived too slowly",
     413: "body too large",
     415: "unsupported content type",
     429: "rate limited",
@@ -101,7 +102,7 @@ def _operation(name: str, method: str, doc: RouteDoc | None) -> dict[str, Any]:
     # IP rules (403) and rate limits (429) apply to every route, public ones included.
     errors = set(doc.errors) | {403, 404, 405, 429}
     if doc.request_schema is not None:
-        errors |= {413, 415}
+        errors |= {408, 413, 415}
     for status in sorted(errors):
         responses[str(status)] = {"$ref": f"#/components/responses/E{status}"}
     operation["responses"] = responses

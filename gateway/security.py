@@ -10,8 +10,10 @@ and the reason of a refusal (never the credential).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
+import logging
 import math
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -23,7 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from audit.events import parse_timestamp
 from auth.policy import PolicyError, RbacPolicy, SecurityPolicy
-from auth.ratelimit import RateLimiter
+from auth.ratelimit import RateLimiter, UsageExchange
 from auth.service import AuthError, AuthService
 from gateway import (
     admin_routes,
@@ -46,6 +48,7 @@ KEY_AGE: web.AppKey[Gauge] = web.AppKey("signing_key_age", Gauge)
 KEY_MAX_AGE: web.AppKey[Gauge] = web.AppKey("signing_key_max_age", Gauge)
 
 _NETWORKS = web.AppKey("ip_rules", tuple)
+log = logging.getLogger(__name__)
 
 
 def _networks(values: object, name: str) -> tuple[Any, ...]:
@@ -176,6 +179,17 @@ async def update_key_age_metrics(app: web.Application) -> None:
     )
 
 
+async def _share_rate_limits(exchange: UsageExchange, interval: float) -> None:
+    """Exchange rate-limit spending with the other instances until cancelled. While the
+    database is away each instance keeps limiting on its own."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await exchange.sync()
+        except (SQLAlchemyError, OSError) as exc:
+            log.warning("rate-limit exchange failed: %r", exc)
+
+
 def install(app: web.Application, config: Config) -> list[Any]:
     """Register the identity routes and resources; return the middlewares, in order."""
     rbac, policy = policies_for(config)
@@ -207,7 +221,18 @@ def install(app: web.Application, config: Config) -> list[Any]:
         # Without the database the gauges appear at the next rotation job; /readyz says why.
         with contextlib.suppress(SQLAlchemyError, OSError):
             await update_key_age_metrics(app)
+        exchange = UsageExchange(
+            app[DB_ENGINE],
+            app[RATE_LIMITER],
+            horizon=float(policy.get("ratelimit_sharing", "horizon_seconds")),
+        )
+        sharing = asyncio.create_task(
+            _share_rate_limits(exchange, float(policy.get("ratelimit_sharing", "sync_seconds")))
+        )
         yield
+        sharing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sharing
 
     app.cleanup_ctx.append(resources)
     auth_routes.add_routes(app)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,7 +96,16 @@ def pg_database() -> Iterator[PgDatabase]:
             app_role=env["APP"],
         )
     finally:
-        _psql(env, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        # A backend of a just-closed runtime-role connection may still be exiting, and
+        # the owner may not terminate it: wait a little for it rather than fail.
+        for attempt in range(40):
+            try:
+                _psql(env, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+                break
+            except subprocess.CalledProcessError:
+                if attempt == 39:
+                    raise
+                time.sleep(0.25)
 
 
 # KZG engines, each loaded once per session; the blspy engine's tables are built into a

@@ -27,6 +27,8 @@ from gateway.config import Config
 from gateway.db import make_engine
 from gateway.identity import AUTH_SERVICE
 from gateway.security import install
+from gateway.server import start_server
+from gateway.tls import server_ssl_context
 from tests.conftest import PgDatabase
 
 ENGINE_NAME = "ckzg"
@@ -121,6 +123,7 @@ def gateway_config(data_dir: Path, **sections: dict[str, Any]) -> Config:
         "engine": {"name": ENGINE_NAME},
         "pool": {"workers": 2},
         "jobs": {"enabled": False},
+        "server": {"shutdown_timeout_seconds": 5},
     }
     for name, values in sections.items():
         if isinstance(values, dict):
@@ -155,15 +158,10 @@ async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
         await initialise(config)
         master_key = MasterKey.from_text((data_dir / "master.key").read_text())
         app = create_app(config, master_key=master_key, security=security)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
-        await runner.setup()
-        from gateway.tls import server_ssl_context
-
-        site = web.TCPSite(
-            runner, "127.0.0.1", 0, ssl_context=server_ssl_context(config.section("tls"), data_dir)
+        runner, site = await start_server(
+            app, "127.0.0.1", 0, server_ssl_context(config.section("tls"), data_dir)
         )
-        await site.start()
-        port = runner.addresses[0][1]
+        port = site.port
         gateway = Gateway(
             url=f"https://127.0.0.1:{port}",
             ca_file=data_dir / "tls" / "ca.pem",

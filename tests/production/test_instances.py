@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -19,8 +20,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from sqlalchemy import select
 
+from audit.models import audit_events
 from auth.crypto import MasterKey
+from gateway.db import make_engine
 from tests.conftest import PgDatabase
 
 # The verify-proof request of the identity point: valid, and cheap for the engine.
@@ -46,13 +50,26 @@ class Instance:
     port: int
     env: dict[str, str]
     process: subprocess.Popen[bytes] | None = None
+    # The log may live outside the data dir (which a test may fill up), and the server
+    # may run under a file-size limit.
+    log_file: Path | None = None
+    fsize_limit: int | None = None
+    _ssl: ssl.SSLContext | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.log_file or self.data_dir / "serve.log"
 
     @property
     def url(self) -> str:
         return f"https://127.0.0.1:{self.port}"
 
     def ssl(self) -> ssl.SSLContext:
-        return ssl.create_default_context(cafile=str(self.data_dir / "tls" / "ca.pem"))
+        # One context per instance: aiohttp pools connections per context, and a new one
+        # per request would leave an idle connection behind each time.
+        if self._ssl is None:
+            self._ssl = ssl.create_default_context(cafile=str(self.data_dir / "tls" / "ca.pem"))
+        return self._ssl
 
     def cli(self, *args: str) -> dict:
         result = subprocess.run(
@@ -65,14 +82,21 @@ class Instance:
         return json.loads(result.stdout)
 
     def start(self) -> None:
-        log = (self.data_dir / "serve.log").open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--data-dir", str(self.data_dir),
-             "--port", str(self.port)],
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        limit = self.fsize_limit
+
+        def limit_file_size() -> None:
+            _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "serve", "--data-dir", str(self.data_dir),
+                 "--port", str(self.port)],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=limit_file_size if limit is not None else None,
+            )  # fmt: skip
 
     async def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -94,7 +118,7 @@ class Instance:
             self.process.wait(timeout=30)
 
     def log(self) -> str:
-        path = self.data_dir / "serve.log"
+        path = self.log_path
         return path.read_text(errors="replace")[-3000:] if path.exists() else ""
 
 
@@ -110,6 +134,9 @@ def instances(tmp_path: Path, pg_database: PgDatabase) -> Iterator[list[Instance
         "KZG_GATEWAY_POOL__WORKERS": "1",
         "KZG_GATEWAY_AUTH__PASSWORDS": CHEAP_ARGON2,
         "KZG_GATEWAY_AUDIT__COMMIT_TIMEOUT_SECONDS": "2",
+        # Low enough for a test to exhaust across both instances in a few seconds.
+        "KZG_GATEWAY_AUTH__RATELIMIT__AUDITOR": "{rate = 2, burst = 4}",
+        "KZG_GATEWAY_AUTH__RATELIMIT_SHARING__SYNC_SECONDS": "0.2",
     }
     made = []
     for name in ("a", "b"):
@@ -138,6 +165,16 @@ async def _call(instance: Instance, key: str, session: aiohttp.ClientSession) ->
     ) as response:
         await response.read()
         return response.status, response.headers.get("X-Request-ID", "")
+
+
+async def recorded_request_ids(db_url: str) -> set[str]:
+    """Every request id in the audit log."""
+    engine = make_engine(db_url)
+    try:
+        async with engine.connect() as conn:
+            return set((await conn.execute(select(audit_events.c.request_id))).scalars())
+    finally:
+        await engine.dispose()
 
 
 def _verify_chain(instance: Instance, db_url: str) -> subprocess.CompletedProcess[str]:
@@ -172,6 +209,28 @@ async def test_two_instances_share_keys_revocation_and_one_chain(
     assert json.loads(report.stdout)["checked"] >= 22
 
 
+async def test_instances_share_one_rate_limit(running: list[Instance]) -> None:
+    a, b = running
+    key = a.cli("admin", "api-keys", "create", "--name", "bot", "--role", "auditor")["api_key"]
+    statuses: list[int] = []
+    seconds = 6.0
+    async with aiohttp.ClientSession() as session:
+        started = time.monotonic()
+        while time.monotonic() - started < seconds:
+            for instance in (a, b):
+                async with session.get(
+                    f"{instance.url}/v1/audit/events?limit=1",
+                    headers={"X-API-Key": key},
+                    ssl=instance.ssl(),
+                ) as response:
+                    statuses.append(response.status)
+    assert set(statuses) == {200, 429}, sorted(set(statuses))
+    one_bucket = 4 + 2 * seconds  # burst + rate x time, for the pair together
+    # Each instance limiting alone would admit twice that; shared, at most one burst
+    # more while the first exchange is under way.
+    assert one_bucket <= statuses.count(200) <= one_bucket + 4 + 2, statuses.count(200)
+
+
 async def test_sigkill_under_load_loses_no_acknowledged_request(
     running: list[Instance], pg_database: PgDatabase
 ) -> None:
@@ -194,15 +253,7 @@ async def test_sigkill_under_load_loses_no_acknowledged_request(
         a.stop(signal.SIGKILL)
         await asyncio.gather(*load)
     assert len(acknowledged) > 20
-    from sqlalchemy import select
-
-    from audit.models import audit_events
-    from gateway.db import make_engine
-
-    engine = make_engine(pg_database.owner_url)
-    async with engine.connect() as conn:
-        recorded = set((await conn.execute(select(audit_events.c.request_id))).scalars())
-    await engine.dispose()
+    recorded = await recorded_request_ids(pg_database.owner_url)
     assert set(acknowledged) <= recorded, "an answered request has no audit record"
     a.start()
     await a.wait_ready()

@@ -1,0 +1,71 @@
+"""What one client may take of the server: connections (in all and per address), time
+to finish the TLS handshake and to send a request's headers and body, header sizes.
+Every bound is a ``[server]`` key of the configuration."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, fields
+from typing import Any
+
+from aiohttp import web
+
+from gateway.config import Config
+from gateway.errors import ApiError
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """``[server]`` keys of the same names."""
+
+    max_connections: int = 1024
+    max_connections_per_address: int = 256
+    backlog: int = 1024
+    tls_handshake_timeout_seconds: float = 10.0
+    # aiohttp closes a connection whose next request's headers have not all arrived
+    # this long after it opened or went idle: the bound on slow (slowloris) headers.
+    keepalive_timeout_seconds: float = 15.0
+    body_timeout_seconds: float = 30.0
+    max_header_bytes: int = 8190
+    max_headers: int = 64
+    shutdown_timeout_seconds: float = 30.0
+
+    @classmethod
+    def from_config(cls, config: Config) -> ServerLimits:
+        server = config.section("server")
+        values: dict[str, Any] = {}
+        for item in fields(cls):
+            if item.name in server:
+                kind = int if item.type == "int" else float
+                value = kind(server[item.name])
+                if value <= 0:
+                    raise ValueError(f"[server] {item.name} must be positive, got {value}")
+                values[item.name] = value
+        return cls(**values)
+
+
+SERVER_LIMITS: web.AppKey[ServerLimits] = web.AppKey("server_limits", ServerLimits)
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """Read the body within ``body_timeout_seconds``, refusing with 413 as soon as it
+    exceeds ``limit`` bytes and with 408 when it arrives too slowly."""
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, "too_large", f"the body exceeds {limit} bytes for this route")
+    timeout = request.app[SERVER_LIMITS].body_timeout_seconds
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.content.iter_chunked(256 * 1024):
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(
+                        413, "too_large", f"the body exceeds {limit} bytes for this route"
+                    )
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ApiError(
+            408, "body_timeout", f"the body did not arrive within {timeout:g} seconds"
+        ) from None
+    return b"".join(chunks)

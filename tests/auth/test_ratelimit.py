@@ -1,0 +1,116 @@
+"""Rate-limit buckets and their sharing between instances through a real database
+(SQLite and PostgreSQL, the runtime role): several instances together admit one
+principal's rate, not one rate each."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from auth.models import rate_usage
+from auth.ratelimit import RateLimiter, UsageExchange
+from tests.auth.conftest import Store
+
+KEY = "principal:k1"
+RATE, BURST = 2.0, 5.0
+
+
+class Clock:
+    """Time that moves only when the test moves it (buckets and exchanges share it)."""
+
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def _drain(limiter: RateLimiter) -> int:
+    """Take tokens until refused; return how many were granted."""
+    granted = 0
+    while limiter.take(KEY, RATE, BURST) == 0:
+        granted += 1
+    return granted
+
+
+def test_bucket_grants_burst_then_rate_and_says_when_to_retry() -> None:
+    clock = Clock()
+    limiter = RateLimiter(clock)
+    assert _drain(limiter) == BURST
+    assert limiter.take(KEY, RATE, BURST) == 1 / RATE
+    clock.advance(1.0)
+    assert _drain(limiter) == RATE
+    clock.advance(60.0)
+    assert _drain(limiter) == BURST  # refills up to the burst, not beyond
+
+
+def test_charges_may_leave_a_bounded_debt() -> None:
+    clock = Clock()
+    limiter = RateLimiter(clock)
+    limiter.charge(KEY, 100, RATE, BURST)
+    # Full (5) minus 100, floored at -burst: 5 tokens of debt before anything is granted.
+    assert limiter.take(KEY, RATE, BURST) == (1 + BURST) / RATE
+    clock.advance((1 + BURST) / RATE)
+    assert _drain(limiter) == 1
+
+
+async def test_two_instances_admit_one_shared_rate(store: Store) -> None:
+    clock = Clock()
+    a, b = RateLimiter(clock), RateLimiter(clock)
+    xa = UsageExchange(store.engine, a, wall_clock=clock)
+    xb = UsageExchange(store.engine, b, wall_clock=clock)
+    await xa.sync()
+    await xb.sync()
+    granted = []
+    for _ in range(20):  # 10 s in exchanges every 0.5 s, both instances saturated
+        granted.append(_drain(a) + _drain(b))
+        await xa.sync()
+        await xb.sync()
+        clock.advance(0.5)
+    total = sum(granted)
+    alone = BURST + RATE * 10  # what one bucket admits in 10 s
+    # Unshared, the two would admit 2 * alone = 50; shared, one burst and one
+    # exchange interval's worth of lag beyond the shared bucket at most.
+    assert alone <= total <= alone + BURST, granted
+    # Once the bursts are spent the pair keeps to the rate (5 s at 2/s, give or take
+    # one token in flight between exchanges).
+    assert sum(granted[-10:]) <= RATE * 5 + 1, granted
+
+
+async def test_an_instance_pays_only_for_spending_after_it_joined(store: Store) -> None:
+    clock = Clock()
+    a, late = RateLimiter(clock), RateLimiter(clock)
+    xa = UsageExchange(store.engine, a, wall_clock=clock)
+    assert _drain(a) == BURST
+    await xa.sync()
+    x_late = UsageExchange(store.engine, late, wall_clock=clock)
+    assert await x_late.sync() == 0
+    clock.advance(1.0)
+    assert _drain(a) == RATE
+    await xa.sync()
+    assert await x_late.sync() == RATE
+    assert late.take(KEY, RATE, BURST) == 0  # 5 - 2 left: still admits
+
+
+async def test_idle_keys_are_deleted_and_start_again_from_zero(store: Store) -> None:
+    clock = Clock()
+    a, b = RateLimiter(clock), RateLimiter(clock)
+    xa = UsageExchange(store.engine, a, horizon=60, wall_clock=clock)
+    xb = UsageExchange(store.engine, b, horizon=60, wall_clock=clock)
+    await xb.sync()
+    assert _drain(a) == BURST
+    await xa.sync()
+    assert await xb.sync() == BURST
+    clock.advance(61)
+    assert await xb.sync() == 0
+    async with store.engine.connect() as conn:
+        rows = (await conn.execute(sa.select(rate_usage))).all()
+    assert rows == [], "an idle row outlived the horizon"
+    assert a.take(KEY, RATE, BURST) == 0
+    await xa.sync()
+    async with store.engine.connect() as conn:
+        spent = (await conn.execute(sa.select(rate_usage.c.spent))).scalars().all()
+    assert spent == [1.0]
+    assert await xb.sync() == 1

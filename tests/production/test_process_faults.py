@@ -1,0 +1,349 @@
+"""Process-level faults of one real gateway: the embedded SQLite's disk filling up (fail
+closed with 503, recover without a restart) and SIGTERM during a rolling restart
+(/readyz turns 503, in-flight requests finish, the listener closes, exit 0)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import math
+import os
+import resource
+import signal
+import subprocess
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from auth.crypto import MasterKey
+from gateway.cli_audit import DEFAULT_DATABASE_FILE
+from tests.conftest import PgDatabase
+from tests.gateway.helpers import make_blob
+from tests.production.test_instances import (
+    CHEAP_ARGON2,
+    Instance,
+    _call,
+    _free_port,
+    _verify_chain,
+    recorded_request_ids,
+)
+
+MiB = 1024 * 1024
+DISK_BYTES = 64 * MiB
+DRAIN_SECONDS = 2.0
+SHUTDOWN_TIMEOUT_SECONDS = 10.0
+
+
+def _gateway_env(**config: str) -> dict[str, str]:
+    """The test's environment without any KZG_GATEWAY_* setting of the caller's shell, so
+    the SQLite test really runs on the embedded default."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KZG_GATEWAY_")}
+    return {
+        **env,
+        "KZG_GATEWAY_MASTER_KEY": MasterKey.generate().hex(),
+        "KZG_GATEWAY_ENGINE__NAME": "ckzg",
+        "KZG_GATEWAY_POOL__WORKERS": "1",
+        "KZG_GATEWAY_AUTH__PASSWORDS": CHEAP_ARGON2,
+        "KZG_GATEWAY_AUDIT__COMMIT_TIMEOUT_SECONDS": "2",
+        **config,
+    }
+
+
+def _mount_tmpfs(where: Path, size: int) -> bool:
+    """Mount a tmpfs of ``size`` bytes on ``where``; False where that is not allowed."""
+    where.mkdir()
+    try:
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    except OSError as exc:  # no mount binary
+        print(f"cannot mount a tmpfs ({exc}); limiting the file size instead")
+        return False
+    if result.returncode != 0:
+        print(f"cannot mount a tmpfs ({result.stderr.strip()}); limiting the file size instead")
+        return False
+    return True
+
+
+def _unmount(where: Path) -> None:
+    if subprocess.run(["umount", str(where)], capture_output=True, check=False).returncode:
+        subprocess.run(["umount", "--lazy", str(where)], capture_output=True, check=False)
+
+
+class _Disk:
+    """The data dir's disk: ``fill`` makes writes that need new space fail, ``free``
+    undoes it. On the tmpfs a filler file takes every free block (ENOSPC); without a
+    mount the running gateway's file-size limit is lowered to the size of its WAL
+    file, so appending to it fails (EFBIG) as it would on a full disk."""
+
+    def __init__(self, root: Path, mounted: bool) -> None:
+        self.root = root
+        self.mounted = mounted
+        self.filler = root / "filler"
+
+    def fill(self, gateway: Instance) -> None:
+        if not self.mounted:
+            assert gateway.process is not None
+            wal = gateway.data_dir / f"{DEFAULT_DATABASE_FILE}-wal"
+            size = wal.stat().st_size if wal.exists() else 0
+            _, hard = resource.prlimit(gateway.process.pid, resource.RLIMIT_FSIZE)
+            resource.prlimit(gateway.process.pid, resource.RLIMIT_FSIZE, (size, hard))
+            return
+        chunk = b"\xff" * MiB
+        with self.filler.open("wb", buffering=0) as handle:
+            while True:
+                try:
+                    handle.write(chunk)
+                except OSError as exc:
+                    assert exc.errno == errno.ENOSPC, exc
+                    break
+        # A short last write may hide a few free blocks: a 1-byte write proves none are left.
+        with pytest.raises(OSError) as full, (self.root / "probe").open("wb", buffering=0) as probe:
+            probe.write(b"x")
+        assert full.value.errno == errno.ENOSPC
+
+    def free(self, gateway: Instance) -> None:
+        if not self.mounted:
+            assert gateway.process is not None
+            _, hard = resource.prlimit(gateway.process.pid, resource.RLIMIT_FSIZE)
+            resource.prlimit(gateway.process.pid, resource.RLIMIT_FSIZE, (DISK_BYTES, hard))
+            return
+        self.filler.unlink()
+        (self.root / "probe").unlink(missing_ok=True)
+
+
+def _disk_usage(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+async def test_disk_full_fails_closed_and_recovers(tmp_path: Path) -> None:
+    root = tmp_path / "disk"
+    mounted = _mount_tmpfs(root, DISK_BYTES)
+    disk = _Disk(root, mounted)
+    gateway = Instance(
+        "disk",
+        root / "data",
+        _free_port(),
+        _gateway_env(),
+        log_file=tmp_path / "serve.log",
+        fsize_limit=None if mounted else DISK_BYTES,
+    )
+    # A full disk must mean a quick 503, not a request stuck on the store.
+    timeout = aiohttp.ClientTimeout(total=15)
+    answered: list[str] = []
+    try:
+        gateway.cli("init", "--json")
+        # init leaves well under a megabyte: the rest of the disk is room for the WAL.
+        assert _disk_usage(gateway.data_dir) < DISK_BYTES // 16
+        gateway.start()
+        await gateway.wait_ready()
+        assert gateway.process is not None
+        key = gateway.cli("admin", "api-keys", "create", "--name", "disk", "--role", "client")
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            status, request_id = await _call(gateway, key["api_key"], session)
+            assert status == 200, gateway.log()
+            answered.append(request_id)
+
+            disk.fill(gateway)
+            try:
+                sequential = [(await _call(gateway, key["api_key"], session))[0] for _ in range(4)]
+                concurrent = await asyncio.gather(
+                    *(_call(gateway, key["api_key"], session) for _ in range(4))
+                )
+                statuses = sequential + [s for s, _ in concurrent]
+                # Fail closed: no answer without its audit record, and no 500 either.
+                assert set(statuses) == {503}, (statuses, gateway.log())
+                assert gateway.process.poll() is None, gateway.log()
+            finally:
+                disk.free(gateway)
+
+            deadline = time.monotonic() + 15
+            while True:
+                status, request_id = await _call(gateway, key["api_key"], session)
+                if status == 200:
+                    answered.append(request_id)
+                    break
+                assert status == 503, status
+                assert time.monotonic() < deadline, f"service did not resume: {gateway.log()}"
+                await asyncio.sleep(0.3)
+            for status, request_id in await asyncio.gather(
+                *(_call(gateway, key["api_key"], session) for _ in range(4))
+            ):
+                assert status == 200, gateway.log()
+                answered.append(request_id)
+        # Recovered in place: the same process served before, during and after.
+        assert gateway.process.poll() is None, gateway.log()
+        gateway.stop()
+        assert gateway.process.returncode == 0, gateway.log()
+
+        database = (gateway.data_dir / DEFAULT_DATABASE_FILE).resolve()
+        report = _verify_chain(gateway, f"sqlite:///{database}")
+        assert report.returncode == 0, report.stdout + report.stderr
+        recorded = await recorded_request_ids(f"sqlite+aiosqlite:///{database}")
+        assert set(answered) <= recorded, "an answered request has no audit record"
+    finally:
+        gateway.stop(signal.SIGKILL)
+        if mounted:
+            _unmount(root)
+
+
+@pytest.fixture
+def draining_gateway(tmp_path: Path, pg_database: PgDatabase) -> Iterator[Instance]:
+    env = _gateway_env(
+        KZG_GATEWAY_DATABASE_URL=pg_database.app_url,
+        KZG_GATEWAY_DATABASE_OWNER_URL=pg_database.owner_url,
+        KZG_GATEWAY_DATABASE_APP_ROLE=pg_database.app_role,
+        KZG_GATEWAY_SERVER__DRAIN_SECONDS=str(DRAIN_SECONDS),
+        KZG_GATEWAY_SERVER__SHUTDOWN_TIMEOUT_SECONDS=str(SHUTDOWN_TIMEOUT_SECONDS),
+        # Room to queue the heavy requests behind the one worker instead of shedding them.
+        KZG_GATEWAY_POOL__MAX_QUEUE="64",
+    )
+    gateway = Instance("drain", tmp_path / "drain", _free_port(), env)
+    gateway.cli("init", "--json")
+    yield gateway
+    gateway.stop(signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class _Answer:
+    sent: float
+    done: float
+    status: int
+    request_id: str
+
+
+async def _timed(call: Callable[[], Awaitable[tuple[int, str]]]) -> _Answer:
+    sent = time.monotonic()
+    status, request_id = await call()
+    return _Answer(sent, time.monotonic(), status, request_id)
+
+
+async def _compute_cells(
+    gateway: Instance, key: str, blob: bytes, session: aiohttp.ClientSession
+) -> tuple[int, str]:
+    """The heaviest single-blob call (about 0.3 s of the worker on this machine)."""
+    async with session.post(
+        f"{gateway.url}/v1/kzg/compute-cells-and-proofs",
+        data=blob,
+        headers={"X-API-Key": key, "Content-Type": "application/octet-stream"},
+        ssl=gateway.ssl(),
+    ) as response:
+        await response.read()
+        return response.status, response.headers.get("X-Request-ID", "")
+
+
+async def _refused_at(gateway: Instance, deadline: float) -> float:
+    """Poll with plain TCP connects until the listener refuses one; return when."""
+    while True:
+        assert time.monotonic() < deadline, "the listener did not close"
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        except ConnectionRefusedError:
+            return time.monotonic()
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        await asyncio.sleep(0.05)
+
+
+async def test_sigterm_drains_for_a_rolling_restart(
+    draining_gateway: Instance, pg_database: PgDatabase
+) -> None:
+    gateway = draining_gateway
+    gateway.start()
+    await gateway.wait_ready()
+    process = gateway.process
+    assert process is not None
+    key = gateway.cli("admin", "api-keys", "create", "--name", "drain", "--role", "client")
+    api_key = key["api_key"]
+    blob = make_blob(7)
+    load: list[_Answer] = []
+    stop = asyncio.Event()
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        while not stop.is_set():
+            try:
+                load.append(await _timed(lambda: _call(gateway, api_key, session)))
+            except aiohttp.ClientError:
+                # Refused once the listener is closed: expected, and never an answer.
+                await asyncio.sleep(0.05)
+
+    # A new connection per request, as clients behind a load balancer would open, so
+    # that the closed listener shows as refused connections, not as reused keep-alives.
+    connector = aiohttp.TCPConnector(force_close=True, limit=0)
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        # Enough heavy calls to keep the one worker busy about 3 s from a second before the
+        # listener closes, timed here on an idle gateway.
+        one = await _timed(lambda: _compute_cells(gateway, api_key, blob, session))
+        assert one.status == 200, gateway.log()
+        heavy_count = min(48, max(4, math.ceil(4.0 / (one.done - one.sent))))
+        clients = [asyncio.create_task(client(session)) for _ in range(3)]
+        heavy: list[asyncio.Task[_Answer]] = []
+        try:
+            deadline = time.monotonic() + 30
+            while sum(a.status == 200 for a in load) < 10:
+                assert time.monotonic() < deadline, f"no load got through: {gateway.log()}"
+                await asyncio.sleep(0.05)
+
+            signalled = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            while True:
+                try:
+                    async with session.get(f"{gateway.url}/readyz", ssl=gateway.ssl()) as reply:
+                        if reply.status == 503:
+                            unready = time.monotonic()
+                            assert not (await reply.json())["checks"]["accepting"]
+                            break
+                        assert reply.status == 200
+                except aiohttp.ClientError as exc:
+                    raise AssertionError(f"gone before /readyz said 503: {exc!r}") from exc
+                assert time.monotonic() - signalled < 0.5, "/readyz still 200 after SIGTERM"
+                await asyncio.sleep(0.02)
+            assert unready - signalled < 0.5
+            assert process.poll() is None, "exited instead of draining"
+
+            # Sent inside the drain window, queued behind the one worker: they are still
+            # being computed when the listener closes, so they must finish regardless.
+            await asyncio.sleep(max(0.0, signalled + DRAIN_SECONDS - 1.0 - time.monotonic()))
+            heavy += [
+                asyncio.create_task(_timed(lambda: _compute_cells(gateway, api_key, blob, session)))
+                for _ in range(heavy_count)
+            ]
+            refused = await _refused_at(gateway, signalled + DRAIN_SECONDS + 10)
+            assert process.poll() is None, "exited with requests in flight"
+            heavy_answers = await asyncio.gather(*heavy)
+            stop.set()
+            await asyncio.gather(*clients)
+        finally:
+            stop.set()
+            for task in [*clients, *heavy]:
+                task.cancel()
+
+    exit_code = await asyncio.to_thread(
+        process.wait, timeout=DRAIN_SECONDS + SHUTDOWN_TIMEOUT_SECONDS + 10
+    )
+    exited = time.monotonic()
+    assert exit_code == 0, gateway.log()
+    # The listener stayed open for the whole drain, then closed while work was in flight.
+    assert refused - signalled >= DRAIN_SECONDS - 0.05, refused - signalled
+    assert [a.status for a in heavy_answers] == [200] * len(heavy_answers), gateway.log()
+    assert max(a.done for a in heavy_answers) > refused, "nothing was in flight at the close"
+    # Connections accepted during the drain were served normally; none was half-answered.
+    assert {a.status for a in load} == {200}, sorted({a.status for a in load})
+    assert any(a.sent > unready and a.status == 200 for a in load), "drain served nothing"
+    assert exited - signalled < DRAIN_SECONDS + SHUTDOWN_TIMEOUT_SECONDS, exited - signalled
+
+    answered = {a.request_id for a in [one, *load, *heavy_answers] if a.status == 200}
+    recorded = await recorded_request_ids(pg_database.owner_url)
+    assert answered <= recorded, "an answered request has no audit record"
+    report = _verify_chain(gateway, pg_database.owner_url)
+    assert report.returncode == 0, report.stdout + report.stderr
