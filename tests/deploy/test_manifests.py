@@ -183,6 +183,7 @@ def test_alerts_cover_what_operations_need() -> None:
         "kzg_audit_commit_failures_total",
         "kzg_tls_certificate_not_after_seconds",
         "kzg_signing_key_age_seconds",
+        "kzg_connections_refused_total",
     ):
         assert metric in exprs, metric
     assert all(rule["labels"]["severity"] in ("page", "warn") for rule in rules)
