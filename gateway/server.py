@@ -10,6 +10,7 @@ import json
 import logging
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -72,7 +73,11 @@ class ConnectionGuard:
     """Counts open connections and refuses those beyond the limits."""
 
     def __init__(
-        self, factory: Any, limits: ServerLimits, opened: Gauge, refused: PromCounter
+        self,
+        factory: Callable[[], asyncio.Protocol],
+        limits: ServerLimits,
+        opened: Gauge,
+        refused: PromCounter,
     ) -> None:
         self.factory = factory
         self._limits = limits
