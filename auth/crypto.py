@@ -8,6 +8,7 @@ import secrets
 import stat
 from pathlib import Path
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -19,7 +20,8 @@ _VERSION = b"\x01"
 
 
 class MasterKeyError(RuntimeError):
-    """The master key is missing, malformed or readable by others."""
+    """The master key is missing, malformed, readable by others, or not the key the
+    stored secrets were sealed with."""
 
 
 class MasterKey:
@@ -40,7 +42,13 @@ class MasterKey:
         if sealed[:1] != _VERSION:
             raise MasterKeyError("sealed secret has an unknown format version")
         nonce, body = sealed[1 : 1 + _NONCE_BYTES], sealed[1 + _NONCE_BYTES :]
-        return self._aead.decrypt(nonce, body, purpose.encode())
+        try:
+            return self._aead.decrypt(nonce, body, purpose.encode())
+        except InvalidTag:
+            raise MasterKeyError(
+                f"a sealed secret ({purpose.split(':')[0]}) does not open with this master "
+                "key: is KZG_GATEWAY_MASTER_KEY the one the database was set up with?"
+            ) from None
 
     def derive(self, purpose: str) -> bytes:
         """Return a 32-byte key for ``purpose`` (HKDF-SHA256), e.g. the HMAC key that turns

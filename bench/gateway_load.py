@@ -138,6 +138,7 @@ def run_baseline(args: argparse.Namespace) -> None:
     from aiohttp import web
 
     from gateway import kzg_routes
+    from gateway.limits import SERVER_LIMITS, ServerLimits
     from gateway.pool import EnginePool, PoolSettings
     from gateway.tls import server_ssl_context
 
@@ -158,6 +159,7 @@ def run_baseline(args: argparse.Namespace) -> None:
         await pool.stop()
 
     app = web.Application()
+    app[SERVER_LIMITS] = ServerLimits()  # the body timeout the route parsers apply
     app.cleanup_ctx.append(pool_ctx)
     for path in ops:
         app.router.add_post(path, handle)
@@ -350,6 +352,7 @@ def run_auth_off(args: argparse.Namespace) -> None:
     from gateway.app import create_app
     from gateway.config import load_config
     from gateway.context import REQUEST_CONTEXT
+    from gateway.server import start_server
     from gateway.tls import server_ssl_context
 
     caller = Principal("bench", "api_key", "bench", ("client",))
@@ -360,14 +363,15 @@ def run_auth_off(args: argparse.Namespace) -> None:
         return await handler(request)
 
     config = load_config(None, args.data_dir)
-    web.run_app(
-        create_app(config, security=lambda app, config: [no_auth]),
-        host="127.0.0.1",
-        port=args.port,
-        ssl_context=server_ssl_context(config.section("tls"), args.data_dir),
-        access_log=None,
-        print=None,
-    )
+
+    async def serve() -> None:
+        # The gateway's own listener, so that only authentication differs.
+        app = create_app(config, security=lambda app, config: [no_auth])
+        ssl_context = server_ssl_context(config.section("tls"), args.data_dir)
+        await start_server(app, "127.0.0.1", args.port, ssl_context)
+        await asyncio.Event().wait()  # until terminated
+
+    asyncio.run(serve())
 
 
 async def auth_overhead(args: argparse.Namespace) -> int:

@@ -7,12 +7,11 @@ import time
 import jwt
 import pyotp
 import pytest
-from cryptography.exceptions import InvalidTag
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import DBAPIError
 
 from auth.credentials import parse_api_key
-from auth.crypto import MasterKey
+from auth.crypto import MasterKey, MasterKeyError
 from auth.models import api_keys, users
 from auth.policy import PolicyError, load_policies
 from auth.rewrap import IDENTITY_SEALED, rewrap_columns
@@ -249,5 +248,5 @@ async def test_master_key_rotation_rewraps_every_identity_secret(store: Store) -
     assert (await after.authenticate_token(login.access_token)).mfa is True
     async with store.engine.connect() as conn:
         sealed = (await conn.execute(select(users.c.sealed_totp_secret))).scalar_one()
-    with pytest.raises(InvalidTag):
+    with pytest.raises(MasterKeyError, match="does not open"):
         store.master_key.open(sealed, f"totp:{login.principal.id}")
