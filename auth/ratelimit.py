@@ -78,10 +78,11 @@ class RateLimiter:
     def spent(self) -> dict[str, tuple[int, float, float]]:
         """Tokens spent here since ``forget_spent`` was last told of them, with each
         key's rate and burst."""
+        # A bucket dropped to bound memory was full: whatever it spent is long repaid.
+        self._spent = Counter({k: n for k, n in self._spent.items() if k in self._buckets})
         return {
             key: (count, self._buckets[key].rate, self._buckets[key].burst)
             for key, count in self._spent.items()
-            if key in self._buckets
         }
 
     def forget_spent(self, published: dict[str, tuple[int, float, float]]) -> None:
@@ -92,8 +93,11 @@ class RateLimiter:
 class UsageExchange:
     """Publishes this instance's spending in ``rate_usage`` and charges the others'.
 
-    Rows hold each instance's running total per key; a key idle for ``horizon``
-    seconds is deleted (whoever syncs first) and its total starts again from zero."""
+    Rows hold each instance's running total per key. A key idle for ``horizon`` seconds
+    is no longer read, and its owner starts its total again from zero; the row itself is
+    deleted (by whoever syncs first) only after twice that, so an owner never publishes
+    an old total into a row others have forgotten. Instances' clocks are assumed to
+    agree to well within the horizon (NTP)."""
 
     def __init__(
         self,
@@ -127,13 +131,13 @@ class UsageExchange:
         """One exchange; return the tokens charged for other instances' spending."""
         now = self._wall()
         stale = now - self._horizon
-        # A key idle past the horizon starts again from zero, as its row is deleted.
-        self._totals = {k: v for k, v in self._totals.items() if v[1] >= stale}
+        # A key idle past the horizon starts again from zero: others no longer read it.
+        totals = {k: v for k, v in self._totals.items() if v[1] >= stale}
         published = self._limiter.spent()
         rows = []
         for key, (count, rate, burst) in published.items():
-            total = self._totals.get(key, (0.0, now))[0] + count
-            self._totals[key] = (total, now)
+            total = totals.get(key, (0.0, now))[0] + count
+            totals[key] = (total, now)
             rows.append(
                 {
                     "instance_id": self.instance_id,
@@ -155,7 +159,8 @@ class UsageExchange:
                     )
                 )
             ).all()
-            await conn.execute(sa.delete(rate_usage).where(rate_usage.c.updated_at < stale))
+        # Only once published: a failed exchange leaves totals and spending to the next.
+        self._totals = totals
         self._limiter.forget_spent(published)
         first = self._seen is None
         seen = self._seen or {}
@@ -171,4 +176,9 @@ class UsageExchange:
                 continue  # what others spent before this instance started is not ours to pay
             self._limiter.charge(row.key, delta, row.rate, row.burst)
             charged += delta
+        # Apart and last, so that the delete never holds up (or deadlocks with) the
+        # publishing, and its failure loses nothing.
+        async with self._engine.begin() as conn:
+            expired = now - 2 * self._horizon
+            await conn.execute(sa.delete(rate_usage).where(rate_usage.c.updated_at < expired))
         return charged

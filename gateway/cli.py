@@ -20,6 +20,7 @@ from auth.crypto import (
     load_master_key,
     write_master_key_file,
 )
+from auth.policy import PolicyError
 from gateway import cli_audit
 from gateway.config import Config, ConfigError, load_config
 from gateway.db import SchemaNotCurrent, make_engine, migrate
@@ -116,7 +117,7 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     try:
         asyncio.run(serve(config))
-    except (SchemaNotCurrent, MasterKeyError, OSError) as exc:
+    except (SchemaNotCurrent, MasterKeyError, ConfigError, PolicyError, OSError) as exc:
         print(f"kzg-gateway serve: {exc}", file=sys.stderr)
         return 1
     return 0

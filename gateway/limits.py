@@ -10,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.config import Config
+from gateway.config import Config, ConfigError
 from gateway.errors import ApiError
 
 
@@ -39,7 +39,7 @@ class ServerLimits:
                 kind = int if item.type == "int" else float
                 value = kind(server[item.name])
                 if value <= 0:
-                    raise ValueError(f"[server] {item.name} must be positive, got {value}")
+                    raise ConfigError(f"[server] {item.name} must be positive, got {value}")
                 values[item.name] = value
         return cls(**values)
 

@@ -179,6 +179,17 @@ async def update_key_age_metrics(app: web.Application) -> None:
     )
 
 
+def _sharing_settings(policy: SecurityPolicy) -> tuple[float, float]:
+    """``[ratelimit_sharing]``: how often instances exchange spending, and how long an
+    idle key is remembered (defaults for policy files older than the section)."""
+    section = policy.data.get("ratelimit_sharing", {})
+    sync_seconds = float(section.get("sync_seconds", 0.5))
+    horizon = float(section.get("horizon_seconds", 300))
+    if not 0 < sync_seconds < horizon:
+        raise PolicyError("[ratelimit_sharing] needs 0 < sync_seconds < horizon_seconds")
+    return sync_seconds, horizon
+
+
 async def _share_rate_limits(exchange: UsageExchange, interval: float) -> None:
     """Exchange rate-limit spending with the other instances until cancelled. While the
     database is away each instance keeps limiting on its own."""
@@ -197,6 +208,7 @@ def install(app: web.Application, config: Config) -> list[Any]:
     app[RBAC] = rbac
     app[SECURITY_POLICY] = policy
     app[RATE_LIMITER] = RateLimiter()
+    sync_seconds, horizon = _sharing_settings(policy)
     app[_NETWORKS] = (
         _networks(auth.get("allow_cidrs"), "allow_cidrs"),
         _networks(auth.get("deny_cidrs"), "deny_cidrs"),
@@ -221,14 +233,8 @@ def install(app: web.Application, config: Config) -> list[Any]:
         # Without the database the gauges appear at the next rotation job; /readyz says why.
         with contextlib.suppress(SQLAlchemyError, OSError):
             await update_key_age_metrics(app)
-        exchange = UsageExchange(
-            app[DB_ENGINE],
-            app[RATE_LIMITER],
-            horizon=float(policy.get("ratelimit_sharing", "horizon_seconds")),
-        )
-        sharing = asyncio.create_task(
-            _share_rate_limits(exchange, float(policy.get("ratelimit_sharing", "sync_seconds")))
-        )
+        exchange = UsageExchange(app[DB_ENGINE], app[RATE_LIMITER], horizon=horizon)
+        sharing = asyncio.create_task(_share_rate_limits(exchange, sync_seconds))
         yield
         sharing.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -6,6 +6,7 @@ error envelope and audited like any other refusal."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import uuid
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Gauge
 
@@ -24,6 +26,20 @@ from gateway.context import RequestContext
 from gateway.limits import SERVER_LIMITS, ServerLimits
 
 log = logging.getLogger(__name__)
+
+
+def _client_group(host: str) -> str:
+    """The unit the per-address limit counts: an IPv4 address, or an IPv6 /64 (one
+    subscriber's network, all of whose addresses one client may use)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if address.version == 4:
+        return host
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{address}/64", strict=False))
 
 
 class _Admission(asyncio.Protocol):
@@ -39,12 +55,16 @@ class _Admission(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
-        self._address = str(peer[0]) if peer else ""
+        self._address = _client_group(str(peer[0])) if peer else ""
         reason = self._guard.admit(self._address)
         if reason is not None:
-            transport.close()
+            transport.abort()  # no TLS close handshake a refused client could stall
             return
-        self._inner = self._guard.factory()
+        try:
+            self._inner = self._guard.factory()
+        except BaseException:
+            self._guard.release(self._address)
+            raise
         self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
@@ -141,7 +161,8 @@ class _AuditedRefusal(web.Response):
 
 
 class _GatewayRequestHandler(web.RequestHandler):
-    """aiohttp's connection handler, with its plain-text parser errors replaced."""
+    """aiohttp's connection handler, with its plain-text answer to requests the parser
+    refuses replaced by the audited envelope."""
 
     __slots__ = ("_app",)
 
@@ -156,6 +177,9 @@ class _GatewayRequestHandler(web.RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
+        if not isinstance(exc, HttpProcessingError) or status != 400:
+            # Not the parser's: aiohttp's own answer, and its log with the traceback.
+            return super().handle_error(request, status, exc, message)
         if request.writer.output_size > 0:  # the answer has started: only closing is left
             raise ConnectionError("response already started")
         ctx = RequestContext(
@@ -207,6 +231,7 @@ class GuardedSite(web.TCPSite):
             self._port,
             ssl=self._ssl_context,
             ssl_handshake_timeout=self._limits.tls_handshake_timeout_seconds,
+            ssl_shutdown_timeout=self._limits.tls_handshake_timeout_seconds,
             backlog=self._backlog,
         )
         self._bound_port = self._server.sockets[0].getsockname()[1]

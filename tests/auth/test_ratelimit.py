@@ -4,10 +4,16 @@ principal's rate, not one rate each."""
 
 from __future__ import annotations
 
+import sqlite3
+from pathlib import Path
+
+import pytest
 import sqlalchemy as sa
+from sqlalchemy.exc import OperationalError
 
 from auth.models import rate_usage
 from auth.ratelimit import RateLimiter, UsageExchange
+from gateway.db import make_engine, migrate
 from tests.auth.conftest import Store
 
 KEY = "principal:k1"
@@ -94,7 +100,7 @@ async def test_an_instance_pays_only_for_spending_after_it_joined(store: Store) 
     assert late.take(KEY, RATE, BURST) == 0  # 5 - 2 left: still admits
 
 
-async def test_idle_keys_are_deleted_and_start_again_from_zero(store: Store) -> None:
+async def test_idle_keys_start_again_from_zero_and_are_deleted(store: Store) -> None:
     clock = Clock()
     a, b = RateLimiter(clock), RateLimiter(clock)
     xa = UsageExchange(store.engine, a, horizon=60, wall_clock=clock)
@@ -103,14 +109,40 @@ async def test_idle_keys_are_deleted_and_start_again_from_zero(store: Store) -> 
     assert _drain(a) == BURST
     await xa.sync()
     assert await xb.sync() == BURST
-    clock.advance(61)
+    clock.advance(61)  # idle past the horizon: no longer read, the total restarts
     assert await xb.sync() == 0
-    async with store.engine.connect() as conn:
-        rows = (await conn.execute(sa.select(rate_usage))).all()
-    assert rows == [], "an idle row outlived the horizon"
     assert a.take(KEY, RATE, BURST) == 0
     await xa.sync()
-    async with store.engine.connect() as conn:
-        spent = (await conn.execute(sa.select(rate_usage.c.spent))).scalars().all()
-    assert spent == [1.0]
+    assert await _spent(store) == [1.0]
     assert await xb.sync() == 1
+    clock.advance(121)  # idle past twice the horizon: the row goes
+    await xb.sync()
+    assert await _spent(store) == [], "an idle row outlived twice the horizon"
+
+
+async def test_a_failed_exchange_publishes_nothing_twice(tmp_path: Path) -> None:
+    path = tmp_path / "rate.db"
+    url = f"sqlite+aiosqlite:///{path}"
+    await migrate(url)
+    engine = make_engine(url, busy_timeout=0.2)
+    clock = Clock()
+    limiter = RateLimiter(clock)
+    exchange = UsageExchange(engine, limiter, wall_clock=clock)
+    for _ in range(3):
+        assert limiter.take(KEY, RATE, BURST) == 0
+    lock = sqlite3.connect(path)
+    lock.execute("BEGIN EXCLUSIVE")  # another writer holds the database
+    with pytest.raises(OperationalError, match="locked"):
+        await exchange.sync()
+    lock.rollback()
+    lock.close()
+    await exchange.sync()
+    async with engine.connect() as conn:
+        spent = list((await conn.execute(sa.select(rate_usage.c.spent))).scalars())
+    await engine.dispose()
+    assert spent == [3.0], "the spending of the failed exchange was published twice"
+
+
+async def _spent(store: Store) -> list[float]:
+    async with store.engine.connect() as conn:
+        return list((await conn.execute(sa.select(rate_usage.c.spent))).scalars())

@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from gateway.appkeys import METRICS
+from gateway.server import _client_group
 from tests.gateway.conftest import Gateway, StartGateway
 
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n"
@@ -189,3 +190,10 @@ async def test_requests_the_parser_refuses_are_enveloped_and_audited(
         assert record["http_status"] == 400 and record["outcome"] == "invalid", name
         assert "malformed HTTP request" in record["detail"], name
         assert "s3cr3t" not in json.dumps(record, default=str), name
+
+
+def test_the_per_address_limit_counts_an_ipv6_64_as_one_client() -> None:
+    one = _client_group("2001:db8:1:2::1")
+    assert one == _client_group("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert _client_group("2001:db8:1:3::1") != one
+    assert _client_group("::ffff:10.0.0.1") == _client_group("10.0.0.1") == "10.0.0.1"
