@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+import jwt
+import pyotp
 import pytest
 from sqlalchemy import select
 
@@ -137,6 +139,7 @@ def instances(tmp_path: Path, pg_database: PgDatabase) -> Iterator[list[Instance
         # Low enough for a test to exhaust across both instances in a few seconds.
         "KZG_GATEWAY_AUTH__RATELIMIT__AUDITOR": "{rate = 2, burst = 4}",
         "KZG_GATEWAY_AUTH__RATELIMIT_SHARING__SYNC_SECONDS": "0.2",
+        "KZG_GATEWAY_SERVER__RECEIPT_KEY_REFRESH_SECONDS": "1",
     }
     made = []
     for name in ("a", "b"):
@@ -207,6 +210,65 @@ async def test_two_instances_share_keys_revocation_and_one_chain(
     report = _verify_chain(a, pg_database.owner_url)
     assert report.returncode == 0, report.stdout + report.stderr
     assert json.loads(report.stdout)["checked"] >= 22
+
+
+async def _login(instance: Instance, user: dict, session: aiohttp.ClientSession) -> str:
+    body = {
+        "username": user["username"],
+        "password": user["password"],
+        "totp": pyotp.TOTP(user["totp_secret"]).now(),
+    }
+    async with session.post(f"{instance.url}/v1/auth/login", json=body, ssl=instance.ssl()) as r:
+        assert r.status == 200, await r.text()
+        return str((await r.json())["access_token"])
+
+
+async def _audit_read(instance: Instance, token: str, session: aiohttp.ClientSession) -> int:
+    async with session.get(
+        f"{instance.url}/v1/audit/events?limit=1",
+        headers={"Authorization": f"Bearer {token}"},
+        ssl=instance.ssl(),
+    ) as response:
+        return response.status
+
+
+async def _receipt_key(instance: Instance, key: str, session: aiohttp.ClientSession) -> str:
+    async with session.post(
+        f"{instance.url}/v1/kzg/verify-proof",
+        json=BODY,
+        headers={"X-API-Key": key},
+        ssl=instance.ssl(),
+    ) as response:
+        assert response.status == 200
+        return str((await response.json())["receipt"]["key_id"])
+
+
+async def test_key_rotation_reaches_every_instance(running: list[Instance]) -> None:
+    a, b = running
+    key = a.cli("admin", "api-keys", "create", "--name", "rot", "--role", "client")["api_key"]
+    # Two people: a one-time code is good for one login only.
+    ann, bob = (a.cli("admin", "users", "create", n, "--role", "auditor") for n in ("ann", "bob"))
+    async with aiohttp.ClientSession() as session:
+        old_token = await _login(a, ann, session)
+        old_receipt_key = await _receipt_key(b, key, session)
+        a.cli("admin", "jwt-keys", "rotate")
+        a.cli("admin", "signing-keys", "rotate")
+        rotated = time.monotonic()
+        new_token = await _login(a, bob, session)
+        assert (
+            jwt.get_unverified_header(new_token)["kid"]
+            != (jwt.get_unverified_header(old_token)["kid"])
+        )
+        # The other instance accepts tokens of the new key within the revocation bound,
+        # and those of the retired key until they expire.
+        while await _audit_read(b, new_token, session) != 200:
+            assert time.monotonic() - rotated < 5, "instance b refuses the new JWT key"
+            await asyncio.sleep(0.2)
+        assert await _audit_read(b, old_token, session) == 200
+        # ... and signs its receipts with the new key within its refresh interval (1 s).
+        while await _receipt_key(b, key, session) == old_receipt_key:
+            assert time.monotonic() - rotated < 5, "instance b still signs with the old key"
+            await asyncio.sleep(0.2)
 
 
 async def test_instances_share_one_rate_limit(running: list[Instance]) -> None:
