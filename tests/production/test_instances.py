@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import jwt
@@ -159,15 +160,24 @@ async def running(instances: list[Instance]) -> AsyncIterator[list[Instance]]:
     yield instances
 
 
-async def _call(instance: Instance, key: str, session: aiohttp.ClientSession) -> tuple[int, str]:
+async def _verify_proof(
+    instance: Instance, key: str, session: aiohttp.ClientSession
+) -> tuple[int, str, Any]:
+    """One verify-proof call: status, request id and the JSON answer."""
     async with session.post(
         f"{instance.url}/v1/kzg/verify-proof",
         json=BODY,
         headers={"X-API-Key": key},
         ssl=instance.ssl(),
     ) as response:
-        await response.read()
-        return response.status, response.headers.get("X-Request-ID", "")
+        body = await response.read()
+        answer = json.loads(body) if response.content_type == "application/json" else None
+        return response.status, response.headers.get("X-Request-ID", ""), answer
+
+
+async def _call(instance: Instance, key: str, session: aiohttp.ClientSession) -> tuple[int, str]:
+    status, request_id, _ = await _verify_proof(instance, key, session)
+    return status, request_id
 
 
 async def recorded_request_ids(db_url: str) -> set[str]:
@@ -233,14 +243,9 @@ async def _audit_read(instance: Instance, token: str, session: aiohttp.ClientSes
 
 
 async def _receipt_key(instance: Instance, key: str, session: aiohttp.ClientSession) -> str:
-    async with session.post(
-        f"{instance.url}/v1/kzg/verify-proof",
-        json=BODY,
-        headers={"X-API-Key": key},
-        ssl=instance.ssl(),
-    ) as response:
-        assert response.status == 200
-        return str((await response.json())["receipt"]["key_id"])
+    status, _, answer = await _verify_proof(instance, key, session)
+    assert status == 200, answer
+    return str(answer["receipt"]["key_id"])
 
 
 async def test_key_rotation_reaches_every_instance(running: list[Instance]) -> None:
