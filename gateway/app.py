@@ -41,7 +41,7 @@ from gateway.audit_routes import event_from_context
 from gateway.config import Config
 from gateway.context import REQUEST_CONTEXT, RequestContext
 from gateway.db import check_schema, make_engine
-from gateway.errors import ApiError
+from gateway.errors import AUDIT_DOWN, ApiError, envelope
 from gateway.jobs import JobContext, Scheduler
 from gateway.limits import SERVER_LIMITS, ServerLimits
 from gateway.metrics import CONTENT_TYPE, GatewayMetrics
@@ -78,9 +78,7 @@ def error_response(
 ) -> web.Response:
     """Return the error envelope every refusal uses."""
     response = web.json_response(
-        {"error": {"code": code, "message": message, "request_id": request_id}},
-        status=status,
-        headers=headers,
+        envelope(request_id, code, message), status=status, headers=headers
     )
     if status == 408:
         # The rest of a body that came too slowly is still on the wire: close the connection.
@@ -155,9 +153,7 @@ def _envelope_for(ctx: RequestContext, exc: BaseException) -> web.Response:
     if isinstance(exc, ApiError):
         return error_response(ctx.request_id, exc.status, exc.code, exc.message, exc.headers)
     if isinstance(exc, AuditUnavailable):
-        return error_response(
-            ctx.request_id, 503, "audit_unavailable", "the audit log is unavailable"
-        )
+        return error_response(ctx.request_id, *AUDIT_DOWN)
     if isinstance(exc, web.HTTPException):
         headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
         return error_response(
@@ -169,6 +165,17 @@ def _envelope_for(ctx: RequestContext, exc: BaseException) -> web.Response:
         )
     log.error("unhandled error in %s", ctx.route_name, exc_info=exc)
     return error_response(ctx.request_id, 500, "internal_error", "internal error")
+
+
+async def record(app: web.Application, ctx: RequestContext, status: int) -> int | None:
+    """Commit the request's audit record and return its seq (also kept in ``ctx``); None
+    when the audit store is down, and the request must then be answered with AUDIT_DOWN."""
+    try:
+        appended = await app[AUDIT_WRITER].append(event_from_context(ctx, status))
+    except AuditUnavailable:
+        return None
+    ctx.audit_seq = appended.seq
+    return appended.seq
 
 
 @web.middleware
@@ -184,19 +191,11 @@ async def audit_middleware(request: web.Request, handler: Handler) -> web.Stream
         response = exc if exc.status < 400 else _envelope_for(ctx, exc)
     except Exception as exc:
         response = _envelope_for(ctx, exc)
-    try:
-        appended = await request.app[AUDIT_WRITER].append(event_from_context(ctx, response.status))
-    except AuditUnavailable:
-        return error_response(
-            ctx.request_id,
-            503,
-            "audit_unavailable",
-            "the audit log is unavailable; nothing was done",
-            {"Retry-After": "1"},
-        )
-    ctx.audit_seq = appended.seq
+    seq = await record(request.app, ctx, response.status)
+    if seq is None:
+        return error_response(ctx.request_id, *AUDIT_DOWN, {"Retry-After": "1"})
     if isinstance(response, ReceiptResponse):
-        await response.complete(appended.seq)
+        await response.complete(seq)
     return response
 
 

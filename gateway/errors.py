@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 
 class ApiError(Exception):
@@ -24,3 +25,12 @@ class ApiError(Exception):
 
 def bad_request(code: str, message: str) -> ApiError:
     return ApiError(400, code, message)
+
+
+def envelope(request_id: str, code: str, message: str) -> dict[str, Any]:
+    """The body of every refusal."""
+    return {"error": {"code": code, "message": message, "request_id": request_id}}
+
+
+# What a request is answered when its audit record cannot be committed.
+AUDIT_DOWN = (503, "audit_unavailable", "the audit log is unavailable; nothing was done")

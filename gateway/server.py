@@ -19,10 +19,10 @@ from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Gauge
 
-from audit.errors import AuditUnavailable
-from gateway.appkeys import AUDIT_WRITER, METRICS
-from gateway.audit_routes import event_from_context
+from gateway.app import record
+from gateway.appkeys import METRICS
 from gateway.context import RequestContext
+from gateway.errors import AUDIT_DOWN, envelope
 from gateway.limits import SERVER_LIMITS, ServerLimits
 
 log = logging.getLogger(__name__)
@@ -143,19 +143,14 @@ class _AuditedRefusal(web.Response):
         self.force_close()
 
     def _envelope(self, code: str, message: str) -> None:
-        error = {"code": code, "message": message, "request_id": self._ctx.request_id}
-        self.text = json.dumps({"error": error})
+        self.text = json.dumps(envelope(self._ctx.request_id, code, message))
         self.headers["X-Request-ID"] = self._ctx.request_id
 
     async def prepare(self, request: web.BaseRequest) -> Any:
-        try:
-            appended = await self._app[AUDIT_WRITER].append(
-                event_from_context(self._ctx, self.status)
-            )
-            self._ctx.audit_seq = appended.seq
-        except AuditUnavailable:
-            self.set_status(503)
-            self._envelope("audit_unavailable", "the audit log is unavailable")
+        if await record(self._app, self._ctx, self.status) is None:
+            status, code, message = AUDIT_DOWN
+            self.set_status(status)
+            self._envelope(code, message)
         self._app[METRICS].requests.labels("unmatched", str(self.status)).inc()
         return await super().prepare(request)
 

@@ -190,14 +190,17 @@ async def recorded_request_ids(db_url: str) -> set[str]:
         await engine.dispose()
 
 
-def _verify_chain(instance: Instance, db_url: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+def _verify_chain(instance: Instance, db_url: str) -> dict[str, Any]:
+    """Run the offline verifier; assert the chain is valid and return its report."""
+    report = subprocess.run(
         [sys.executable, "-m", "gateway", "audit", "verify", "--db-url", db_url, "--json"],
         env=instance.env,
         capture_output=True,
         text=True,
         check=False,
     )
+    assert report.returncode == 0, report.stdout + report.stderr
+    return dict(json.loads(report.stdout))
 
 
 async def test_two_instances_share_keys_revocation_and_one_chain(
@@ -217,9 +220,7 @@ async def test_two_instances_share_keys_revocation_and_one_chain(
             assert time.monotonic() - revoked_at < 5, "revocation did not reach instance b"
             await asyncio.sleep(0.2)
         assert (await _call(a, key["api_key"], session))[0] == 401
-    report = _verify_chain(a, pg_database.owner_url)
-    assert report.returncode == 0, report.stdout + report.stderr
-    assert json.loads(report.stdout)["checked"] >= 22
+    assert _verify_chain(a, pg_database.owner_url)["checked"] >= 22
 
 
 async def _login(instance: Instance, user: dict, session: aiohttp.ClientSession) -> str:
@@ -324,8 +325,7 @@ async def test_sigkill_under_load_loses_no_acknowledged_request(
     assert set(acknowledged) <= recorded, "an answered request has no audit record"
     a.start()
     await a.wait_ready()
-    report = _verify_chain(a, pg_database.owner_url)
-    assert report.returncode == 0, report.stdout + report.stderr
+    _verify_chain(a, pg_database.owner_url)
 
 
 def _pg(*sql: str) -> None:
@@ -337,6 +337,15 @@ def _pg(*sql: str) -> None:
         )
 
 
+def _read_only(database: PgDatabase, setting: str) -> None:
+    """Turn the database read-only (or back) and drop its sessions so they see it."""
+    _pg(
+        f'ALTER DATABASE "{database.name}" SET default_transaction_read_only = {setting}',
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        f"WHERE datname = '{database.name}' AND pid <> pg_backend_pid()",
+    )
+
+
 async def test_read_only_database_fails_closed_and_recovers(
     running: list[Instance], pg_database: PgDatabase
 ) -> None:
@@ -344,26 +353,17 @@ async def test_read_only_database_fails_closed_and_recovers(
     key = a.cli("admin", "api-keys", "create", "--name", "ro", "--role", "client")["api_key"]
     async with aiohttp.ClientSession() as session:
         assert (await _call(a, key, session))[0] == 200
-        _pg(
-            f'ALTER DATABASE "{pg_database.name}" SET default_transaction_read_only = on',
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            f"WHERE datname = '{pg_database.name}' AND pid <> pg_backend_pid()",
-        )
+        _read_only(pg_database, "on")
         try:
             statuses = [(await _call(a, key, session))[0] for _ in range(5)]
             assert set(statuses) == {503}, statuses
         finally:
-            _pg(
-                f'ALTER DATABASE "{pg_database.name}" SET default_transaction_read_only = off',
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                f"WHERE datname = '{pg_database.name}' AND pid <> pg_backend_pid()",
-            )
+            _read_only(pg_database, "off")
         deadline = time.monotonic() + 15
         while (await _call(a, key, session))[0] != 200:
             assert time.monotonic() < deadline, "service did not resume"
             await asyncio.sleep(0.3)
-    report = _verify_chain(a, pg_database.owner_url)
-    assert report.returncode == 0, report.stdout + report.stderr
+    _verify_chain(a, pg_database.owner_url)
 
 
 def _cluster(action: str) -> None:
@@ -404,5 +404,4 @@ async def test_postgresql_restart_under_load(
     # While the database was down requests were refused with 503, never half-answered.
     assert 503 in seen[:down] and set(seen) <= {200, 503}, sorted(set(seen))
     assert seen[-4:] == [200] * 4, "service did not resume on its own"
-    report = _verify_chain(a, pg_database.owner_url)
-    assert report.returncode == 0, report.stdout + report.stderr
+    _verify_chain(a, pg_database.owner_url)

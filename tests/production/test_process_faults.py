@@ -185,8 +185,7 @@ async def test_disk_full_fails_closed_and_recovers(tmp_path: Path) -> None:
         assert gateway.process.returncode == 0, gateway.log()
 
         database = (gateway.data_dir / DEFAULT_DATABASE_FILE).resolve()
-        report = _verify_chain(gateway, f"sqlite:///{database}")
-        assert report.returncode == 0, report.stdout + report.stderr
+        _verify_chain(gateway, f"sqlite:///{database}")
         recorded = await recorded_request_ids(f"sqlite+aiosqlite:///{database}")
         assert set(answered) <= recorded, "an answered request has no audit record"
     finally:
@@ -345,5 +344,4 @@ async def test_sigterm_drains_for_a_rolling_restart(
     answered = {a.request_id for a in [one, *load, *heavy_answers] if a.status == 200}
     recorded = await recorded_request_ids(pg_database.owner_url)
     assert answered <= recorded, "an answered request has no audit record"
-    report = _verify_chain(gateway, pg_database.owner_url)
-    assert report.returncode == 0, report.stdout + report.stderr
+    _verify_chain(gateway, pg_database.owner_url)
