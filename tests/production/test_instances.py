@@ -294,9 +294,12 @@ async def test_instances_share_one_rate_limit(running: list[Instance]) -> None:
                     statuses.append(response.status)
     assert set(statuses) == {200, 429}, sorted(set(statuses))
     one_bucket = 4 + 2 * seconds  # burst + rate x time, for the pair together
-    # Each instance limiting alone would admit twice that; shared, at most one burst
-    # more while the first exchange is under way.
-    assert one_bucket <= statuses.count(200) <= one_bucket + 4 + 2, statuses.count(200)
+    # Each instance limiting alone would admit twice that (32). Shared, the pair admits
+    # one bucket give or take what the 0.5 s exchange has not yet settled: at most one
+    # burst more, or up to one burst fewer when a late charge lands on a bucket that
+    # had stopped refilling at its cap.
+    admitted = statuses.count(200)
+    assert one_bucket - 4 <= admitted <= one_bucket + 4 + 2, admitted
 
 
 async def test_sigkill_under_load_loses_no_acknowledged_request(
