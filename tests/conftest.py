@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import random
 import secrets
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -22,6 +24,22 @@ def missing(what: str) -> None:
     """Fail the test: every part the product needs is required, never skipped
     (``bash scripts/test.sh`` installs them all)."""
     pytest.fail(f"required but missing: {what}")
+
+
+def free_port() -> int:
+    """A free loopback port below the kernel's ephemeral range, for a server a test
+    starts later (or restarts): a port from that range could meanwhile be handed to any
+    outgoing connection, such as one to PostgreSQL, and the server would fail to bind."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(100):
+        port = random.randrange(max(1024, low - 12_000), low)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 @pytest.fixture(scope="session")

@@ -6,17 +6,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+from tests.conftest import free_port
+
 
 class CuttableProxy:
     def __init__(self, target_host: str, target_port: int) -> None:
         self._target = (target_host, target_port)
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
-        self.port = 0
+        # Fixed for its lifetime: the proxy listens again on it after a cut.
+        self.port = free_port()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
 
     async def cut(self) -> None:
         """Stop listening and drop every open connection."""

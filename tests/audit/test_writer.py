@@ -147,13 +147,18 @@ async def test_postgres_runtime_role_holds_only_insert_and_select(pg_store: Audi
     assert {p for t, p in grants if t == "audit_chain_head"} == {"SELECT", "UPDATE"}
 
 
-async def write_many(url: str, count: int, tag: str, start_at: float) -> None:
-    """Run in a separate OS process: from ``start_at`` (epoch seconds), append ``count``
-    events through its own writer."""
+# Long enough (~0.5 s on SQLite) that two writers started together surely overlap.
+PER_PROCESS = 1000
+
+
+async def write_many(url: str, count: int, tag: str) -> None:
+    """Run in a separate OS process: once told to go on stdin, append ``count`` events
+    through its own writer."""
     engine = make_engine(url)
     writer = AuditWriter(engine, commit_timeout=30)
     await writer.start()
-    await asyncio.sleep(max(0.0, start_at - time.time()))
+    print("ready", flush=True)
+    await asyncio.to_thread(sys.stdin.readline)
     try:
         for start in range(0, count, 20):
             await asyncio.gather(
@@ -171,21 +176,34 @@ async def test_two_processes_share_one_gapless_chain(
     audit_store: AuditStore, app_engine: AsyncEngine
 ) -> None:
     code = "import asyncio, sys; from tests.audit.test_writer import write_many; " + (
-        "asyncio.run(write_many(sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])))"
+        "asyncio.run(write_many(sys.argv[1], int(sys.argv[2]), sys.argv[3]))"
     )
-    # Both start together, once both interpreters are up.
-    start_at = str(time.time() + 3)
     procs = [
         await asyncio.create_subprocess_exec(
-            sys.executable, "-c", code, audit_store.app_url, "300", tag, start_at, cwd=REPO
+            sys.executable,
+            "-c",
+            code,
+            audit_store.app_url,
+            str(PER_PROCESS),
+            tag,
+            cwd=REPO,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
         )
         for tag in ("proc-a", "proc-b")
     ]
+    # Both start together, once both are connected and their writers running.
+    for p in procs:
+        assert p.stdout is not None and await p.stdout.readline() == b"ready\n"
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write(b"go\n")
+        await p.stdin.drain()
     assert [await p.wait() for p in procs] == [0, 0]
 
     report = await verify_database(app_engine, public_keys={})
     assert report.valid, report.reason
-    assert report.checked == report.head_seq == 600
+    assert report.checked == report.head_seq == 2 * PER_PROCESS
     async with app_engine.connect() as conn:
         ids = [
             r[0]
@@ -193,7 +211,9 @@ async def test_two_processes_share_one_gapless_chain(
                 select(audit_events.c.request_id).order_by(audit_events.c.seq)
             )
         ]
-    assert sorted(ids) == sorted(f"{t}-{n}" for t in ("proc-a", "proc-b") for n in range(300))
+    assert sorted(ids) == sorted(
+        f"{t}-{n}" for t in ("proc-a", "proc-b") for n in range(PER_PROCESS)
+    )
     # Both processes really interleaved rather than running one after the other.
     owners = [i.split("-")[1] for i in ids]
     assert sum(1 for a, b in itertools.pairwise(owners) if a != b) > 1

@@ -4,6 +4,7 @@ jobs, each run audited."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 from sqlalchemy import select
 
@@ -31,17 +32,19 @@ async def test_shutdown_drains_in_flight_requests(start_gateway: StartGateway) -
 async def test_scheduler_runs_jobs_and_audits_each_run(start_gateway: StartGateway) -> None:
     gw = await start_gateway(jobs={"enabled": True, "checkpoint_interval_seconds": 0.2})
     await gw.request("GET", "/healthz", role=None)
-    await asyncio.sleep(1.0)
-    async with gw.app[DB_ENGINE].connect() as conn:
-        checkpoints = (await conn.execute(select(audit_checkpoints.c.seq))).scalars().all()
-        runs = (
-            (
-                await conn.execute(
-                    select(audit_events.c.outcome).where(audit_events.c.action == "job:checkpoint")
-                )
-            )
-            .scalars()
-            .all()
-        )
-    assert len(checkpoints) >= 2
+    # Two runs take ~0.4 s here; poll rather than sleep so a slow disk only waits longer.
+    deadline = time.monotonic() + 15
+    while True:
+        async with gw.app[DB_ENGINE].connect() as conn:
+            seqs = select(audit_checkpoints.c.seq).order_by(audit_checkpoints.c.seq)
+            checkpoints = (await conn.scalars(seqs)).all()
+            outcomes = select(audit_events.c.outcome)
+            runs = (
+                await conn.scalars(outcomes.where(audit_events.c.action == "job:checkpoint"))
+            ).all()
+        if len(checkpoints) >= 2 and len(runs) >= 2:
+            break
+        assert time.monotonic() < deadline, (checkpoints, runs)
+        await asyncio.sleep(0.1)
+    assert checkpoints == sorted(set(checkpoints))
     assert len(runs) >= 2 and set(runs) == {"success"}

@@ -26,12 +26,13 @@ def _verify_body() -> dict[str, str]:
 async def test_saturated_pool_sheds_with_503_and_retry_after(start_gateway: StartGateway) -> None:
     gw = await start_gateway(pool={"workers": 1, "max_queue": 1, "retry_after_seconds": 2})
     pool = gw.app[KZG_POOL]
+    verify = _verify_body()  # computed before the worker is held, not inside its 1.5 s
     busy = asyncio.create_task(pool.call(hold_worker, 1.5))
     queued = asyncio.create_task(pool.call(hold_worker, 0.0))
     while pool.queue_depth < 1:
         await asyncio.sleep(0.01)
 
-    response, body = await gw.post("/v1/kzg/verify-proof", _verify_body())
+    response, body = await gw.post("/v1/kzg/verify-proof", verify)
     assert response.status == 503
     assert response.headers["Retry-After"] == "2"
     assert body["error"]["code"] == "overloaded" and "receipt" not in body

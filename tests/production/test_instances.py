@@ -9,7 +9,6 @@ import json
 import os
 import resource
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from sqlalchemy import select
 from audit.models import audit_events
 from auth.crypto import MasterKey
 from gateway.db import make_engine
-from tests.conftest import PgDatabase
+from tests.conftest import PgDatabase, free_port
 
 # The verify-proof request of the identity point: valid, and cheap for the engine.
 BODY = {
@@ -38,12 +37,6 @@ BODY = {
     "proof": "0xc0" + "00" * 47,
 }
 CHEAP_ARGON2 = "{time_cost = 1, memory_kib = 1024, parallelism = 1}"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -101,7 +94,7 @@ class Instance:
                 preexec_fn=limit_file_size if limit is not None else None,
             )  # fmt: skip
 
-    async def wait_ready(self, timeout: float = 60) -> None:
+    async def wait_ready(self, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self.ssl())) as s:
             while time.monotonic() < deadline:
@@ -144,7 +137,7 @@ def instances(tmp_path: Path, pg_database: PgDatabase) -> Iterator[list[Instance
     }
     made = []
     for name in ("a", "b"):
-        instance = Instance(name, tmp_path / name, _free_port(), env)
+        instance = Instance(name, tmp_path / name, free_port(), env)
         instance.cli("init", "--json")
         made.append(instance)
     yield made
@@ -217,7 +210,8 @@ async def test_two_instances_share_keys_revocation_and_one_chain(
         revoked_at = time.monotonic()
         # Instance b had the key cached; it must drop it within the revocation bound.
         while (await _call(b, key["api_key"], session))[0] == 200:
-            assert time.monotonic() - revoked_at < 5, "revocation did not reach instance b"
+            # The bound is revocation_check_seconds (2 s), with room for a loaded machine.
+            assert time.monotonic() - revoked_at < 10, "revocation did not reach instance b"
             await asyncio.sleep(0.2)
         assert (await _call(a, key["api_key"], session))[0] == 401
     assert _verify_chain(a, pg_database.owner_url)["checked"] >= 22

@@ -22,13 +22,12 @@ import pytest
 
 from auth.crypto import MasterKey
 from gateway.cli_audit import DEFAULT_DATABASE_FILE
-from tests.conftest import PgDatabase
+from tests.conftest import PgDatabase, free_port
 from tests.gateway.helpers import make_blob
 from tests.production.test_instances import (
     CHEAP_ARGON2,
     Instance,
     _call,
-    _free_port,
     _verify_chain,
     recorded_request_ids,
 )
@@ -36,7 +35,7 @@ from tests.production.test_instances import (
 MiB = 1024 * 1024
 DISK_BYTES = 64 * MiB
 DRAIN_SECONDS = 2.0
-SHUTDOWN_TIMEOUT_SECONDS = 10.0
+SHUTDOWN_TIMEOUT_SECONDS = 30.0  # a bound for a loaded machine; ~3 s used here
 
 
 def _gateway_env(**config: str) -> dict[str, str]:
@@ -131,7 +130,7 @@ async def test_disk_full_fails_closed_and_recovers(tmp_path: Path) -> None:
     gateway = Instance(
         "disk",
         root / "data",
-        _free_port(),
+        free_port(),
         _gateway_env(),
         log_file=tmp_path / "serve.log",
         fsize_limit=None if mounted else DISK_BYTES,
@@ -205,7 +204,7 @@ def draining_gateway(tmp_path: Path, pg_database: PgDatabase) -> Iterator[Instan
         # Room to queue the heavy requests behind the one worker instead of shedding them.
         KZG_GATEWAY_POOL__MAX_QUEUE="64",
     )
-    gateway = Instance("drain", tmp_path / "drain", _free_port(), env)
+    gateway = Instance("drain", tmp_path / "drain", free_port(), env)
     gateway.cli("init", "--json")
     yield gateway
     gateway.stop(signal.SIGKILL)
@@ -305,9 +304,9 @@ async def test_sigterm_drains_for_a_rolling_restart(
                         assert reply.status == 200
                 except aiohttp.ClientError as exc:
                     raise AssertionError(f"gone before /readyz said 503: {exc!r}") from exc
-                assert time.monotonic() - signalled < 0.5, "/readyz still 200 after SIGTERM"
+                assert time.monotonic() - signalled < 1.0, "/readyz still 200 after SIGTERM"
                 await asyncio.sleep(0.02)
-            assert unready - signalled < 0.5
+            assert unready - signalled < 1.0  # measured 0.04-0.09 s: one TLS round trip
             assert process.poll() is None, "exited instead of draining"
 
             # Sent inside the drain window, queued behind the one worker: they are still
