@@ -17,6 +17,23 @@ def format_timestamp(moment: datetime) -> str:
     return utc.isoformat(timespec="microseconds") + "Z"
 
 
+def storable(value: Any) -> Any:
+    """Return ``value`` with every string made storable in any database: NUL (which
+    PostgreSQL text refuses) and lone surrogates (not UTF-8) become backslash escapes.
+    A client can put either in a URL path; refused, it would fail its whole commit batch."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            value = value.replace("\x00", "\\x00")
+        if value.isascii():
+            return value
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {storable(k): storable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [storable(v) for v in value]
+    return value
+
+
 def parse_timestamp(text: str) -> datetime:
     """Return the aware datetime for a canonical or ISO 8601 timestamp."""
     moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
@@ -53,23 +70,25 @@ class AuditEvent:
             if not math.isfinite(self.latency_ms):
                 raise ValueError("latency_ms must be finite")
             latency = round(float(self.latency_ms), 3)
-        return {
-            "request_id": self.request_id,
-            "occurred_at": format_timestamp(self.occurred_at),
-            "actor": self.actor,
-            "role": self.role,
-            "action": self.action,
-            "outcome": self.outcome,
-            "http_status": self.http_status,
-            "client_addr": self.client_addr,
-            "tls_version": self.tls_version,
-            "method": self.method,
-            "path": self.path,
-            "input_digests": dict(self.input_digests),
-            "result_digest": self.result_digest,
-            "latency_ms": latency,
-            "detail": dict(self.detail),
-        }
+        return storable(
+            {
+                "request_id": self.request_id,
+                "occurred_at": format_timestamp(self.occurred_at),
+                "actor": self.actor,
+                "role": self.role,
+                "action": self.action,
+                "outcome": self.outcome,
+                "http_status": self.http_status,
+                "client_addr": self.client_addr,
+                "tls_version": self.tls_version,
+                "method": self.method,
+                "path": self.path,
+                "input_digests": dict(self.input_digests),
+                "result_digest": self.result_digest,
+                "latency_ms": latency,
+                "detail": dict(self.detail),
+            }
+        )
 
 
 EVENT_FIELDS: tuple[str, ...] = tuple(AuditEvent.__dataclass_fields__)

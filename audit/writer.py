@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import insert, select, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from audit.chain import chain_hash, record_for
@@ -28,6 +29,13 @@ from audit.models import HEAD_ID, audit_chain_head, audit_events, columns_for
 log = logging.getLogger(__name__)
 
 _COLUMNS = ("seq", "prev_hash", "hash", *EVENT_FIELDS)
+
+
+def _values_refused(exc: BaseException) -> bool:
+    """True when the database answered and refused the data itself (SQLSTATE class 22,
+    e.g. a character its encoding cannot hold), rather than being unreachable."""
+    sqlstate = getattr(exc.orig, "sqlstate", None) if isinstance(exc, DBAPIError) else None
+    return str(sqlstate or "").startswith("22")
 
 
 @functools.cache
@@ -166,21 +174,33 @@ class AuditWriter:
         return batch
 
     async def _commit_next_batch(self) -> None:
+        await self._commit()
+
+    async def _commit(self, batch: list[_Pending] | None = None) -> None:
+        """Commit ``batch``, or whatever is waiting once the head lock is held."""
         started = self._clock()
-        batch: list[_Pending] = []
+        taken = batch or []
         try:
             async with asyncio.timeout(self._commit_timeout), self._engine.connect() as conn:
                 seq, head = await lock_head(conn)
-                # Taken only now: records that arrived while the lock was on its way join in.
-                batch = self._take_batch()
-                results = await self._append(conn, seq, head, batch)
+                if batch is None:
+                    # Taken only now: records that arrived while the lock was on its way join in.
+                    taken = self._take_batch()
+                results = await self._append(conn, seq, head, taken)
         except Exception as exc:
-            batch = batch or self._take_batch()
+            taken = taken or self._take_batch()
+            if len(taken) > 1 and _values_refused(exc):
+                # The store is up but refused some record's values: commit one by one, so
+                # that record fails alone instead of every request batched with it.
+                log.warning("audit batch of %d refused (%r); committing singly", len(taken), exc)
+                for item in taken:
+                    await self._commit([item])
+                return
             self._healthy = False
             if self._metrics:
                 self._metrics.failures.inc()
-            log.warning("audit commit of %d records failed: %r", len(batch), exc)
-            for item in batch:
+            log.warning("audit commit of %d records failed: %r", len(taken), exc)
+            for item in taken:
                 if not item.future.done():
                     item.future.set_exception(AuditUnavailable("the audit store is unavailable"))
             return
@@ -188,10 +208,10 @@ class AuditWriter:
             log.info("audit store available; head at seq %d", results[-1].seq)
             self._healthy = True
         if self._metrics:
-            self._metrics.batch_size.observe(len(batch))
+            self._metrics.batch_size.observe(len(taken))
             self._metrics.commit_latency.observe(self._clock() - started)
             self._metrics.head_seq.set(results[-1].seq)
-        for item, result in zip(batch, results, strict=True):
+        for item, result in zip(taken, results, strict=True):
             if not item.future.done():
                 item.future.set_result(result)
 

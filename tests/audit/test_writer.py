@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -20,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.chain import GENESIS_HASH, chain_hash, record_for
 from audit.errors import AuditUnavailable
+from audit.events import AuditEvent
 from audit.metrics import AuditMetrics
 from audit.models import audit_events, fields_from_row
 from audit.verify import verify_database
@@ -342,3 +344,49 @@ async def test_sigkill_under_load_loses_no_acknowledged_record(
     assert set(acknowledged) <= stored
     report = await verify_database(app_engine, public_keys={})
     assert report.valid and report.checked == len(stored)
+
+
+async def test_client_bytes_the_database_refuses_are_stored_escaped(
+    writer: AuditWriter, app_engine: AsyncEngine
+) -> None:
+    # A URL path may decode to NUL (PostgreSQL text refuses it) and a value may hold a
+    # lone surrogate (not UTF-8): both are escaped before hashing, so the record is
+    # committed and hashes the same when read back.
+    event = make_event(1, path="/a\x00b", detail={"subject": "x\udcff"})
+    result = await writer.append(event)
+    async with app_engine.connect() as conn:
+        row = (await conn.execute(select(audit_events))).mappings().one()
+    fields = fields_from_row(row)
+    assert fields["path"] == "/a\\x00b" and fields["detail"]["subject"] == "x\\udcff"
+    assert result.hash == chain_hash(GENESIS_HASH, record_for(1, fields))
+    report = await verify_database(app_engine, public_keys={})
+    assert report.valid and report.checked == 1, report.reason
+
+
+class _Unescaped(AuditEvent):
+    """An event whose path skips the escaping, as a new field someone forgot might."""
+
+    def fields(self) -> dict[str, Any]:
+        return {**super().fields(), "path": "/\x00"}
+
+
+async def test_a_refused_record_fails_alone_not_its_whole_batch(pg_store: AuditStore) -> None:
+    engine = make_engine(pg_store.app_url)
+    writer = AuditWriter(engine)
+    await writer.start()
+    try:
+        bad = _Unescaped(**vars(make_event(99)))
+        outcomes = await asyncio.gather(
+            *(writer.append(make_event(n)) for n in range(10)),
+            writer.append(bad),
+            *(writer.append(make_event(n)) for n in range(10, 20)),
+            return_exceptions=True,
+        )
+        assert isinstance(outcomes[10], AuditUnavailable), outcomes[10]
+        good = [o for i, o in enumerate(outcomes) if i != 10]
+        assert sorted(o.seq for o in good) == list(range(1, 21)), good
+        report = await verify_database(engine, public_keys={})
+        assert report.valid and report.checked == 20, report.reason
+    finally:
+        await writer.stop()
+        await engine.dispose()

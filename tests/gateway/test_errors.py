@@ -3,6 +3,7 @@ field, and leaves exactly one audit record."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -128,3 +129,17 @@ async def test_without_a_security_module_kzg_routes_are_closed(start_gateway: An
     await _refused(gw, response, body, 401, "unauthenticated", "unauthenticated")
     response, _ = await gw.request("GET", "/healthz", role=None)
     assert response.status == 200
+
+
+async def test_a_path_decoding_to_nul_is_audited_without_failing_others(gateway: Gateway) -> None:
+    # "/%00" decodes to NUL, which PostgreSQL text refuses: the record is stored escaped,
+    # and the requests committed in the same batch are not turned into 503s.
+    results = await asyncio.gather(
+        gateway.request("GET", "/%00", role=None),
+        *(gateway.request("GET", f"/nothing-{n}", role=None) for n in range(10)),
+    )
+    assert [r.status for r, _ in results] == [404] * 11, [b for _, b in results]
+    response, body = results[0]
+    await _refused(gateway, response, body, 404, "not_found", "not_found")
+    [record] = await gateway.audit_records(response.headers["X-Request-ID"])
+    assert record["path"] == "/\\x00"
