@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 POLICY_DIR = Path(__file__).resolve().parent.parent / "policies"
+# Whoever may give people any role gains nothing by giving it to an API key instead.
+GRANTS_ANY_ROLE = "users:manage"
 
 
 class PolicyError(ValueError):
@@ -82,8 +84,25 @@ class RbacPolicy:
         for role in roles:
             if role not in self.roles:
                 raise PolicyError(f"unknown role {role!r}; known: {', '.join(sorted(self.roles))}")
-            if for_api_key and not self.roles[role].api_keys:
+            if for_api_key and not self.allows_api_key(role):
                 raise PolicyError(f"role {role!r} is for people only (MFA), not for API keys")
+
+    def allows_api_key(self, role: str) -> bool:
+        """Whether a machine identity may hold ``role`` under this policy (checked again at
+        every use, so tightening the policy disables the keys it no longer allows)."""
+        return role in self.roles and self.roles[role].api_keys
+
+    def may_grant(self, grantor_roles: tuple[str, ...] | list[str], role: str) -> bool:
+        """Whether holders of ``grantor_roles`` may hand ``role`` to an API key: only a
+        role whose permissions they hold themselves, so a key never lifts its creator
+        above its own rights (e.g. to audit access without MFA)."""
+        held: set[str] = set()
+        for name in grantor_roles:
+            if name in self.roles:
+                held |= self.roles[name].permissions
+        return role in self.roles and (
+            GRANTS_ANY_ROLE in held or self.roles[role].permissions <= held
+        )
 
     def needs_mfa(self, roles: tuple[str, ...] | list[str]) -> bool:
         return any(self.roles[r].mfa for r in roles if r in self.roles)

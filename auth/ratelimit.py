@@ -11,6 +11,7 @@ burst) beyond the shared bucket; the debt is repaid from later tokens.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
 import uuid
@@ -25,6 +26,20 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from auth.models import rate_usage
 
 log = logging.getLogger(__name__)
+
+
+def client_group(host: str | None) -> str:
+    """The unit per-address limits count: an IPv4 address, or an IPv6 /64 (one
+    subscriber's network, all of whose addresses one client may use)."""
+    try:
+        address = ipaddress.ip_address(host or "")
+    except ValueError:
+        return host or ""
+    if address.version == 4:
+        return str(address)
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{address}/64", strict=False))
 
 
 @dataclass
@@ -68,7 +83,14 @@ class RateLimiter:
             bucket.tokens -= 1
             self._spent[key] += 1
             return 0.0
-        return (1 - bucket.tokens) / rate if rate > 0 else float("inf")
+        return _until_one(bucket)
+
+    def wait(self, key: str, rate: float, burst: float) -> float:
+        """The seconds until ``take`` would succeed (0 now), spending nothing."""
+        if key not in self._buckets:
+            return 0.0  # an unknown key is a full bucket: no need to remember it yet
+        bucket = self._bucket(key, rate, burst)
+        return 0.0 if bucket.tokens >= 1 else _until_one(bucket)
 
     def charge(self, key: str, tokens: float, rate: float, burst: float) -> None:
         """Remove tokens spent elsewhere; the bucket may go into debt down to -burst."""
@@ -88,6 +110,10 @@ class RateLimiter:
     def forget_spent(self, published: dict[str, tuple[int, float, float]]) -> None:
         self._spent.subtract({key: count for key, (count, _, _) in published.items()})
         self._spent = +self._spent  # drop the keys that reached zero
+
+
+def _until_one(bucket: _Bucket) -> float:
+    return (1 - bucket.tokens) / bucket.rate if bucket.rate > 0 else float("inf")
 
 
 class UsageExchange:

@@ -2,7 +2,9 @@
 the signing keys of tokens, and the access review.
 
 argon2 is paid once per credential per ``cache_seconds``: a verified API key is kept in
-memory under an HMAC of the presented key (never the key itself). Every revoke, rotate,
+memory under an HMAC of the presented key (never the key itself). It runs on a small
+bounded pool (``auth.hashing``) that refuses rather than queues when full, and never for
+an API key whose public id does not exist. Every revoke, rotate,
 disable or role change bumps ``auth_revision`` in the database; each process checks that
 counter at most every ``revocation_check_seconds`` and drops its caches when it moved, so
 revocation reaches every process and instance within that bound.
@@ -29,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from audit.events import format_timestamp, parse_timestamp
 from auth import credentials, tokens
 from auth.crypto import MasterKey
+from auth.hashing import HashingPool
 from auth.models import api_keys, auth_revision, jwt_keys, users
 from auth.policy import PolicyError, RbacPolicy, SecurityPolicy
 from auth.principal import Principal
@@ -88,15 +91,17 @@ class AuthService:
         rbac: RbacPolicy,
         policy: SecurityPolicy,
         clock: Callable[[], float] = time.time,
+        on_verify: Callable[[str], None] | None = None,
     ) -> None:
+        """``on_verify(kind)`` is told of every argon2 verification ("api_key", "password")."""
         self.engine = engine
         self.rbac = rbac
         self.policy = policy
         self._master_key = master_key
         self._clock = clock
-        self._hasher = credentials.password_hasher(policy)
+        self.hashing = HashingPool.from_policy(policy, on_verify)
         # A hash to verify against when the user does not exist: same cost, same timing.
-        self._dummy_hash = self._hasher.hash(secrets.token_urlsafe(16))
+        self._dummy_hash = credentials.password_hasher(policy).hash(secrets.token_urlsafe(16))
         self._ref_key = master_key.derive("credential-ref")
         self._cache_key = secrets.token_bytes(32)
         self._key_cache: dict[bytes, _CachedKey] = {}
@@ -117,11 +122,8 @@ class AuthService:
         mac = hmac.new(self._ref_key, f"{kind}:{ident}".encode(), hashlib.sha256)
         return f"{kind}:{mac.hexdigest()[:32]}"
 
-    async def _hash(self, secret: str) -> str:
-        return await asyncio.to_thread(self._hasher.hash, secret)
-
-    async def _verify(self, stored: str, secret: str) -> bool:
-        return await asyncio.to_thread(credentials.verify_hash, self._hasher, stored, secret)
+    def close(self) -> None:
+        self.hashing.close()
 
     async def _bump_revision(self, conn: AsyncConnection) -> None:
         await conn.execute(
@@ -175,7 +177,7 @@ class AuthService:
         values = {
             "id": user_id,
             "username": username,
-            "password_hash": await self._hash(password),
+            "password_hash": await self.hashing.hash(password),
             "sealed_totp_secret": self._master_key.seal(secret.encode(), f"totp:{user_id}"),
             "roles": ",".join(roles),
             "disabled": False,
@@ -249,7 +251,7 @@ class AuthService:
         async with self.engine.connect() as conn:
             row = (await conn.execute(select(users).where(users.c.username == username))).first()
         if row is None:
-            await self._verify(self._dummy_hash, password)
+            await self.hashing.verify(self._dummy_hash, password, "password")
             # The write a known user's failure costs, matching no row: same timing.
             async with self.engine.begin() as conn:
                 await conn.execute(
@@ -258,7 +260,7 @@ class AuthService:
                     .values(failed_logins=users.c.failed_logins)
                 )
             raise _invalid_login("unknown user")
-        password_ok = await self._verify(row.password_hash, password)
+        password_ok = await self.hashing.verify(row.password_hash, password, "password")
         roles = tuple(r for r in row.roles.split(",") if r)
         step = None
         if totp:
@@ -276,7 +278,7 @@ class AuthService:
         elif self.rbac.needs_mfa(roles) and step is None:
             reason = "one-time code required"
         if reason is not None:
-            await self._record_failure(row, now, reason)
+            await self._record_failure(row, now)
             raise _invalid_login(reason)
         async with self.engine.begin() as conn:
             values: dict[str, Any] = {
@@ -299,16 +301,32 @@ class AuthService:
         token, ttl = await self._issue_token(principal, amr, now)
         return LoginResult(token, ttl, principal)
 
-    async def _record_failure(self, row: Any, now: datetime, reason: str) -> None:
+    async def _record_failure(self, row: Any, now: datetime) -> None:
+        """Count the failure in the database itself (concurrent failures each count) and
+        lock the account when the count reaches the policy, unless it is locked already."""
         max_failures = int(self.policy.get("lockout", "max_failures"))
         lock_seconds = int(self.policy.get("lockout", "lock_seconds"))
-        failures = int(row.failed_logins) + 1
-        values: dict[str, Any] = {"failed_logins": failures}
-        if failures >= max_failures and reason != "locked":
-            values["locked_until"] = format_timestamp(now + timedelta(seconds=lock_seconds))
-            values["failed_logins"] = 0
         async with self.engine.begin() as conn:
-            await conn.execute(update(users).where(users.c.id == row.id).values(**values))
+            # The increment holds the row's write lock until commit, so the lock
+            # decision below is made on the current count, not on ``row``'s old one.
+            failures, locked_until = (
+                await conn.execute(
+                    update(users)
+                    .where(users.c.id == row.id)
+                    .values(failed_logins=users.c.failed_logins + 1)
+                    .returning(users.c.failed_logins, users.c.locked_until)
+                )
+            ).one()
+            locked = locked_until is not None and parse_timestamp(locked_until) > now
+            if failures >= max_failures and not locked:
+                await conn.execute(
+                    update(users)
+                    .where(users.c.id == row.id)
+                    .values(
+                        locked_until=format_timestamp(now + timedelta(seconds=lock_seconds)),
+                        failed_logins=0,
+                    )
+                )
 
     # -- JWT ----------------------------------------------------------------------------
 
@@ -440,7 +458,7 @@ class AuthService:
         """A new machine identity; the key is returned once and stored only hashed."""
         if not isinstance(name, str) or not 1 <= len(name) <= 128:
             raise PolicyError("name: 1-128 characters")
-        self.rbac.check_roles([role], for_api_key=True)
+        await self._check_issuable(role, created_by)
         default_days = int(self.policy.get("api_keys", "default_expiry_days"))
         max_days = int(self.policy.get("api_keys", "max_expiry_days"))
         days = default_days if expires_in_days is None else expires_in_days
@@ -456,7 +474,7 @@ class AuthService:
                     id=parts.key_id,
                     name=name,
                     role=role,
-                    secret_hash=await self._hash(parts.secret),
+                    secret_hash=await self.hashing.hash(parts.secret),
                     created_at=format_timestamp(now),
                     created_by=created_by,
                     expires_at=expires_at,
@@ -472,6 +490,32 @@ class AuthService:
             "expires_at": expires_at,
             "allowed_cidrs": networks,
         }
+
+    async def _check_issuable(self, role: str, created_by: str) -> None:
+        """Refuse an API key for ``role`` that the policy or its creator may not issue."""
+        self.rbac.check_roles([role], for_api_key=True)
+        grantor = await self._principal_roles(created_by)
+        if grantor is not None and not self.rbac.may_grant(grantor, role):
+            raise AuthError(
+                403,
+                "forbidden",
+                f"you may not issue API keys for role {role!r}: it holds permissions you lack",
+                f"API key for {role} refused to {','.join(grantor) or 'no role'}",
+            )
+
+    async def _principal_roles(self, ident: str) -> tuple[str, ...] | None:
+        """The current roles of principal ``ident`` (a user or an API key); None for an
+        operator (the CLI, ``init``), who is no principal and holds the database itself."""
+        async with self.engine.connect() as conn:
+            user_roles = (
+                await conn.execute(select(users.c.roles).where(users.c.id == ident))
+            ).scalar()
+            if user_roles is not None:
+                return tuple(r for r in user_roles.split(",") if r)
+            key_role = (
+                await conn.execute(select(api_keys.c.role).where(api_keys.c.id == ident))
+            ).scalar()
+        return None if key_role is None else (key_role,)
 
     async def list_api_keys(self) -> list[dict[str, Any]]:
         async with self.engine.connect() as conn:
@@ -510,6 +554,8 @@ class AuthService:
             row = (await conn.execute(select(api_keys).where(api_keys.c.id == key_id))).first()
         if row is None or row.revoked_at is not None:
             raise LookupError(f"no active API key {key_id!r}")
+        # Before revoking: a refused rotation leaves the old key working.
+        await self._check_issuable(row.role, actor)
         await self.revoke_api_key(key_id)
         return await self.create_api_key(
             row.name,
@@ -534,6 +580,8 @@ class AuthService:
         if cached.expires_at <= self.now():
             self._key_cache.pop(digest, None)
             raise _invalid_key("expired API key")
+        if not all(self.rbac.allows_api_key(r) for r in cached.principal.roles):
+            raise _invalid_key("the policy no longer allows API keys for this role")
         if cached.networks and not _address_in(client_addr, cached.networks):
             raise AuthError(
                 403, "address_not_allowed", "this API key is not allowed from this address"
@@ -557,9 +605,11 @@ class AuthService:
                 await conn.execute(select(api_keys).where(api_keys.c.id == parts.key_id))
             ).first()
         if row is None:
-            await self._verify(self._dummy_hash, parts.secret)
+            # No argon2 for an id that does not exist: the id is public (it is part of
+            # every key and of the admin listing), so answering at once tells nothing
+            # secret, and a flood of made-up keys costs a database lookup each.
             raise _invalid_key("unknown API key")
-        if not await self._verify(row.secret_hash, parts.secret):
+        if not await self.hashing.verify(row.secret_hash, parts.secret, "api_key"):
             raise _invalid_key("wrong API key secret")
         if row.revoked_at is not None:
             raise _invalid_key("revoked API key")

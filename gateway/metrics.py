@@ -30,6 +30,7 @@ class GatewayMetrics:
     tls_not_after: Gauge
     connections: Gauge
     connections_refused: Counter
+    password_hash_verifications: Counter
 
     @classmethod
     def create(cls) -> GatewayMetrics:
@@ -91,6 +92,12 @@ class GatewayMetrics:
                 "kzg_connections_refused",
                 "Connections closed on arrival because a connection limit was reached",
                 ["limit"],
+                registry=registry,
+            ),
+            password_hash_verifications=Counter(
+                "kzg_password_hash_verifications",
+                "argon2id verifications run, by credential (api_key, password)",
+                ["credential"],
                 registry=registry,
             ),
         )

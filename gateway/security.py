@@ -6,6 +6,9 @@ Authentication accepts ``X-API-Key`` (machines) or ``Authorization: Bearer <JWT>
 (``policies/rbac.toml``) and denies anything not listed. Decisions are recorded by the
 audit middleware that wraps these: the principal, a keyed reference of the credential,
 and the reason of a refusal (never the credential).
+
+Failed credentials spend a budget per client (an IPv4 address or an IPv6 /64), checked
+before any verification: once spent, attempts are answered 429 without costing argon2.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from prometheus_client import Gauge
 from sqlalchemy.exc import SQLAlchemyError
 
 from audit.events import parse_timestamp
+from auth.hashing import HashingBusy
 from auth.policy import PolicyError, RbacPolicy, SecurityPolicy
-from auth.ratelimit import RateLimiter, UsageExchange
+from auth.ratelimit import RateLimiter, UsageExchange, client_group
 from auth.service import AuthError, AuthService
 from gateway import (
     admin_routes,
@@ -82,6 +86,7 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         raise ApiError(403, "address_not_allowed", "requests from this address are not allowed")
     if _is_public(request, ctx.route_name):
         return await handler(request)
+    _refuse_spent_failure_budget(request)
     service = request.app[AUTH_SERVICE]
     api_key = request.headers.get("X-API-Key")
     authorization = request.headers.get("Authorization")
@@ -108,21 +113,46 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     except (AuthError, PolicyError, LookupError, SQLAlchemyError, OSError) as exc:
         if isinstance(exc, AuthError):
             ctx.detail["reason"] = exc.reason
-            _charge_failure(request, ctx.client_addr)
+            _charge_failure(request)
+        elif isinstance(exc, HashingBusy):
+            ctx.detail["reason"] = "argon2 threads saturated: refused, not queued"
         raise to_api_error(exc) from exc
     ctx.principal = principal
     return await handler(request)
 
 
-def _charge_failure(request: web.Request, addr: str | None) -> None:
-    """Failed credentials spend the client address's anonymous tokens: a flood of bad
-    keys meets 429 instead of costing an argon2 verification each."""
+def client_bucket(kind: str, addr: str | None) -> str:
+    """The rate-limit key of a client that is not (yet) a principal: per IPv4 address or
+    IPv6 /64, so walking through the addresses of one's own /64 buys no new budget."""
+    return f"{kind}:{client_group(addr)}"
+
+
+def _failure_bucket(request: web.Request) -> tuple[str, float, float]:
+    """The client's failed-credential bucket, at the anonymous rate."""
     rate, burst = request.app[SECURITY_POLICY].rate("anonymous")
-    wait = request.app[RATE_LIMITER].take(f"fail:{addr}", rate, burst)
+    return client_bucket("fail", request[REQUEST_CONTEXT].client_addr), rate, burst
+
+
+def _too_many_failures(wait: float) -> ApiError:
+    return ApiError(
+        429, "rate_limited", "too many failed attempts", {"Retry-After": str(math.ceil(wait))}
+    )
+
+
+def _refuse_spent_failure_budget(request: web.Request) -> None:
+    """Checked before verifying anything: charging only after a verification would let
+    every refused attempt of a flood still cost an argon2 run."""
+    wait = request.app[RATE_LIMITER].wait(*_failure_bucket(request))
     if wait > 0:
-        raise ApiError(
-            429, "rate_limited", "too many failed attempts", {"Retry-After": str(math.ceil(wait))}
-        )
+        request[REQUEST_CONTEXT].detail["reason"] = "failed-credential budget spent"
+        raise _too_many_failures(wait)
+
+
+def _charge_failure(request: web.Request) -> None:
+    """A failed credential spends one token of the client's failure budget."""
+    wait = request.app[RATE_LIMITER].take(*_failure_bucket(request))
+    if wait > 0:
+        raise _too_many_failures(wait)
 
 
 @web.middleware
@@ -152,7 +182,7 @@ async def rate_limit(request: web.Request, handler: Handler) -> web.StreamRespon
         key = f"principal:{ctx.principal.id}"
         rate, burst = max(policy.rate(role) for role in ctx.principal.roles)
     else:
-        key = f"addr:{ctx.client_addr}"
+        key = client_bucket("addr", ctx.client_addr)
         rate, burst = policy.rate("anonymous")
     wait = request.app[RATE_LIMITER].take(key, rate, burst)
     if wait > 0:
@@ -215,7 +245,14 @@ def install(app: web.Application, config: Config) -> list[Any]:
     )
 
     async def resources(app: web.Application) -> Any:
-        service = AuthService(app[DB_ENGINE], app[MASTER_KEY], rbac, policy)
+        verifications = app[METRICS].password_hash_verifications
+        service = AuthService(
+            app[DB_ENGINE],
+            app[MASTER_KEY],
+            rbac,
+            policy,
+            on_verify=lambda kind: verifications.labels(kind).inc(),
+        )
         app[AUTH_SERVICE] = service
         registry = app[METRICS].registry
         app[KEY_AGE] = Gauge(
@@ -239,6 +276,7 @@ def install(app: web.Application, config: Config) -> list[Any]:
         sharing.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sharing
+        service.close()
 
     app.cleanup_ctx.append(resources)
     auth_routes.add_routes(app)

@@ -6,7 +6,6 @@ error envelope and audited like any other refusal."""
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
 import uuid
@@ -19,6 +18,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Gauge
 
+# One grouping for connection and rate limits; the alias keeps this module's old name.
+from auth.ratelimit import client_group as _client_group
 from gateway.app import record
 from gateway.appkeys import METRICS
 from gateway.context import RequestContext
@@ -26,20 +27,6 @@ from gateway.errors import AUDIT_DOWN, envelope
 from gateway.limits import SERVER_LIMITS, ServerLimits
 
 log = logging.getLogger(__name__)
-
-
-def _client_group(host: str) -> str:
-    """The unit the per-address limit counts: an IPv4 address, or an IPv6 /64 (one
-    subscriber's network, all of whose addresses one client may use)."""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    if address.version == 4:
-        return host
-    if address.ipv4_mapped is not None:
-        return str(address.ipv4_mapped)
-    return str(ipaddress.ip_network(f"{address}/64", strict=False))
 
 
 class _Admission(asyncio.Protocol):

@@ -12,8 +12,9 @@ import sqlalchemy as sa
 from sqlalchemy.exc import OperationalError
 
 from auth.models import rate_usage
-from auth.ratelimit import RateLimiter, UsageExchange
+from auth.ratelimit import RateLimiter, UsageExchange, client_group
 from gateway.db import make_engine, migrate
+from gateway.security import client_bucket
 from tests.auth.conftest import Store
 
 KEY = "principal:k1"
@@ -146,3 +147,38 @@ async def test_a_failed_exchange_publishes_nothing_twice(tmp_path: Path) -> None
 async def _spent(store: Store) -> list[float]:
     async with store.engine.connect() as conn:
         return list((await conn.execute(sa.select(rate_usage.c.spent))).scalars())
+
+
+def test_client_group_is_the_ipv4_address_or_the_ipv6_64() -> None:
+    one = client_group("2001:db8:1:2::1")
+    assert one == client_group("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert client_group("2001:db8:1:3::1") != one
+    assert client_group("::ffff:10.0.0.1") == client_group("10.0.0.1") == "10.0.0.1"
+    assert client_group("10.0.0.1") != client_group("10.0.0.2")
+    assert client_group(None) == client_group("") == ""
+
+
+def test_addresses_of_one_ipv6_64_share_the_failure_and_anonymous_budgets() -> None:
+    """Given a client walking through the addresses of its /64, when each address spends
+    the budget, then they drain one bucket, while another /64 keeps its own."""
+    limiter = RateLimiter(clock=Clock())
+    for kind in ("fail", "addr"):
+        walked = [f"2001:db8:0:7::{n:x}" for n in range(1, 10)]
+        granted = sum(limiter.take(client_bucket(kind, addr), RATE, BURST) == 0 for addr in walked)
+        assert granted == BURST, kind
+        assert limiter.wait(client_bucket(kind, "2001:db8:0:7:abcd::1"), RATE, BURST) > 0
+        assert limiter.wait(client_bucket(kind, "2001:db8:0:8::1"), RATE, BURST) == 0
+        assert client_bucket(kind, "192.0.2.1") != client_bucket(kind, "192.0.2.2")
+
+
+def test_wait_tells_when_a_token_is_free_without_spending_it() -> None:
+    clock = Clock()
+    limiter = RateLimiter(clock=clock)
+    assert limiter.wait(KEY, RATE, BURST) == 0
+    for _ in range(int(BURST)):
+        assert limiter.wait(KEY, RATE, BURST) == 0
+        assert limiter.take(KEY, RATE, BURST) == 0
+    assert limiter.wait(KEY, RATE, BURST) == pytest.approx(1 / RATE)
+    clock.advance(1 / RATE)
+    assert limiter.wait(KEY, RATE, BURST) == 0
+    assert limiter.take(KEY, RATE, BURST) == 0  # the peek spent nothing
