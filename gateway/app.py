@@ -37,7 +37,7 @@ from gateway.appkeys import (
     RECEIPT_SIGNER,
     STATE,
 )
-from gateway.audit_routes import event_from_context
+from gateway.audit_routes import record
 from gateway.config import Config
 from gateway.context import REQUEST_CONTEXT, RequestContext
 from gateway.db import check_schema, make_engine
@@ -167,17 +167,6 @@ def _envelope_for(ctx: RequestContext, exc: BaseException) -> web.Response:
     return error_response(ctx.request_id, 500, "internal_error", "internal error")
 
 
-async def record(app: web.Application, ctx: RequestContext, status: int) -> int | None:
-    """Commit the request's audit record and return its seq (also kept in ``ctx``); None
-    when the audit store is down, and the request must then be answered with AUDIT_DOWN."""
-    try:
-        appended = await app[AUDIT_WRITER].append(event_from_context(ctx, status))
-    except AuditUnavailable:
-        return None
-    ctx.audit_seq = appended.seq
-    return appended.seq
-
-
 @web.middleware
 async def audit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Record the request exactly once, whatever happened inside, and release the answer
@@ -191,7 +180,8 @@ async def audit_middleware(request: web.Request, handler: Handler) -> web.Stream
         response = exc if exc.status < 400 else _envelope_for(ctx, exc)
     except Exception as exc:
         response = _envelope_for(ctx, exc)
-    seq = await record(request.app, ctx, response.status)
+    # A streamed answer (the audit export) was recorded before its first byte went out.
+    seq = ctx.audit_seq or await record(request.app, ctx, response.status)
     if seq is None:
         return error_response(ctx.request_id, *AUDIT_DOWN, {"Retry-After": "1"})
     if isinstance(response, ReceiptResponse):
@@ -345,7 +335,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     pool = EnginePool(pool_settings(config))
     await pool.start()
     app[KZG_POOL] = pool
-    engine = make_engine(config.database_url)
+    # No statement waits on SQLite's lock longer than an answer may wait for its audit
+    # record: a timed-out commit would otherwise hold its connection until the lock frees.
+    engine = make_engine(config.database_url, busy_timeout=settings.commit_timeout_seconds)
     app[DB_ENGINE] = engine
     writer = AuditWriter(
         engine,

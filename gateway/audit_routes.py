@@ -16,11 +16,13 @@ from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.checkpoints import latest_checkpoint
+from audit.errors import AuditUnavailable
 from audit.events import AuditEvent, parse_timestamp
 from audit.export import export_lines
 from audit.query import MAX_LIMIT, EventQuery, query_events
 from audit.verify import verify_database
-from gateway.context import RequestContext
+from gateway.appkeys import AUDIT_WRITER
+from gateway.context import REQUEST_CONTEXT, RequestContext
 from gateway.errors import ApiError
 
 EXPORT_CONTENT_TYPE = "application/jsonl"
@@ -70,6 +72,17 @@ def event_from_context(ctx: RequestContext, http_status: int) -> AuditEvent:
         latency_ms=(time.perf_counter() - ctx.started) * 1000,
         detail=detail,
     )
+
+
+async def record(app: web.Application, ctx: RequestContext, status: int) -> int | None:
+    """Commit the request's audit record and return its seq (also kept in ``ctx``); None
+    when the audit store is down, and the request must then be answered with AUDIT_DOWN."""
+    try:
+        appended = await app[AUDIT_WRITER].append(event_from_context(ctx, status))
+    except AuditUnavailable:
+        return None
+    ctx.audit_seq = appended.seq
+    return appended.seq
 
 
 def add_routes(app: web.Application, engine_key: web.AppKey[AsyncEngine]) -> None:
@@ -167,6 +180,12 @@ async def _stream(
             "Content-Disposition": f'attachment; filename="audit-{now:%Y%m%dT%H%M%SZ}.jsonl"',
         }
     )
+    # The log leaves before the handler returns, so its record must be committed first,
+    # and the request id set now rather than by the middleware on the way out.
+    ctx = request[REQUEST_CONTEXT]
+    if await record(request.app, ctx, response.status) is None:
+        raise AuditUnavailable("the audit store is unavailable")
+    response.headers["X-Request-ID"] = ctx.request_id
     await response.prepare(request)
     await response.write(first.encode())
     buffer: list[str] = []

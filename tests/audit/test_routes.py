@@ -16,13 +16,14 @@ from audit.checkpoints import issue_checkpoint
 from audit.verify import verify_export_lines
 from audit.writer import AuditWriter
 from auth.principal import Principal
+from gateway.appkeys import AUDIT_WRITER
 from gateway.audit_routes import (
     EXPORT_CONTENT_TYPE,
     add_routes,
     event_from_context,
     outcome_for_status,
 )
-from gateway.context import RequestContext
+from gateway.context import REQUEST_CONTEXT, RequestContext
 from gateway.errors import ApiError
 from tests.audit.conftest import AuditStore
 from tests.audit.helpers import BlsSigner, make_event, tamper
@@ -43,10 +44,20 @@ async def render_errors(
         )
 
 
+@web.middleware
+async def with_context(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    # What the gateway's middleware provides: the export records itself before streaming.
+    request[REQUEST_CONTEXT] = RequestContext("req", request.method, request.path, None)
+    return await handler(request)
+
+
 @pytest.fixture
-async def client(aiohttp_client, app_engine: AsyncEngine) -> TestClient:
-    app = web.Application(middlewares=[render_errors])
+async def client(aiohttp_client, app_engine: AsyncEngine, writer: AuditWriter) -> TestClient:
+    app = web.Application(middlewares=[render_errors, with_context])
     app[ENGINE] = app_engine
+    app[AUDIT_WRITER] = writer
     add_routes(app, ENGINE)
     return await aiohttp_client(app)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import time
 from urllib.parse import urlsplit, urlunsplit
 
@@ -94,3 +96,40 @@ async def test_audit_store_down_means_503_and_no_result(
         assert response.status == 200 and "receipt" in answer
     finally:
         await proxy.cut()
+
+
+async def test_export_is_refused_when_its_record_cannot_be_committed(
+    start_gateway: StartGateway,
+) -> None:
+    # The export streams the log before its handler returns: its own record must be
+    # committed first. Another process holds SQLite's write lock (reads still work in
+    # WAL mode), so the record cannot be written and no line of the log may leave.
+    gw = await start_gateway(audit={"commit_timeout_seconds": 1})
+    warm, _ = await gw.request("GET", "/v1/audit/events?limit=1", role="auditor")
+    assert warm.status == 200  # the auditor's key is now cached: no write to check it
+    database = gw.app_url.split("///", 1)[1]
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sqlite3, sys, time; c = sqlite3.connect(sys.argv[1]); "
+            "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); time.sleep(60)",
+            database,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        response, body = await gw.request("GET", "/v1/audit/export", role="auditor")
+        assert response.status == 503, body
+        assert body["error"]["code"] == "audit_unavailable"
+    finally:
+        holder.kill()
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
+    response, body = await gw.request("GET", "/v1/audit/export", role="auditor")
+    assert response.status == 200 and body.count(b'"type":"event"') >= 1
+    [record] = await gw.audit_records(response.headers["X-Request-ID"])
+    assert record["action"] == "audit_export" and record["http_status"] == 200
