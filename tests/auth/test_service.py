@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from dataclasses import replace
 
 import jwt
 import pyotp
@@ -214,6 +216,50 @@ def test_shipped_policy_is_strong() -> None:
         for r in rbac.roles.values()
         for p in r.permissions
     )
+    # An API key never lifts its issuer: a key_admin mints client keys, not audit access.
+    assert rbac.may_grant(["key_admin"], "client") and not rbac.may_grant(["key_admin"], "auditor")
+    assert rbac.may_grant(["admin"], "auditor") and not rbac.may_grant(["client"], "auditor")
+
+
+async def test_concurrent_wrong_passwords_count_every_attempt(store: Store) -> None:
+    """Given wrong passwords for one person arriving at once, then the stored failure
+    count equals the attempts: none is lost to a read-then-write race."""
+    service = store.make(lockout={"max_failures": 100, "lock_seconds": 900})
+    await service.create_user("hank", ["client"])
+    attempts = 8  # within what the hashing threads and their queue take at once
+    refused = await asyncio.gather(
+        *(service.login("hank", "wrong-password-123", None) for _ in range(attempts)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(r, AuthError) and r.reason == "wrong password" for r in refused)
+    async with store.engine.connect() as conn:
+        count = (
+            await conn.execute(select(users.c.failed_logins).where(users.c.username == "hank"))
+        ).scalar_one()
+    assert count == attempts
+
+
+async def test_api_keys_follow_the_policy_and_their_issuer(store: Store) -> None:
+    """Given a key_admin person, an auditor key is refused to them and a client key
+    granted; given a policy that stops allowing auditor keys, an existing one is refused."""
+    service = store.make()
+    boss = await service.create_user("keyboss", ["key_admin"])
+    with pytest.raises(AuthError) as refused:
+        await service.create_api_key("reader", "auditor", boss["id"])
+    assert refused.value.status == 403
+    await service.create_api_key("prover", "client", boss["id"])
+    reader = await service.create_api_key("reader", "auditor", "cli:operator")
+    with pytest.raises(AuthError):
+        await service.rotate_api_key(reader["id"], boss["id"])
+    assert (await service.authenticate_api_key(reader["api_key"], None)).roles == ("auditor",)
+
+    rbac, policy = load_policies(None, CHEAP_ARGON2)
+    auditor = rbac.roles["auditor"]
+    tightened = replace(rbac, roles={**rbac.roles, "auditor": replace(auditor, api_keys=False)})
+    restarted = AuthService(store.engine, store.master_key, tightened, policy, clock=store.clock)
+    with pytest.raises(AuthError) as disabled:
+        await restarted.authenticate_api_key(reader["api_key"], None)
+    assert disabled.value.status == 401 and "no longer allows" in disabled.value.reason
 
 
 async def test_disabled_user_token_stops_working(store: Store) -> None:
