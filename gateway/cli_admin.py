@@ -160,6 +160,11 @@ async def _execute(config: Config, args: argparse.Namespace, command: Command) -
         except (AuthError, PolicyError, LookupError) as exc:
             outcome, detail = "invalid", {"error": str(exc)}
             raise
+        except BaseException as exc:
+            # Anything else failed too (master key, database, disk): never "success". The
+            # class only: a driver's message may quote statement parameters.
+            outcome, detail = "error", {"error": type(exc).__name__}
+            raise
         finally:
             await writer.append(
                 AuditEvent(

@@ -173,7 +173,8 @@ class _GatewayRequestHandler(web.RequestHandler):
         # The kind of error only: the parser's message may quote what the client sent.
         ctx.detail["reason"] = f"malformed HTTP request ({type(exc).__name__})"
         log.info("malformed request from %s: %s", request.remote, type(exc).__name__)
-        return _AuditedRefusal(self._app, ctx, status, message or "malformed HTTP request")
+        # Never aiohttp's message: it quotes the offending bytes, which may be a credential.
+        return _AuditedRefusal(self._app, ctx, status, "malformed HTTP request")
 
 
 class GuardedSite(web.TCPSite):

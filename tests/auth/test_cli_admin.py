@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import select
 
 from audit.models import audit_events
-from auth.crypto import load_master_key
+from auth.crypto import MasterKey, load_master_key
 from auth.policy import load_policies
 from auth.service import AuthService
 from gateway.cli import main
@@ -105,3 +105,31 @@ async def _cli_actions(data_dir: Path) -> list[str]:
         await engine.dispose()
     assert ("cli:admin_api_keys_create", "invalid") in actions
     return [a for a, _ in actions]
+
+
+def test_a_command_that_fails_is_audited_as_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Under a master key that opens none of the stored secrets, rotation fails with a
+    # MasterKeyError: the audit record must say so, not "success".
+    monkeypatch.delenv("KZG_GATEWAY_MASTER_KEY", raising=False)
+    data = tmp_path / "d"
+    assert main(["init", "--data-dir", str(data), "--json"]) == 0
+    capsys.readouterr()
+    (data / "master.key").write_text(MasterKey.generate().hex())
+    assert main(["admin", "master-key", "rotate", "--data-dir", str(data)]) != 0
+    capsys.readouterr()
+
+    async def last_event() -> dict:
+        engine = make_engine(f"sqlite+aiosqlite:///{data / 'gateway.db'}")
+        try:
+            async with engine.connect() as conn:
+                query = select(audit_events).order_by(audit_events.c.seq.desc()).limit(1)
+                return dict((await conn.execute(query)).mappings().one())
+        finally:
+            await engine.dispose()
+
+    event = asyncio.run(last_event())
+    assert event["action"] == "cli:admin_master_key_rotate"
+    assert event["outcome"] == "error"
+    assert json.loads(event["detail"])["error"] == "MasterKeyError"

@@ -190,6 +190,7 @@ async def test_requests_the_parser_refuses_are_enveloped_and_audited(
         assert record["http_status"] == 400 and record["outcome"] == "invalid", name
         assert "malformed HTTP request" in record["detail"], name
         assert "s3cr3t" not in json.dumps(record, default=str), name
+        assert b"s3cr3t" not in raw, name  # nor echoed back in the answer
 
 
 def test_the_per_address_limit_counts_an_ipv6_64_as_one_client() -> None:
