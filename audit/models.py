@@ -58,8 +58,9 @@ audit_checkpoints = Table(
     Column("signature", Text, nullable=False),
 )
 
-# Signed statements left by retention: records up to through_seq were pruned and the
-# record at through_seq had this hash, so the retained chain starts from it.
+# Signed statements left by retention: records up to through_seq were pruned, the
+# record at through_seq had this hash (the retained chain starts from it) and the newest
+# pruned record occurred at newest_occurred_at (NULL in anchors older than audit_0002).
 audit_anchors = Table(
     "audit_anchors",
     metadata,
@@ -71,6 +72,16 @@ audit_anchors = Table(
     Column("key_id", Text, nullable=False),
     Column("message", Text, nullable=False),
     Column("signature", Text, nullable=False),
+    Column("newest_occurred_at", String(27)),
+)
+
+# One row (id = 1): the retention floor the database enforces with its own clock; only
+# the migration owner writes it (``kzg-gateway init`` sets it from the policy).
+audit_retention = Table(
+    "audit_retention",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("keep_years", Integer, nullable=False),
 )
 
 HEAD_ID = 1

@@ -2,10 +2,12 @@
 
 Prunes the oldest whole range of records that is both older than the policy and
 covered by a signed checkpoint, after checking that range against the checkpoint, and
-leaves a signed anchor (the hash of the last pruned record) from which the retained
-chain verifies. On PostgreSQL the rows go through ``audit_prune`` (SECURITY DEFINER),
-because the runtime role holds no DELETE privilege; the triggers refuse any delete not
-covered by an anchor.
+leaves a signed anchor (the hash of the last pruned record and the time of the newest)
+from which the retained chain verifies. The database has the last word (migration
+``audit_0002``): it refuses an anchor unless every record it covers is older than the
+retention floor it holds, by its own clock, and the anchor matches the stored chain. On
+PostgreSQL the anchor and the delete go through ``audit_prune`` (SECURITY DEFINER),
+because the runtime role may neither insert anchors nor delete records.
 """
 
 from __future__ import annotations
@@ -16,23 +18,35 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import bindparam, delete, func, insert, select, text
+from sqlalchemy import delete, func, insert, select, text, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from audit.chain import GENESIS_HASH
 from audit.checkpoints import Checkpoint, latest_checkpoint
 from audit.events import format_timestamp
-from audit.models import audit_anchors, audit_events, fields_from_row
+from audit.models import audit_anchors, audit_events, audit_retention, fields_from_row
 from audit.signing import Signer, anchor_message, sign_message
 from audit.verify import ChainVerifier
 from audit.writer import begin_write
 
 DEFAULT_KEEP_YEARS = 7
-_PRUNE_LOCK = 0x6B7A6761  # advisory lock id of retention runs
+_PRUNE_LOCK = 0x6B7A6761  # advisory lock id of retention runs (audit_prune takes it too)
+# The floor as migration audit_0002's SQLite trigger computes it (SQLite has millisecond
+# time; the padding gives the canonical timestamp form).
+_SQLITE_FLOOR = (
+    "SELECT strftime('%Y-%m-%dT%H:%M:%f', 'now', '-' || keep_years || ' years') || '000Z' "
+    "FROM audit_retention WHERE id = 1"
+)
+_PRUNE_CALL = (
+    "SELECT audit_prune(:through_seq, :hash, :checkpoint_seq, :pruned, :newest_occurred_at, "
+    ":issued_at, :key_id, :message, :signature)"
+)
 
 
 class RetentionRefused(RuntimeError):
-    """The range to prune does not verify against its checkpoint: nothing is removed."""
+    """The range to prune does not verify against its checkpoint, or the database refused
+    the anchor: nothing is removed."""
 
 
 @dataclass(frozen=True)
@@ -93,16 +107,34 @@ async def _prunable_through(conn: AsyncConnection, cutoff: str, limit_seq: int) 
     return int(through)
 
 
+async def database_floor(conn: AsyncConnection) -> str:
+    """Return the retention floor the database enforces now, by its own clock: only
+    records that occurred before it may leave."""
+    query = "SELECT audit_retention_floor()" if conn.dialect.name == "postgresql" else _SQLITE_FLOOR
+    floor = (await conn.execute(text(query))).scalar()
+    if floor is None:
+        raise RetentionRefused("the database holds no retention floor")
+    return str(floor)
+
+
+async def store_retention_policy(owner_engine: AsyncEngine, policy: RetentionPolicy) -> None:
+    """Write the policy's floor into the database; run as the migration owner (on
+    PostgreSQL the runtime role may only read it)."""
+    async with owner_engine.begin() as conn:
+        await conn.execute(update(audit_retention).values(keep_years=policy.keep_years))
+
+
 async def run_retention(
     engine: AsyncEngine, signer: Signer, policy: RetentionPolicy, now: datetime
 ) -> RetentionResult:
-    """Prune what the policy allows and return what was done.
+    """Prune what the policy and the database's floor both allow; return what was done.
 
     The range is read and verified without blocking appends; only the anchor and the
     delete run in a write transaction, which re-checks that no other run pruned first.
     """
-    cutoff = format_timestamp(policy.cutoff(now))
     async with engine.connect() as conn:
+        # The database refuses anything younger than its floor, whatever our clock says.
+        cutoff = min(format_timestamp(policy.cutoff(now)), await database_floor(conn))
         checkpoint = await latest_checkpoint(conn)
         if checkpoint is None:
             return RetentionResult(0, None, cutoff, "no checkpoint yet")
@@ -110,7 +142,9 @@ async def run_retention(
         through = await _prunable_through(conn, cutoff, checkpoint.seq)
         if through <= anchored_seq:
             return RetentionResult(0, None, cutoff, "nothing older than the policy")
-        through_hash = await _verified_hash(conn, checkpoint, anchored_seq, anchored_hash, through)
+        through_hash, newest = await _verified_range(
+            conn, checkpoint, anchored_seq, anchored_hash, through
+        )
         await conn.rollback()
 
         await begin_write(conn)
@@ -122,43 +156,52 @@ async def run_retention(
             return RetentionResult(0, None, cutoff, "another retention run pruned first")
         issued_at = format_timestamp(now)
         pruned = through - anchored_seq
-        message = anchor_message(through, through_hash, checkpoint.seq, pruned, issued_at)
-        await conn.execute(
-            insert(audit_anchors).values(
-                through_seq=through,
-                hash=through_hash,
-                checkpoint_seq=checkpoint.seq,
-                pruned=pruned,
-                issued_at=issued_at,
-                key_id=signer.key_id,
-                message=message,
-                signature=sign_message(signer, message),
-            )
-        )
-        if conn.dialect.name == "postgresql":
-            removed = (
-                await conn.execute(
-                    text("SELECT audit_prune(:through)").bindparams(bindparam("through", through))
-                )
-            ).scalar_one()
-        else:
-            removed = (
-                await conn.execute(delete(audit_events).where(audit_events.c.seq <= through))
-            ).rowcount
+        message = anchor_message(through, through_hash, checkpoint.seq, pruned, issued_at, newest)
+        anchor = {
+            "through_seq": through,
+            "hash": through_hash,
+            "checkpoint_seq": checkpoint.seq,
+            "pruned": pruned,
+            "newest_occurred_at": newest,
+            "issued_at": issued_at,
+            "key_id": signer.key_id,
+            "message": message,
+            "signature": sign_message(signer, message),
+        }
+        try:
+            removed = await _prune(conn, anchor)
+        except DBAPIError as exc:
+            await conn.rollback()
+            if "retention refused" in str(exc.orig):
+                raise RetentionRefused(str(exc.orig)) from exc
+            raise
         await conn.commit()
-    return RetentionResult(int(removed), through, cutoff, "pruned")
+    return RetentionResult(removed, through, cutoff, "pruned")
 
 
-async def _verified_hash(
+async def _prune(conn: AsyncConnection, anchor: dict[str, Any]) -> int:
+    """Write ``anchor`` and delete the records it covers; return how many left."""
+    if conn.dialect.name == "postgresql":
+        return int((await conn.execute(text(_PRUNE_CALL), anchor)).scalar_one())
+    await conn.execute(insert(audit_anchors).values(**anchor))
+    deleted = await conn.execute(
+        delete(audit_events).where(audit_events.c.seq <= anchor["through_seq"])
+    )
+    return int(deleted.rowcount)
+
+
+async def _verified_range(
     conn: AsyncConnection,
     checkpoint: Checkpoint,
     anchored_seq: int,
     anchored_hash: str,
     through: int,
-) -> str:
-    """Verify records from the anchor to the checkpoint; return the hash at ``through``."""
+) -> tuple[str, str]:
+    """Verify records from the anchor to the checkpoint; return the hash at ``through``
+    and the newest ``occurred_at`` up to it."""
     verifier = ChainVerifier({}, start_seq=anchored_seq, start_hash=anchored_hash)
     through_hash = anchored_hash
+    newest = ""
     rows = await conn.stream(
         select(audit_events)
         .where(audit_events.c.seq > anchored_seq, audit_events.c.seq <= checkpoint.seq)
@@ -167,6 +210,8 @@ async def _verified_hash(
     )
     async for row in rows.mappings():
         verifier.add_record(row["seq"], row["prev_hash"], row["hash"], fields_from_row(row))
+        if row["seq"] <= through:
+            newest = max(newest, row["occurred_at"])
         if row["seq"] == through:
             through_hash = row["hash"]
     report = verifier.finish(checkpoint.seq, checkpoint.hash)
@@ -175,4 +220,4 @@ async def _verified_hash(
             f"records up to checkpoint {checkpoint.seq} do not verify: "
             f"seq {report.first_bad_seq}: {report.reason}"
         )
-    return through_hash
+    return through_hash, newest

@@ -36,19 +36,28 @@ def checkpoint_message(seq: int, head_hash: str, issued_at: str) -> str:
 
 
 def anchor_message(
-    through_seq: int, head_hash: str, checkpoint_seq: int, pruned: int, issued_at: str
+    through_seq: int,
+    head_hash: str,
+    checkpoint_seq: int,
+    pruned: int,
+    issued_at: str,
+    newest_occurred_at: str | None = None,
 ) -> str:
-    """Return the signed text of a retention anchor (typed, so it never reads as a checkpoint)."""
-    return canonical_json(
-        {
-            "type": "audit_anchor",
-            "through_seq": through_seq,
-            "hash": head_hash,
-            "checkpoint_seq": checkpoint_seq,
-            "pruned": pruned,
-            "issued_at": issued_at,
-        }
-    )
+    """Return the signed text of a retention anchor (typed, so it never reads as a checkpoint).
+
+    ``newest_occurred_at`` (the newest pruned record's time) lets a verifier check the
+    range's age; anchors written before it existed sign without it."""
+    statement: dict[str, Any] = {
+        "type": "audit_anchor",
+        "through_seq": through_seq,
+        "hash": head_hash,
+        "checkpoint_seq": checkpoint_seq,
+        "pruned": pruned,
+        "issued_at": issued_at,
+    }
+    if newest_occurred_at is not None:
+        statement["newest_occurred_at"] = newest_occurred_at
+    return canonical_json(statement)
 
 
 def sign_message(signer: Signer, message: str) -> str:

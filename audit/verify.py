@@ -3,6 +3,11 @@
 Needs nothing of the server. Walks the retained chain from the newest retention anchor
 (or genesis), recomputing every hash; checks the head, every checkpoint against the
 record at its seq, and every checkpoint and anchor signature against the public keys.
+Told a retention floor, it also refuses anchors that pruned records younger than it.
+
+Where the public keys came from is part of the report (``keys_source``): keys pinned by
+the caller prove the signatures; keys read from the database or export being verified
+prove only that whoever controls that source signed them.
 """
 
 from __future__ import annotations
@@ -10,14 +15,15 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import datetime
+from typing import Any, Literal
 
 from sqlalchemy import inspect, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from audit.chain import GENESIS_HASH, chain_hash, record_for
 from audit.checkpoints import Checkpoint
-from audit.events import EVENT_FIELDS
+from audit.events import EVENT_FIELDS, format_timestamp
 from audit.models import (
     HEAD_ID,
     audit_anchors,
@@ -27,6 +33,9 @@ from audit.models import (
     fields_from_row,
 )
 from audit.signing import anchor_message, checkpoint_message, key_bytes, signature_valid
+
+# pinned: handed in by the caller; database / export: read from the source being verified.
+KeysSource = Literal["pinned", "database", "export"]
 
 
 @dataclass
@@ -39,6 +48,8 @@ class VerifyReport:
     reason: str | None
     checkpoints: int = 0
     anchors: int = 0
+    keys_source: KeysSource = "pinned"
+    retention_floor: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -49,17 +60,23 @@ class VerifyReport:
             "reason": self.reason,
             "checkpoints": self.checkpoints,
             "anchors": self.anchors,
+            "keys_source": self.keys_source,
+            "retention_floor": self.retention_floor,
         }
 
 
 @dataclass
 class ChainVerifier:
     """Feed anchors and checkpoints first, then records in the order the source holds
-    them, then the claimed head; ``report()`` names the lowest seq found bad."""
+    them, then the claimed head; ``finish()`` names the lowest seq found bad.
+    ``retention_floor`` (canonical timestamp): anchors must have pruned only records
+    that occurred before it."""
 
     public_keys: Mapping[str, bytes]
     start_seq: int = 0
     start_hash: str = GENESIS_HASH
+    keys_source: KeysSource = "pinned"
+    retention_floor: str | None = None
     _seq: int = 0
     _hash: str = GENESIS_HASH
     _checked: int = 0
@@ -80,14 +97,29 @@ class ChainVerifier:
                 anchor["checkpoint_seq"],
                 anchor["pruned"],
                 anchor["issued_at"],
+                anchor.get("newest_occurred_at"),
             )
             if message != anchor["message"] or not signature_valid(
                 self.public_keys, anchor["key_id"], message, anchor["signature"]
             ):
                 self._problem(anchor["through_seq"] + 1, "retention anchor signature invalid")
+            self._check_age(anchor)
             if anchor["through_seq"] >= self.start_seq:
                 self.start_seq, self.start_hash = anchor["through_seq"], anchor["hash"]
         self._seq, self._hash = self.start_seq, self.start_hash
+
+    def _check_age(self, anchor: Mapping[str, Any]) -> None:
+        if self.retention_floor is None:
+            return
+        newest = anchor.get("newest_occurred_at")
+        if newest is None:
+            self._problem(anchor["through_seq"] + 1, "retention anchor does not state its age")
+        elif newest >= self.retention_floor:
+            self._problem(
+                anchor["through_seq"] + 1,
+                f"retention anchor pruned records from {newest}, "
+                f"younger than the retention floor {self.retention_floor}",
+            )
 
     def add_checkpoints(self, checkpoints: Iterable[Mapping[str, Any]]) -> None:
         for cp in checkpoints:
@@ -159,6 +191,8 @@ class ChainVerifier:
             reason=first[1] if first else None,
             checkpoints=len(self._checkpoints),
             anchors=self._anchors,
+            keys_source=self.keys_source,
+            retention_floor=self.retention_floor,
         )
 
     def _break(self, seq: int, reason: str) -> None:
@@ -182,14 +216,21 @@ async def _rows(conn: AsyncConnection, table: Any, order: Any) -> list[dict[str,
     return [dict(row._mapping) for row in await conn.execute(select(table).order_by(order))]
 
 
+def _floor(retention_floor: datetime | None) -> str | None:
+    return format_timestamp(retention_floor) if retention_floor is not None else None
+
+
 async def verify_connection(
     conn: AsyncConnection,
     public_keys: Mapping[str, bytes] | None = None,
     held: Checkpoint | None = None,
+    retention_floor: datetime | None = None,
 ) -> VerifyReport:
-    """Verify the retained chain as seen by ``conn`` (use one snapshot transaction)."""
+    """Verify the retained chain as seen by ``conn`` (use one snapshot transaction).
+    Without ``public_keys`` the keys come from the database itself, and the report says so."""
+    source: KeysSource = "pinned" if public_keys is not None else "database"
     keys = dict(public_keys) if public_keys is not None else await load_public_keys(conn)
-    verifier = ChainVerifier(keys)
+    verifier = ChainVerifier(keys, keys_source=source, retention_floor=_floor(retention_floor))
     verifier.add_anchors(await _rows(conn, audit_anchors, audit_anchors.c.through_seq))
     verifier.add_checkpoints(await _rows(conn, audit_checkpoints, audit_checkpoints.c.seq))
     if held is not None:
@@ -211,25 +252,29 @@ async def verify_database(
     engine: AsyncEngine,
     public_keys: Mapping[str, bytes] | None = None,
     held: Checkpoint | None = None,
+    retention_floor: datetime | None = None,
 ) -> VerifyReport:
     """Verify the chain stored behind ``engine``, reading one consistent snapshot; with
-    ``held``, also prove that the current head extends that earlier checkpoint."""
+    ``held``, also prove that the current head extends that earlier checkpoint; with
+    ``retention_floor``, refuse anchors that pruned records younger than it."""
     async with engine.connect() as conn:
         if conn.dialect.name == "postgresql":
             await conn.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY"))
         else:
             await conn.exec_driver_sql("BEGIN")
-        return await verify_connection(conn, public_keys, held)
+        return await verify_connection(conn, public_keys, held, retention_floor)
 
 
 def verify_export_lines(
     lines: Iterable[str],
     trusted_keys: Mapping[str, bytes] | None = None,
     held: Checkpoint | None = None,
+    retention_floor: datetime | None = None,
 ) -> VerifyReport:
     """Verify an export (see ``audit.export``). ``trusted_keys``, when given, replace the
     keys the export carries, so an auditor can pin the keys they hold; ``held`` is an
-    earlier checkpoint the exported chain must extend."""
+    earlier checkpoint the exported chain must extend; ``retention_floor`` as for
+    ``verify_database``."""
     keys: dict[str, bytes] = dict(trusted_keys or {})
     verifier: ChainVerifier | None = None
     anchors: list[dict[str, Any]] = []
@@ -239,7 +284,11 @@ def verify_export_lines(
     def started() -> ChainVerifier:
         nonlocal verifier
         if verifier is None:
-            verifier = ChainVerifier(keys)
+            verifier = ChainVerifier(
+                keys,
+                keys_source="pinned" if trusted_keys is not None else "export",
+                retention_floor=_floor(retention_floor),
+            )
             verifier.add_anchors(anchors)
             verifier.add_checkpoints(checkpoints)
             if held is not None:

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from audit.retention import RetentionPolicy, store_retention_policy
+from audit.settings import AuditSettings
 from auth.crypto import (
     MASTER_KEY_ENV,
     MASTER_KEY_FILE,
@@ -38,6 +40,19 @@ def _first_admin_function() -> Any:
     return ensure_first_admin
 
 
+async def _store_retention_floor(config: Config) -> None:
+    """The database enforces the retention policy's floor itself; only the schema owner
+    may set it, so it is written here, beside the migrations."""
+    policy = RetentionPolicy.load(
+        AuditSettings.from_mapping(config.section("audit")).retention_policy
+    )
+    owner = make_engine(config.database_owner_url)
+    try:
+        await store_retention_policy(owner, policy)
+    finally:
+        await owner.dispose()
+
+
 async def initialise(config: Config) -> dict[str, Any]:
     """Idempotent set-up of a data directory: dirs, master key, schema, dev TLS, receipt
     key, first admin. Returns what ``init --json`` prints (admin only when created)."""
@@ -47,6 +62,7 @@ async def initialise(config: Config) -> dict[str, Any]:
         write_master_key_file(data_dir / MASTER_KEY_FILE)
     master_key = load_master_key(data_dir)
     await migrate(config.database_owner_url, config.database_app_role)
+    await _store_retention_floor(config)
     database_file = config.database_url.partition(":///")[2]
     if config.database_url.startswith("sqlite") and Path(database_file).is_file():
         os.chmod(database_file, 0o600)

@@ -1,7 +1,8 @@
 """``kzg-gateway audit verify|export``: works without the server running.
 
 ``verify`` exits 0 when the chain verifies and 1 when it does not, naming the first
-bad sequence number; 2 when the source cannot be read.
+bad sequence number; 2 when the source cannot be read. It says whether the public keys
+were pinned (``--key``) or read from the source itself, which proves much less.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from audit.checkpoints import Checkpoint
 from audit.export import export_lines
+from audit.retention import RetentionPolicy
 from audit.signing import key_bytes
 from audit.verify import VerifyReport, verify_database, verify_export_lines
 
@@ -54,6 +56,12 @@ def register(subparsers: Any) -> None:
         type=Path,
         help="an earlier checkpoint (JSON, as GET /v1/audit/checkpoints/latest returns it) "
         "that the chain must extend",
+    )
+    verify.add_argument(
+        "--keep-years",
+        type=int,
+        metavar="N",
+        help="the retention policy: refuse anchors that pruned records younger than N years",
     )
     verify.add_argument("--json", action="store_true", help="print the full report as JSON")
     verify.set_defaults(func=run_verify)
@@ -133,11 +141,23 @@ def _verify(args: argparse.Namespace) -> VerifyReport:
     held = None
     if args.checkpoint is not None:
         held = Checkpoint.from_mapping(json.loads(args.checkpoint.read_text(encoding="utf-8")))
+    floor = None
+    if args.keep_years is not None:
+        floor = RetentionPolicy(args.keep_years).cutoff(datetime.now(UTC))
     if args.export is not None:
-        return verify_export_lines(_lines(args.export), trusted_keys=keys, held=held)
+        return verify_export_lines(_lines(args.export), keys, held, floor)
     return asyncio.run(
-        _with_engine(_database_url(args), lambda engine: verify_database(engine, keys, held))
+        _with_engine(_database_url(args), lambda engine: verify_database(engine, keys, held, floor))
     )
+
+
+_KEYS_NOTE = {
+    "pinned": "signatures checked against the pinned keys",
+    "database": "signatures checked against keys read from the database being verified "
+    "(pin them with --key to prove more)",
+    "export": "signatures checked against keys read from the export being verified "
+    "(pin them with --key to prove more)",
+}
 
 
 def run_verify(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
@@ -151,7 +171,8 @@ def run_verify(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     elif report.valid:
         print(
             f"audit chain valid: {report.checked} records checked, head seq {report.head_seq} "
-            f"hash {report.head_hash}, {report.checkpoints} checkpoints, {report.anchors} anchors",
+            f"hash {report.head_hash}, {report.checkpoints} checkpoints, {report.anchors} anchors; "
+            f"{_KEYS_NOTE[report.keys_source]}",
             file=out,
         )
     else:

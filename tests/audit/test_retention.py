@@ -13,6 +13,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.checkpoints import issue_checkpoint
+from audit.events import format_timestamp
 from audit.export import export_lines
 from audit.models import audit_anchors, audit_events
 from audit.retention import RetentionPolicy, RetentionRefused, run_retention
@@ -102,11 +103,13 @@ async def test_only_the_checkpointed_part_is_pruned(
     assert await _seqs(app_engine) == [7]
     report = await verify_database(app_engine, public_keys=signer.keys)
     assert report.valid and report.anchors == 2 and report.checked == 1
-    # Seven years later still, the checkpointed remainder goes too.
+    # A gateway whose clock runs years ahead still cannot prune what the database's
+    # own clock calls young: the database's floor bounds the cutoff.
     later = datetime(2034, 1, 1, tzinfo=UTC)
     await issue_checkpoint(app_engine, signer, later)
     third = await run_retention(app_engine, signer, SEVEN_YEARS, later)
-    assert third.pruned == 1 and await _seqs(app_engine) == []
+    assert third.pruned == 0 and await _seqs(app_engine) == [7]
+    assert third.cutoff < format_timestamp(SEVEN_YEARS.cutoff(later))
     assert (await verify_database(app_engine, public_keys=signer.keys)).valid
 
 
@@ -137,18 +140,29 @@ async def test_tampered_range_is_refused_and_nothing_leaves(
         assert (await conn.execute(select(func.count()).select_from(audit_anchors))).scalar() == 0
 
 
-async def test_runtime_role_cannot_prune_without_an_anchor(pg_store: AuditStore) -> None:
+async def test_runtime_role_cannot_prune_outside_retention(pg_store: AuditStore) -> None:
     engine = make_engine(pg_store.app_url)
     writer = AuditWriter(engine)
     await writer.start()
     try:
         await _fill(writer, old=3, recent=0)
-        with pytest.raises(DBAPIError, match="retention"):
+        async with engine.connect() as conn:
+            row = (await conn.execute(select(audit_events).where(audit_events.c.seq == 2))).one()
+        # Old records and the right hash, but no checkpoint covers them.
+        with pytest.raises(DBAPIError, match="retention refused: no checkpoint"):
             async with engine.begin() as conn:
-                await conn.execute(text("SELECT audit_prune(2)"))
-        with pytest.raises(DBAPIError, match="permission denied"):
-            async with engine.begin() as conn:
-                await conn.execute(text("DELETE FROM audit_events WHERE seq = 1"))
+                await conn.execute(
+                    text("SELECT audit_prune(2, :hash, 2, 2, :newest, 'now', 'k', 'm', 's')"),
+                    {"hash": row.hash, "newest": row.occurred_at},
+                )
+        for statement in (
+            "DELETE FROM audit_events WHERE seq = 1",
+            "INSERT INTO audit_anchors (through_seq, hash, checkpoint_seq, pruned, issued_at, "
+            "key_id, message, signature) VALUES (3, 'h', 3, 3, 'now', 'k', 'm', 's')",
+        ):
+            with pytest.raises(DBAPIError, match="permission denied"):
+                async with engine.begin() as conn:
+                    await conn.execute(text(statement))
         assert await _seqs(engine) == [1, 2, 3]
     finally:
         await writer.stop()

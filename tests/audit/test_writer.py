@@ -133,7 +133,7 @@ async def test_even_the_owner_is_refused_by_the_triggers(
         await owner.dispose()
 
 
-async def test_postgres_runtime_role_holds_only_insert_and_select(pg_store: AuditStore) -> None:
+async def test_postgres_runtime_role_appends_and_reads_only(pg_store: AuditStore) -> None:
     engine = make_engine(pg_store.app_url)
     async with engine.connect() as conn:
         rows = await conn.execute(
@@ -144,8 +144,11 @@ async def test_postgres_runtime_role_holds_only_insert_and_select(pg_store: Audi
         )
         grants = {(r.table_name, r.privilege_type) for r in rows}
     await engine.dispose()
-    for table in ("audit_events", "audit_checkpoints", "audit_anchors"):
+    for table in ("audit_events", "audit_checkpoints"):
         assert {p for t, p in grants if t == table} == {"INSERT", "SELECT"}
+    # Anchors are written only by audit_prune (SECURITY DEFINER), under its checks.
+    for table in ("audit_anchors", "audit_retention"):
+        assert {p for t, p in grants if t == table} == {"SELECT"}
     assert {p for t, p in grants if t == "audit_chain_head"} == {"SELECT", "UPDATE"}
 
 
