@@ -41,6 +41,7 @@ class Role:
     permissions: frozenset[str]
     mfa: bool
     api_keys: bool
+    grants: frozenset[str] = frozenset()  # roles its holders may give to API keys
 
 
 @dataclass(frozen=True)
@@ -58,9 +59,13 @@ class RbacPolicy:
                 frozenset(spec.get("permissions", [])),
                 bool(spec.get("mfa", True)),
                 bool(spec.get("api_keys", False)),
+                frozenset(spec.get("grants", [])),
             )
             for name, spec in data.get("roles", {}).items()
         }
+        for role in roles.values():
+            if not role.grants <= roles.keys():
+                raise PolicyError(f"{path}: {role.name} grants unknown roles")
         routes = {str(k): str(v) for k, v in data.get("routes", {}).items()}
         granted = set().union(*(r.permissions for r in roles.values())) if roles else set()
         unknown = set(routes.values()) - granted
@@ -93,15 +98,12 @@ class RbacPolicy:
         return role in self.roles and self.roles[role].api_keys
 
     def may_grant(self, grantor_roles: tuple[str, ...] | list[str], role: str) -> bool:
-        """Whether holders of ``grantor_roles`` may hand ``role`` to an API key: only a
-        role whose permissions they hold themselves, so a key never lifts its creator
-        above its own rights (e.g. to audit access without MFA)."""
-        held: set[str] = set()
-        for name in grantor_roles:
-            if name in self.roles:
-                held |= self.roles[name].permissions
-        return role in self.roles and (
-            GRANTS_ANY_ROLE in held or self.roles[role].permissions <= held
+        """Whether holders of ``grantor_roles`` may hand ``role`` to an API key: only the
+        roles their policy lists under ``grants`` (any, for whoever may give roles to
+        people), so a key never lifts its creator to, say, audit access without MFA."""
+        known = [self.roles[name] for name in grantor_roles if name in self.roles]
+        return role in self.roles and any(
+            GRANTS_ANY_ROLE in r.permissions or role in r.grants for r in known
         )
 
     def needs_mfa(self, roles: tuple[str, ...] | list[str]) -> bool:

@@ -216,9 +216,11 @@ def test_shipped_policy_is_strong() -> None:
         for r in rbac.roles.values()
         for p in r.permissions
     )
-    # An API key never lifts its issuer: a key_admin mints client keys, not audit access.
+    # An API key never lifts its issuer: a key_admin mints client keys, not audit access,
+    # and computes nothing itself.
     assert rbac.may_grant(["key_admin"], "client") and not rbac.may_grant(["key_admin"], "auditor")
     assert rbac.may_grant(["admin"], "auditor") and not rbac.may_grant(["client"], "auditor")
+    assert not {"kzg:compute", "kzg:verify"} & rbac.roles["key_admin"].permissions
 
 
 async def test_concurrent_wrong_passwords_count_every_attempt(store: Store) -> None:
