@@ -124,7 +124,7 @@ def _grantees(privilege: str, table: str) -> list[str]:
         sa.text(
             "SELECT DISTINCT grantee FROM information_schema.role_table_grants "
             "WHERE table_schema = current_schema() AND table_name = :table "
-            "AND privilege_type = :privilege AND grantee <> current_user"
+            "AND privilege_type = :privilege AND grantee NOT IN (current_user, 'PUBLIC')"
         ),
         {"table": table, "privilege": privilege},
     )
@@ -227,7 +227,8 @@ def _postgresql_guards(app_role: str | None) -> None:
         """
     )
     op.execute(f"REVOKE ALL ON FUNCTION audit_prune({PRUNE_ARGS}) FROM PUBLIC")
-    for role in set(_grantees("INSERT", "audit_anchors")):
+    op.execute("REVOKE INSERT ON audit_anchors FROM PUBLIC")
+    for role in _grantees("INSERT", "audit_anchors"):
         op.execute(f'REVOKE INSERT ON audit_anchors FROM "{role}"')
     if app_role:
         pruners.add(app_role)

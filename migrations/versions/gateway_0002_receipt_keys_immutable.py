@@ -33,7 +33,7 @@ def _table_updaters() -> list[str]:
         sa.text(
             "SELECT DISTINCT grantee FROM information_schema.role_table_grants "
             "WHERE table_schema = current_schema() AND table_name = 'receipt_keys' "
-            "AND privilege_type = 'UPDATE' AND grantee <> current_user"
+            "AND privilege_type = 'UPDATE' AND grantee NOT IN (current_user, 'PUBLIC')"
         )
     )
     return [str(row[0]) for row in rows]
@@ -63,6 +63,7 @@ def upgrade() -> None:
         "CREATE TRIGGER receipt_keys_identity_fixed BEFORE UPDATE ON receipt_keys "
         "FOR EACH ROW EXECUTE FUNCTION receipt_keys_guard_identity()"
     )
+    op.execute("REVOKE UPDATE ON receipt_keys FROM PUBLIC")
     roles = set(_table_updaters())
     app_role = context.config.attributes.get("app_role")
     if app_role:

@@ -5,6 +5,7 @@ refuses anchors younger than the retention floor it is told about."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -24,10 +25,12 @@ from audit.signing import anchor_message, sign_message
 from audit.verify import verify_database, verify_export_lines
 from audit.writer import AuditWriter
 from auth.crypto import MasterKey
+from gateway.cli_audit import EXIT_INVALID, EXIT_VALID
 from gateway.db import migrate
 from gateway.receipts import list_receipt_keys, rotate_receipt_key
 from tests.audit.conftest import AuditStore, make_engine
 from tests.audit.helpers import BlsSigner, make_event
+from tests.audit.test_cli import _run, _sync_url
 from tests.conftest import PgDatabase
 
 OLD = datetime(2018, 5, 1, tzinfo=UTC)
@@ -352,3 +355,34 @@ async def test_receipt_keys_rotate_but_never_change_their_public_key(
         await owner.dispose()
     after = {k.key_id: k.public_key for k in await list_receipt_keys(engine)}
     assert after == {first.key_id: first.public_key, second.key_id: second.public_key}
+
+
+async def test_cli_says_whose_keys_it_used_and_applies_the_floor(
+    store: AuditStore, app: tuple[AsyncEngine, AuditWriter]
+) -> None:
+    engine, writer = app
+    signer = BlsSigner()
+    for n in range(2):
+        await writer.append(make_event(n, occurred_at=datetime.now(UTC) - timedelta(days=800)))
+    owner = make_engine(store.owner_url)
+    try:
+        await store_retention_policy(owner, RetentionPolicy(keep_years=2))
+    finally:
+        await owner.dispose()
+    now = datetime.now(UTC)
+    await issue_checkpoint(engine, signer, now)
+    assert (await run_retention(engine, signer, RetentionPolicy(keep_years=2), now)).pruned == 2
+    source = ("audit", "verify", "--db-url", _sync_url(store.app_url))
+    pinned = ("--key", f"{signer.key_id}={signer.public_key.hex()}")
+
+    code, out = await asyncio.to_thread(_run, *source)
+    assert code == EXIT_INVALID  # the test signer is not in receipt_keys
+    code, out = await asyncio.to_thread(_run, *source, *pinned, "--keep-years", "2")
+    assert code == EXIT_VALID and "against the pinned keys" in out, out
+    code, out = await asyncio.to_thread(_run, *source, *pinned, "--keep-years", "3", "--json")
+    assert code == EXIT_INVALID and json.loads(out)["retention_floor"] is not None
+    assert "younger than the retention floor" in json.loads(out)["reason"]
+
+    await _add_receipt_key(engine, signer, "current")
+    code, out = await asyncio.to_thread(_run, *source)
+    assert code == EXIT_VALID and "keys read from the database being verified" in out, out
