@@ -565,7 +565,15 @@ class AuthService:
             rotated_from=key_id,
         )
 
-    async def authenticate_api_key(self, presented: str, client_addr: str | None) -> Principal:
+    async def authenticate_api_key(
+        self,
+        presented: str,
+        client_addr: str | None,
+        before_hashing: Callable[[], None] | None = None,
+    ) -> Principal:
+        """The key's principal. ``before_hashing`` runs only when argon2 is about to be
+        paid (a key not in the cache), so a caller can refuse there, e.g. a client whose
+        failure budget is spent, without turning away keys already verified."""
         await self.check_revision()
         digest = hmac.new(self._cache_key, presented.encode(), hashlib.sha256).digest()
         ttl = float(self.policy.get("api_keys", "cache_seconds"))
@@ -576,7 +584,7 @@ class AuthService:
             or self._clock() - cached.cached_at >= ttl
         )
         if cached is None or fresh:
-            cached = await self._verify_api_key(presented, digest)
+            cached = await self._verify_api_key(presented, digest, before_hashing)
         if cached.expires_at <= self.now():
             self._key_cache.pop(digest, None)
             raise _invalid_key("expired API key")
@@ -596,7 +604,9 @@ class AuthService:
                 )
         return cached.principal
 
-    async def _verify_api_key(self, presented: str, digest: bytes) -> _CachedKey:
+    async def _verify_api_key(
+        self, presented: str, digest: bytes, before_hashing: Callable[[], None] | None
+    ) -> _CachedKey:
         parts = credentials.parse_api_key(presented)
         if parts is None:
             raise _invalid_key("malformed API key")
@@ -609,6 +619,8 @@ class AuthService:
             # every key and of the admin listing), so answering at once tells nothing
             # secret, and a flood of made-up keys costs a database lookup each.
             raise _invalid_key("unknown API key")
+        if before_hashing is not None:
+            before_hashing()
         if not await self.hashing.verify(row.secret_hash, parts.secret, "api_key"):
             raise _invalid_key("wrong API key secret")
         if row.revoked_at is not None:

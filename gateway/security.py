@@ -86,7 +86,6 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         raise ApiError(403, "address_not_allowed", "requests from this address are not allowed")
     if _is_public(request, ctx.route_name):
         return await handler(request)
-    _refuse_spent_failure_budget(request)
     service = request.app[AUTH_SERVICE]
     api_key = request.headers.get("X-API-Key")
     authorization = request.headers.get("Authorization")
@@ -96,7 +95,11 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
                 400, "invalid_request", "send one credential: X-API-Key or Authorization"
             )
         if api_key is not None:
-            principal = await service.authenticate_api_key(api_key, ctx.client_addr)
+            # The failure budget is checked before argon2 is paid, not before a cached
+            # key: a flood from a shared (NAT) address cannot lock out verified keys.
+            principal = await service.authenticate_api_key(
+                api_key, ctx.client_addr, lambda: _refuse_spent_failure_budget(request)
+            )
             ctx.credential_ref = service.credential_ref("api_key", principal.id)
         elif authorization is not None:
             scheme, _, token = authorization.partition(" ")
