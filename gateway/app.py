@@ -151,20 +151,19 @@ async def tls_middleware(request: web.Request, handler: Handler) -> web.StreamRe
 
 def _envelope_for(ctx: RequestContext, exc: BaseException) -> web.Response:
     if isinstance(exc, ApiError):
-        return error_response(ctx.request_id, exc.status, exc.code, exc.message, exc.headers)
-    if isinstance(exc, AuditUnavailable):
+        status, code, message, headers = exc.status, exc.code, exc.message, exc.headers
+    elif isinstance(exc, AuditUnavailable):
         return error_response(ctx.request_id, *AUDIT_DOWN)
-    if isinstance(exc, web.HTTPException):
+    elif isinstance(exc, web.HTTPException):
+        status, message = exc.status, exc.reason
+        code = _HTTP_CODES.get(exc.status, f"http_{exc.status}")
         headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
-        return error_response(
-            ctx.request_id,
-            exc.status,
-            _HTTP_CODES.get(exc.status, f"http_{exc.status}"),
-            exc.reason,
-            headers,
-        )
-    log.error("unhandled error in %s", ctx.route_name, exc_info=exc)
-    return error_response(ctx.request_id, 500, "internal_error", "internal error")
+    else:
+        log.error("unhandled error in %s", ctx.route_name, exc_info=exc)
+        status, code, message, headers = 500, "internal_error", "internal error", None
+    # The auditor sees why, as the client did (messages name fields, never their values).
+    ctx.detail.setdefault("error", {"code": code, "message": message[:200]})
+    return error_response(ctx.request_id, status, code, message, headers)
 
 
 @web.middleware

@@ -4,6 +4,7 @@ field, and leaves exactly one audit record."""
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
@@ -25,6 +26,10 @@ async def _refused(
     assert "receipt" not in body
     [record] = await gw.audit_records(request_id)
     assert record["http_status"] == status and record["outcome"] == outcome
+    assert json.loads(record["detail"])["error"] == {
+        "code": code,
+        "message": body["error"]["message"],
+    }
     return body["error"]
 
 
