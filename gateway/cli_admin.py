@@ -241,7 +241,7 @@ def register(subparsers: Any) -> None:
     for group, help_text, command in (
         ("signing-keys", "receipt signing keys", _signing_rotate),
         ("jwt-keys", "JWT signing keys", _jwt_rotate),
-        ("master-key", "the master key that seals every secret", _master_rotate),
+        ("master-key", "master key that seals every secret", _master_rotate),
     ):
         sub = groups.add_parser(group, help=help_text).add_subparsers(
             dest="admin_action", required=True

@@ -45,7 +45,7 @@ async def access_review(ctx: JobContext) -> dict[str, Any]:
     flagged = [
         p
         for p in review["principals"]
-        if {"stale", "expiring", "expired", "locked"} & set(p["flags"])
+        if {"stale", "never_used", "expiring", "expired", "locked", "disabled"} & set(p["flags"])
     ]
     summary = {
         "principals": len(review["principals"]),

@@ -100,5 +100,6 @@ async def test_access_review_job_flags_and_audits(job_context: JobContext) -> No
     assert by_name["admin"]["roles"] == ["admin"] and "never_used" in by_name["admin"]["flags"]
     flagged = {f["principal"] for f in result["flagged"]}
     assert idle["id"] in flagged
+    assert by_name["admin"]["principal"] in flagged, "a never-used account is flagged too"
     (record,) = await _job_records(ctx, "access-review")
     assert record["outcome"] == "success" and idle["id"] in str(record["detail"])
