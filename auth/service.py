@@ -33,7 +33,7 @@ from auth import credentials, tokens
 from auth.crypto import MasterKey
 from auth.hashing import HashingPool
 from auth.models import api_keys, auth_revision, jwt_keys, users
-from auth.policy import PolicyError, RbacPolicy, SecurityPolicy
+from auth.policy import GRANTS_ANY_ROLE, PolicyError, RbacPolicy, SecurityPolicy
 from auth.principal import Principal
 
 CURRENT, RETIRED = "current", "retired"
@@ -214,6 +214,7 @@ class AuthService:
             await conn.execute(
                 update(users).where(users.c.id == row.id).values(roles=",".join(roles))
             )
+            await self._keep_an_admin(conn)
             await self._bump_revision(conn)
 
     async def reset_mfa(self, username: str) -> dict[str, str]:
@@ -239,7 +240,23 @@ class AuthService:
         async with self.engine.begin() as conn:
             row = await self._user_row(conn, username)
             await conn.execute(update(users).where(users.c.id == row.id).values(disabled=True))
+            await self._keep_an_admin(conn)
             await self._bump_revision(conn)
+
+    async def _keep_an_admin(self, conn: AsyncConnection) -> None:
+        """Refuse a change that leaves no enabled person able to manage people: nobody
+        could undo it through the API. The rows are locked (PostgreSQL) so two admins
+        demoting each other at once cannot both succeed."""
+        query = select(users.c.roles).where(users.c.disabled.is_(False))
+        if conn.dialect.name == "postgresql":
+            query = query.with_for_update()
+        known = self.rbac.roles
+        for (roles,) in await conn.execute(query):
+            if any(GRANTS_ANY_ROLE in known[r].permissions for r in roles.split(",") if r in known):
+                return
+        raise AuthError(
+            409, "last_admin", "refused: no enabled user would be left who can manage users"
+        )
 
     async def login(self, username: object, password: object, totp: object) -> LoginResult:
         """Password, then TOTP for roles that need it; a short-lived JWT on success."""

@@ -14,7 +14,7 @@ from gateway.appkeys import DB_ENGINE, MASTER_KEY, RECEIPT_SIGNER
 from gateway.context import REQUEST_CONTEXT
 from gateway.errors import ApiError
 from gateway.identity import AUTH_SERVICE, json_body, to_api_error
-from gateway.openapi import RouteDoc, document_route
+from gateway.openapi import DEFAULT_ERRORS, RouteDoc, document_route
 from gateway.receipts import rotate_receipt_key
 
 BODY_LIMIT = 8192
@@ -159,6 +159,7 @@ _ROUTES: tuple[tuple[str, str, str, Callable[[web.Request], Awaitable[Any]], Rou
             ("admin",),
             parameters=(_USER,),
             request_schema={"type": "object", "required": ["roles"]},
+            errors=(*DEFAULT_ERRORS, 409),
         ),
     ),
     (
@@ -173,7 +174,7 @@ _ROUTES: tuple[tuple[str, str, str, Callable[[web.Request], Awaitable[Any]], Rou
         "/v1/admin/users/{username}/disable",
         "admin_disable_user",
         disable_user,
-        RouteDoc("Disable a person", ("admin",), parameters=(_USER,)),
+        RouteDoc("Disable a person", ("admin",), parameters=(_USER,), errors=(*DEFAULT_ERRORS, 409)),
     ),
     (
         "POST",

@@ -34,7 +34,8 @@ def to_api_error(exc: Exception) -> ApiError:
     if isinstance(exc, PolicyError):
         return ApiError(400, "invalid_request", str(exc))
     if isinstance(exc, LookupError):
-        return ApiError(404, "not_found", str(exc).strip("'\""))
+        # args[0], not str(): a KeyError's str() adds quotes around the message.
+        return ApiError(404, "not_found", str(exc.args[0]) if exc.args else "not found")
     if isinstance(exc, SQLAlchemyError | OSError):
         return ApiError(
             503, "identity_unavailable", "the identity store is unavailable", {"Retry-After": "1"}

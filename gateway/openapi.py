@@ -43,6 +43,7 @@ RECEIPT_SCHEMA = {
         "signature": HEX,
     },
 }
+DEFAULT_ERRORS = (400, 401, 403, 429, 503)
 _STATUS_TEXT = {
     400: "invalid input",
     401: "missing or invalid credentials",
@@ -50,6 +51,7 @@ _STATUS_TEXT = {
     404: "not found",
     405: "method not allowed",
     408: "the body arrived too slowly",
+    409: "conflicts with the current state (e.g. would leave no admin)",
     413: "body too large",
     415: "unsupported content type",
     429: "rate limited",
@@ -66,7 +68,7 @@ class RouteDoc:
     response_schema: dict[str, Any] | None = None
     response_type: str = "application/json"
     parameters: tuple[dict[str, Any], ...] = ()
-    errors: tuple[int, ...] = (400, 401, 403, 429, 503)
+    errors: tuple[int, ...] = DEFAULT_ERRORS
     public: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 

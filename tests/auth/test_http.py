@@ -19,6 +19,7 @@ from sqlalchemy import update
 from audit.events import format_timestamp
 from auth.models import api_keys
 from auth.policy import load_policies
+from auth.service import AuthError
 from gateway.db import make_engine
 from gateway.identity import AUTH_SERVICE
 from gateway.security import install
@@ -330,3 +331,33 @@ async def test_tokens_keys_codes_and_lockout_over_https(secured: Gateway) -> Non
     for entry in review["principals"]:
         assert {"principal", "kind", "roles", "created_at", "age_days", "flags"} <= set(entry)
         assert "password" not in json.dumps(entry) and "secret" not in json.dumps(entry)
+
+
+async def test_the_last_admin_can_be_neither_disabled_nor_demoted(secured: Gateway) -> None:
+    gw = secured
+    service = gw.app[AUTH_SERVICE]
+    boss = await service.create_user("boss", ["admin"])
+    await service.disable_user("admin")  # the first admin: boss is left the only one
+    token = await _login(gw, "boss", boss["password"], boss["totp_secret"])
+    auth = {"Authorization": f"Bearer {token}"}
+    for path, body in (
+        ("/v1/admin/users/boss/disable", {}),
+        ("/v1/admin/users/boss/roles", {"roles": ["client"]}),
+    ):
+        response, answer = await gw.post(path, body, role=None, headers=auth)
+        assert response.status == 409, answer
+        assert answer["error"]["code"] == "last_admin"
+        [record] = await gw.audit_records(answer["error"]["request_id"])
+        assert record["http_status"] == 409
+    # Nothing changed: the admin still manages people; with a second admin it may step down.
+    response, _ = await gw.post(
+        "/v1/admin/users", {"username": "deputy", "roles": ["admin"]}, role=None, headers=auth
+    )
+    assert response.status == 200
+    response, _ = await gw.post(
+        "/v1/admin/users/boss/roles", {"roles": ["auditor"]}, role=None, headers=auth
+    )
+    assert response.status == 200
+    with pytest.raises(AuthError) as refused:
+        await service.disable_user("deputy")
+    assert refused.value.code == "last_admin"
