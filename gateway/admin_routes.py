@@ -174,7 +174,9 @@ _ROUTES: tuple[tuple[str, str, str, Callable[[web.Request], Awaitable[Any]], Rou
         "/v1/admin/users/{username}/disable",
         "admin_disable_user",
         disable_user,
-        RouteDoc("Disable a person", ("admin",), parameters=(_USER,), errors=(*DEFAULT_ERRORS, 409)),
+        RouteDoc(
+            "Disable a person", ("admin",), parameters=(_USER,), errors=(*DEFAULT_ERRORS, 409)
+        ),
     ),
     (
         "POST",

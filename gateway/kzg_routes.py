@@ -217,6 +217,22 @@ def _handler(op: Operation) -> Callable[[web.Request], Any]:
     return handle
 
 
+# The engine names the offending argument first ("blobs[3]: ..."); its arguments carry
+# the request's field names, so the code names the field as the validators' codes do.
+_ENGINE_ARGUMENT = re.compile(r"^([a-z_]+)(?:\[\d+\])?: ")
+_REQUEST_FIELDS = frozenset(
+    ("blob", "blobs", "commitment", "commitments", "proof", "proofs", "z", "y", "cells",
+     "cell_indices")
+)  # fmt: skip
+
+
+def _code_for(exc: KZGError) -> str:
+    named = _ENGINE_ARGUMENT.match(str(exc))
+    if named and named.group(1) in _REQUEST_FIELDS:
+        return f"invalid_{named.group(1)}"
+    return "invalid_input"
+
+
 async def run_operation(app: web.Application, name: str, args: list[Any]) -> Any:
     """Run one engine call in the pool; map every failure to its API error."""
     metrics = app[METRICS]
@@ -229,7 +245,7 @@ async def run_operation(app: web.Application, name: str, args: list[Any]) -> Any
         return result
     except KZGError as exc:
         outcome = "invalid"
-        raise bad_request("invalid_input", str(exc)) from None
+        raise bad_request(_code_for(exc), str(exc)) from None
     except PoolSaturated:
         outcome = "shed"
         retry = str(pool.settings.retry_after_seconds)

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from .curve import g1_from_bytes
+from .eip4844 import blob_to_polynomial, field_from_bytes
+from .eip7594.cells import cell_to_evals
+from .eip7594.engine import check_cell_index
 from .errors import KZGError
 
 try:
@@ -22,10 +27,15 @@ class CkzgEngine:
             raise KZGError("engine: ckzg is not installed (pip install 'kzg-gateway[ckzg]')")
         self._ts = ckzg.load_trusted_setup(str(trusted_setup), precompute)
 
-    def _call(self, fn_name: str, *args):
+    def _call(self, fn_name: str, *args, named: Iterable[tuple[str, object]] | None = None):
+        """Call c-kzg-4844. On a refusal, name the argument at fault as the blspy engine
+        would (c-kzg's message does not), by checking the ``named`` arguments (the call's
+        own, by default) with the engine's validators: only on this error path."""
         try:
             return getattr(ckzg, fn_name)(*args, self._ts)
         except (RuntimeError, ValueError, TypeError) as exc:
+            pairs = named if named is not None else zip(_ARGUMENTS[fn_name], args, strict=True)
+            _raise_first_invalid(pairs)
             raise KZGError(f"{fn_name}: rejected by c-kzg-4844 ({exc})") from exc
 
     def blob_to_kzg_commitment(self, blob: bytes) -> bytes:
@@ -52,7 +62,11 @@ class CkzgEngine:
                 "verify_blob_kzg_proof_batch: blobs, commitments, proofs differ in length"
             )
         return self._call(
-            "verify_blob_kzg_proof_batch", b"".join(blobs), b"".join(commitments), b"".join(proofs)
+            "verify_blob_kzg_proof_batch",
+            b"".join(blobs),
+            b"".join(commitments),
+            b"".join(proofs),
+            named=(("blobs", blobs), ("commitments", commitments), ("proofs", proofs)),
         )
 
     def compute_cells(self, blob: bytes) -> list[bytes]:
@@ -76,3 +90,42 @@ class CkzgEngine:
         proofs: list[bytes],
     ) -> bool:
         return self._call("verify_cell_kzg_proof_batch", commitments, cell_indices, cells, proofs)
+
+
+# The engine API's argument names of each c-kzg-4844 call, in order.
+_ARGUMENTS: dict[str, tuple[str, ...]] = {
+    "blob_to_kzg_commitment": ("blob",),
+    "compute_kzg_proof": ("blob", "z"),
+    "compute_blob_kzg_proof": ("blob", "commitment"),
+    "verify_kzg_proof": ("commitment", "z", "y", "proof"),
+    "verify_blob_kzg_proof": ("blob", "commitment", "proof"),
+    "compute_cells": ("blob",),
+    "compute_cells_and_kzg_proofs": ("blob",),
+    "recover_cells_and_kzg_proofs": ("cell_indices", "cells"),
+    "verify_cell_kzg_proof_batch": ("commitments", "cell_indices", "cells", "proofs"),
+}
+# How the engine validates each argument (a list: each item, named with its index).
+_CHECKS: dict[str, Callable[[object, str], object]] = {
+    "blob": blob_to_polynomial,
+    "blobs": blob_to_polynomial,
+    "commitment": g1_from_bytes,
+    "commitments": g1_from_bytes,
+    "proof": g1_from_bytes,
+    "proofs": g1_from_bytes,
+    "z": field_from_bytes,
+    "y": field_from_bytes,
+    "cells": cell_to_evals,
+    "cell_indices": check_cell_index,
+}
+_LISTS = frozenset({"blobs", "commitments", "proofs", "cells", "cell_indices"})
+
+
+def _raise_first_invalid(arguments: Iterable[tuple[str, object]]) -> None:
+    """Raise the KZGError of the first argument (or list item) that is invalid."""
+    for name, value in arguments:
+        check = _CHECKS[name]
+        if name in _LISTS and isinstance(value, list | tuple):
+            for i, item in enumerate(value):
+                check(item, f"{name}[{i}]")
+        else:
+            check(value, name)

@@ -33,7 +33,7 @@ def _setup_point(cls: type, encoded: Sequence[bytes], index: int, what: str):
         raise KZGError(f"trusted setup: {what}[{index}] is not a valid point") from exc
 
 
-def _cell_index(value: object, name: str) -> int:
+def check_cell_index(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise KZGError(f"{name}: expected an integer cell index")
     if not 0 <= value < CELLS_PER_EXT_BLOB:
@@ -105,7 +105,7 @@ class CellEngine:
             raise KZGError(
                 f"cells: recovery needs {half} to {CELLS_PER_EXT_BLOB} cells, got {len(indices)}"
             )
-        checked = [_cell_index(v, f"cell_indices[{i}]") for i, v in enumerate(indices)]
+        checked = [check_cell_index(v, f"cell_indices[{i}]") for i, v in enumerate(indices)]
         for i in range(1, len(checked)):
             if checked[i] == checked[i - 1]:
                 raise KZGError(f"cell_indices[{i}]: duplicate cell index {checked[i]}")
@@ -131,7 +131,7 @@ class CellEngine:
                 f"{len(commitments)}, {len(indices)}, {len(cells)} and {len(proofs)}"
             )
         raw = [check_bytes(c, BYTES_PER_G1, f"commitments[{i}]") for i, c in enumerate(commitments)]
-        checked = [_cell_index(v, f"cell_indices[{i}]") for i, v in enumerate(indices)]
+        checked = [check_cell_index(v, f"cell_indices[{i}]") for i, v in enumerate(indices)]
         evals = [cell_to_evals(c, f"cells[{i}]") for i, c in enumerate(cells)]
         proof_bytes = [check_bytes(p, BYTES_PER_G1, f"proofs[{i}]") for i, p in enumerate(proofs)]
         # Each distinct commitment is parsed once, and named by its first position.

@@ -53,7 +53,11 @@ async def _refused(
         ("/v1/kzg/recover-cells-and-proofs", {"cell_indices": [0, True], "cells": []},
          "invalid_cell_indices", "cell_indices[1]"),
         ("/v1/kzg/blob-to-commitment", ["0x00"], "invalid_json", "JSON object"),
-        ("/v1/kzg/blob-to-commitment", {"blob": "0x" + "ff" * 131072}, "invalid_input", "blob"),
+        ("/v1/kzg/blob-to-commitment", {"blob": "0x" + "ff" * 131072}, "invalid_blob", "blob"),
+        ("/v1/kzg/verify-proof", {"commitment": C48, "z": "0x" + "ff" * 32, "y": Z, "proof": C48},
+         "invalid_z", "not a canonical field element"),
+        ("/v1/kzg/verify-proof", {"commitment": "0x" + "ab" * 48, "z": Z, "y": Z, "proof": C48},
+         "invalid_commitment", "not a valid G1 point"),
     ],
 )  # fmt: skip
 async def test_bad_input_is_400_naming_the_field(
