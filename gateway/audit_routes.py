@@ -20,8 +20,10 @@ from audit.errors import AuditUnavailable
 from audit.events import AuditEvent, parse_timestamp
 from audit.export import export_lines
 from audit.query import MAX_LIMIT, EventQuery, query_events
+from audit.retention import RetentionPolicy
+from audit.settings import AuditSettings
 from audit.verify import verify_database
-from gateway.appkeys import AUDIT_WRITER
+from gateway.appkeys import AUDIT_WRITER, CONFIG
 from gateway.context import REQUEST_CONTEXT, RequestContext
 from gateway.errors import ApiError
 
@@ -35,6 +37,8 @@ _OUTCOMES = {
     429: "rate_limited",
     503: "unavailable",
 }
+# Every outcome a record can carry: requests (by status), CLI commands and jobs.
+OUTCOMES = frozenset({"success", "invalid", "error", "failure", *_OUTCOMES.values()})
 _ENGINE_KEY: web.AppKey[web.AppKey[AsyncEngine]] = web.AppKey("audit_engine_key")
 
 
@@ -105,6 +109,13 @@ def _invalid(name: str, why: str) -> ApiError:
     return ApiError(400, "invalid_query", f"query parameter {name!r} {why}")
 
 
+def _outcome(request: web.Request) -> str | None:
+    value = request.query.get("outcome")
+    if value is not None and value not in OUTCOMES:
+        raise _invalid("outcome", f"must be one of {', '.join(sorted(OUTCOMES))}")
+    return value
+
+
 def _time(request: web.Request, name: str) -> datetime | None:
     value = request.query.get(name)
     if value is None:
@@ -139,7 +150,7 @@ def parse_event_query(request: web.Request) -> EventQuery:
         until=_time(request, "until"),
         actor=request.query.get("actor"),
         action=request.query.get("action"),
-        outcome=request.query.get("outcome"),
+        outcome=_outcome(request),
         after_seq=_int(request, "after_seq", 0, 0, 2**63 - 1),
         limit=_int(request, "limit", 100, 1, MAX_LIMIT),
     )
@@ -151,7 +162,13 @@ async def events(request: web.Request) -> web.Response:
 
 
 async def verify(request: web.Request) -> web.Response:
-    report = await verify_database(_engine(request))
+    # Anchors must not have pruned records the gateway's retention policy still keeps.
+    floor = None
+    config = request.app.get(CONFIG)
+    if config is not None:
+        settings = AuditSettings.from_mapping(config.section("audit"))
+        floor = RetentionPolicy.load(settings.retention_policy).cutoff(datetime.now(UTC))
+    report = await verify_database(_engine(request), retention_floor=floor)
     return web.json_response(report.to_dict())
 
 

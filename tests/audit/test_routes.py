@@ -105,6 +105,7 @@ async def test_events_filter_and_page(client: TestClient) -> None:
         {"since": "yesterday"},
         {"after_seq": "-1"},
         {"colour": "red"},
+        {"outcome": "bogus"},
     ],
 )
 async def test_bad_queries_are_400_naming_the_parameter(client: TestClient, query: dict) -> None:

@@ -8,10 +8,12 @@ import os
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from audit.events import parse_timestamp
 from audit.verify import verify_database
 from gateway.appkeys import DB_ENGINE
 from tests.audit.proxy import CuttableProxy
@@ -45,6 +47,12 @@ async def test_every_request_is_one_record_and_the_chain_verifies(gateway: Gatew
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
     report = await verify_database(gateway.app[DB_ENGINE])
     assert report.valid and report.head_seq >= seqs[-1]
+    # The auditor's view says whose keys it trusted and holds anchors to the policy.
+    response, answer = await gateway.request("GET", "/v1/audit/verify", role="auditor")
+    assert response.status == 200 and answer["valid"] is True
+    assert answer["keys_source"] == "database"
+    floor = parse_timestamp(answer["retention_floor"])
+    assert floor < datetime.now(UTC) - timedelta(days=365)  # a policy keeps a year at least
 
 
 async def test_records_hold_digests_never_blobs_or_keys(sqlite_gateway: Gateway) -> None:
