@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import os
 import secrets
 import stat
@@ -17,11 +19,17 @@ MASTER_KEY_ENV = "KZG_GATEWAY_MASTER_KEY"
 MASTER_KEY_FILE = "master.key"
 _NONCE_BYTES = 12
 _VERSION = b"\x01"
+_CHECK_MESSAGE = b"kzg-gateway master-key check"
 
 
 class MasterKeyError(RuntimeError):
     """The master key is missing, malformed, readable by others, or not the key the
     stored secrets were sealed with."""
+
+
+class MasterKeyMismatch(MasterKeyError):
+    """The database records another master key than this process holds (it was rotated,
+    or this is the wrong key): nothing may be sealed, and the process needs the current key."""
 
 
 class MasterKey:
@@ -56,6 +64,11 @@ class MasterKey:
         return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=purpose.encode()).derive(
             self._key
         )
+
+    def check_value(self) -> str:
+        """HMAC-SHA256 of a fixed message (hex): what the database records to name the key
+        its secrets are sealed under, without revealing it."""
+        return hmac.new(self._key, _CHECK_MESSAGE, hashlib.sha256).hexdigest()
 
     def rewrap(self, sealed: bytes, purpose: str, new: MasterKey) -> bytes:
         """Return ``sealed`` re-encrypted under ``new`` (master-key rotation)."""

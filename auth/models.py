@@ -69,3 +69,15 @@ rate_usage = sa.Table(
     sa.Column("burst", sa.Float, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False, index=True),
 )
+
+# The master key every stored secret is sealed under, as ``MasterKey.check_value()``
+# (migration auth_0003): one row, id 1. NULL while nothing is sealed; no row at all for a
+# database that held secrets before the table existed, until ``init`` or ``serve`` opens
+# them all with their key and records it.
+master_key_check = sa.Table(
+    "master_key_check",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("check_value", sa.String(64)),
+    sa.Column("recorded_at", sa.String(27)),
+)

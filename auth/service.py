@@ -20,21 +20,24 @@ import json
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from audit.events import format_timestamp, parse_timestamp
+from audit.writer import begin_write
 from auth import credentials, tokens
-from auth.crypto import MasterKey
+from auth.crypto import MasterKey, MasterKeyMismatch
 from auth.hashing import HashingPool
-from auth.models import api_keys, auth_revision, jwt_keys, users
+from auth.models import api_keys, auth_revision, jwt_keys, master_key_check, users
 from auth.policy import GRANTS_ANY_ROLE, PolicyError, RbacPolicy, SecurityPolicy
 from auth.principal import Principal
+from auth.rewrap import SealedColumn
 
 CURRENT, RETIRED = "current", "retired"
 _USERNAME = r"^[a-z][a-z0-9_.-]{2,63}$"
@@ -187,6 +190,7 @@ class AuthService:
             "password_changed_at": stamp,
         }
         async with self.engine.begin() as conn:
+            await claim_master_key(conn, self._master_key)
             exists = (
                 await conn.execute(select(users.c.id).where(users.c.username == username))
             ).first()
@@ -220,6 +224,7 @@ class AuthService:
     async def reset_mfa(self, username: str) -> dict[str, str]:
         secret = credentials.new_totp_secret()
         async with self.engine.begin() as conn:
+            await claim_master_key(conn, self._master_key)
             row = await self._user_row(conn, username)
             await conn.execute(
                 update(users)
@@ -381,6 +386,7 @@ class AuthService:
         now = self.now()
         key = tokens.SigningKey.generate(now)
         async with self.engine.begin() as conn:
+            await claim_master_key(conn, self._master_key)
             await conn.execute(
                 update(jwt_keys)
                 .where(jwt_keys.c.status == CURRENT)
@@ -757,6 +763,122 @@ class AuthService:
             "api_keys": len(machines),
             "principals": entries,
         }
+
+
+# -- the master key on record (migration auth_0003) -------------------------------------
+
+_RECORD = master_key_check.c.id == 1
+
+
+def _record_stamp() -> str:
+    return format_timestamp(datetime.now(UTC))
+
+
+async def _mismatch(conn: AsyncConnection) -> MasterKeyMismatch:
+    recorded = (await conn.execute(select(master_key_check.c.id).where(_RECORD))).first()
+    if recorded is None:
+        return MasterKeyMismatch(
+            "no master key is recorded for the stored secrets: run 'kzg-gateway init' "
+            "with the key that opens them"
+        )
+    return MasterKeyMismatch(
+        "the stored secrets are sealed under another master key than this process holds "
+        "(was it rotated?): restart with the current key"
+    )
+
+
+async def claim_master_key(conn: AsyncConnection, key: MasterKey) -> None:
+    """Call first in every transaction that seals a secret: lock the master-key record
+    and raise MasterKeyMismatch (the caller writes nothing) unless it names ``key``; a
+    database that has sealed nothing yet records ``key`` now. Rotation updates the record
+    before it reads any secret, so a sealing either commits before rotation reads (and is
+    re-sealed by it) or waits for it, sees the new key and refuses."""
+    mine = key.check_value()
+    # One statement for both cases: on PostgreSQL a waiting UPDATE re-evaluates its
+    # condition on the row as committed, so two first sealings with one key both pass.
+    claimed = await conn.execute(
+        update(master_key_check)
+        .where(
+            _RECORD,
+            or_(master_key_check.c.check_value == mine, master_key_check.c.check_value.is_(None)),
+        )
+        .values(
+            check_value=mine,
+            recorded_at=func.coalesce(master_key_check.c.recorded_at, _record_stamp()),
+        )
+    )
+    if claimed.rowcount != 1:
+        raise await _mismatch(conn)
+
+
+async def replace_master_key(conn: AsyncConnection, old: MasterKey, new: MasterKey) -> None:
+    """Rotation, inside its write transaction and before it reads any secret: record
+    ``new`` where ``old`` was (MasterKeyMismatch if another key is recorded). With no
+    record (secrets older than auth_0003), one is created: the re-sealing that follows
+    opens every secret with ``old``, which verifies it."""
+    replaced = await conn.execute(
+        update(master_key_check)
+        .where(
+            _RECORD,
+            or_(
+                master_key_check.c.check_value == old.check_value(),
+                master_key_check.c.check_value.is_(None),
+            ),
+        )
+        .values(check_value=new.check_value(), recorded_at=_record_stamp())
+    )
+    if replaced.rowcount == 1:
+        return
+    if (await conn.execute(select(master_key_check.c.id).where(_RECORD))).first() is not None:
+        raise MasterKeyMismatch(
+            "the stored secrets are sealed under another master key than the one given"
+        )
+    await conn.execute(
+        insert(master_key_check).values(
+            id=1, check_value=new.check_value(), recorded_at=_record_stamp()
+        )
+    )
+
+
+async def record_master_key(
+    engine: AsyncEngine, key: MasterKey, sealed: Iterable[SealedColumn]
+) -> None:
+    """For ``init`` and ``serve``: raise MasterKeyMismatch unless the database records
+    ``key``. Where none is recorded yet, every secret of ``sealed`` must open with ``key``
+    (MasterKeyError otherwise) and ``key`` is recorded."""
+    mine = key.check_value()
+    async with engine.connect() as conn:
+        await begin_write(conn)
+        query = select(master_key_check.c.check_value).where(_RECORD)
+        if conn.dialect.name == "postgresql":
+            query = query.with_for_update()
+        row = (await conn.execute(query)).first()
+        if row is not None and row.check_value == mine:
+            await conn.rollback()
+            return
+        if row is not None and row.check_value is not None:
+            raise await _mismatch(conn)
+        for column in sealed:
+            for ident, value in (await conn.execute(select(column.key, column.sealed))).all():
+                key.open(value, f"{column.purpose}:{ident}")
+        values = {"check_value": mine, "recorded_at": _record_stamp()}
+        try:
+            if row is None:
+                await conn.execute(insert(master_key_check).values(id=1, **values))
+            else:
+                await conn.execute(update(master_key_check).where(_RECORD).values(**values))
+            await conn.commit()
+        except IntegrityError:
+            # Another instance recorded it first: compare with what it recorded.
+            await conn.rollback()
+            return await record_master_key(engine, key, sealed)
+
+
+async def master_key_is_current(engine: AsyncEngine, key: MasterKey) -> bool:
+    """Whether ``key`` may still seal: the database records it, or nothing yet."""
+    async with engine.connect() as conn:
+        row = (await conn.execute(select(master_key_check.c.check_value).where(_RECORD))).first()
+    return row is not None and row.check_value in (None, key.check_value())
 
 
 def _address_in(addr: str | None, networks: tuple[Any, ...]) -> bool:

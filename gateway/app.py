@@ -26,6 +26,7 @@ from audit.errors import AuditUnavailable
 from audit.settings import AuditSettings
 from audit.writer import AuditWriter
 from auth.crypto import MasterKey, load_master_key
+from auth.service import master_key_is_current
 from gateway import audit_routes, kzg_routes
 from gateway.appkeys import (
     AUDIT_WRITER,
@@ -221,6 +222,16 @@ async def _database_ready(engine: AsyncEngine, timeout: float = 2.0) -> bool:
     return True
 
 
+async def _master_key_current(app: web.Application, timeout: float = 2.0) -> bool:
+    """False once the master key was rotated under this process: it can open and seal
+    nothing until restarted with the new key, so no traffic should be routed to it."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await master_key_is_current(app[DB_ENGINE], app[MASTER_KEY])
+    except Exception:
+        return False
+
+
 async def readyz(request: web.Request) -> web.Response:
     app = request.app
     checks = {
@@ -229,6 +240,7 @@ async def readyz(request: web.Request) -> web.Response:
         "audit_writer": await app[AUDIT_WRITER].ready(),
         "pool": app[KZG_POOL].ready,
         "keys": app[RECEIPT_SIGNER].ready,
+        "master_key": await _master_key_current(app),
     }
     ready = all(checks.values())
     return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
@@ -257,7 +269,7 @@ def _operational_routes(app: web.Application) -> None:
     app.router.add_get("/v1/keys/receipts", receipt_keys_handler, name="receipt_keys")
     for name, summary in (
         ("healthz", "The process is alive"),
-        ("readyz", "Database, audit writer, worker pool and receipt key are ready"),
+        ("readyz", "Database, audit writer, worker pool, receipt key and master key are ready"),
         ("openapi", "This document"),
     ):
         document_route(

@@ -18,15 +18,17 @@ from audit.settings import AuditSettings
 from auth.crypto import (
     MASTER_KEY_ENV,
     MASTER_KEY_FILE,
+    MasterKey,
     MasterKeyError,
     load_master_key,
     write_master_key_file,
 )
 from auth.policy import PolicyError
+from auth.service import record_master_key
 from gateway import cli_audit
 from gateway.config import Config, ConfigError, load_config
-from gateway.db import SchemaNotCurrent, make_engine, migrate
-from gateway.receipts import ensure_receipt_key
+from gateway.db import SchemaNotCurrent, check_schema, make_engine, migrate
+from gateway.receipts import SEALED_SECRETS, ensure_receipt_key
 from gateway.tls import DEV_TLS_DIR, ensure_dev_tls, server_ssl_context
 
 log = logging.getLogger("kzg_gateway")
@@ -73,6 +75,9 @@ async def initialise(config: Config) -> dict[str, Any]:
     engine = make_engine(config.database_url)
     admin = None
     try:
+        # Before anything is sealed: refuse a key other than the recorded one, and record
+        # it for a database that held secrets before the record existed.
+        await record_master_key(engine, master_key, SEALED_SECRETS)
         await ensure_receipt_key(engine, master_key)
         ensure_first_admin = _first_admin_function()
         if ensure_first_admin is not None:
@@ -112,7 +117,9 @@ async def serve(config: Config) -> None:
     from gateway.appkeys import STATE
     from gateway.server import start_server
 
-    app = create_app(config)
+    master_key = load_master_key(config.data_dir)
+    await _check_master_key(config, master_key)
+    app = create_app(config, master_key=master_key)
     ssl_context = server_ssl_context(config.section("tls"), config.data_dir)
     runner, _ = await start_server(app, config.host, config.port, ssl_context)
     log.info("kzg-gateway serving on %s", config.url)
@@ -125,6 +132,17 @@ async def serve(config: Config) -> None:
     await asyncio.sleep(float(config.get("server", "drain_seconds", 0)))
     log.info("draining %d in-flight requests", app[STATE].inflight)
     await runner.cleanup()
+
+
+async def _check_master_key(config: Config, master_key: MasterKey) -> None:
+    """Refuse to serve with a key other than the recorded one (e.g. the old key after a
+    rotation), before anything answers; record it if the database has no record yet."""
+    engine = make_engine(config.database_url)
+    try:
+        await check_schema(engine)
+        await record_master_key(engine, master_key, SEALED_SECRETS)
+    finally:
+        await engine.dispose()
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -26,12 +26,12 @@ from audit.events import AuditEvent
 from audit.writer import AuditWriter, begin_write
 from auth.crypto import MASTER_KEY_ENV, MASTER_KEY_FILE, MasterKey, MasterKeyError, load_master_key
 from auth.policy import PolicyError
-from auth.rewrap import IDENTITY_SEALED, SealedColumn, rewrap_columns
-from auth.service import AuthError, AuthService
+from auth.rewrap import rewrap_columns
+from auth.service import AuthError, AuthService, replace_master_key
 from gateway.config import Config, load_config
 from gateway.db import check_schema, make_engine
 from gateway.identity import policies_for
-from gateway.receipts import receipt_keys, rotate_receipt_key
+from gateway.receipts import SEALED_SECRETS, rotate_receipt_key
 
 Command = Callable[[AuthService, argparse.Namespace], Awaitable[dict[str, Any]]]
 
@@ -99,14 +99,13 @@ async def _access_review(service: AuthService, args: argparse.Namespace) -> dict
 
 
 async def rewrap_secrets(engine: AsyncEngine, old: MasterKey, new: MasterKey) -> int:
-    """Re-seal every secret of the database (identity and receipt keys) under ``new`` in
-    one transaction; returns how many."""
-    receipts = SealedColumn(
-        receipt_keys, receipt_keys.c.key_id, receipt_keys.c.sealed_private_key, "receipt-key"
-    )
+    """Re-seal every secret of the database (identity and receipt keys) under ``new`` and
+    record ``new`` as the master key, in one transaction; returns how many. Processes
+    still holding ``old`` can then seal nothing more (auth.service.claim_master_key)."""
     async with engine.connect() as conn:
         await begin_write(conn)
-        count = await rewrap_columns(conn, old, new, (*IDENTITY_SEALED, receipts))
+        await replace_master_key(conn, old, new)
+        count = await rewrap_columns(conn, old, new, SEALED_SECRETS)
         await conn.commit()
     return count
 

@@ -4,11 +4,13 @@ policies a configuration selects, and the mapping of identity errors to envelope
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from aiohttp import web
 from sqlalchemy.exc import SQLAlchemyError
 
+from auth.crypto import MasterKeyError
 from auth.policy import PolicyError, RbacPolicy, SecurityPolicy, load_policies
 from auth.service import AuthError, AuthService
 from gateway.config import Config
@@ -16,6 +18,11 @@ from gateway.errors import ApiError
 from gateway.limits import read_body
 
 AUTH_SERVICE: web.AppKey[AuthService] = web.AppKey("auth_service", AuthService)
+# Seconds a client waits before retrying a request this instance cannot serve with its
+# master key: time for the orchestrator to restart it (or another instance answers).
+MASTER_KEY_RETRY_AFTER = "30"
+
+log = logging.getLogger(__name__)
 
 
 def policies_for(config: Config) -> tuple[RbacPolicy, SecurityPolicy]:
@@ -36,6 +43,17 @@ def to_api_error(exc: Exception) -> ApiError:
     if isinstance(exc, LookupError):
         # args[0], not str(): a KeyError's str() adds quotes around the message.
         return ApiError(404, "not_found", str(exc.args[0]) if exc.args else "not found")
+    if isinstance(exc, MasterKeyError):
+        # The master key was rotated under this process (its secrets no longer open, it
+        # may seal nothing): only a restart with the current key cures it.
+        log.warning("master key does not match the database: %s", exc)
+        return ApiError(
+            503,
+            "master_key_mismatch",
+            "this instance holds an outdated master key and must be restarted with the "
+            "current one; nothing was done",
+            {"Retry-After": MASTER_KEY_RETRY_AFTER},
+        )
     if isinstance(exc, SQLAlchemyError | OSError):
         return ApiError(
             503, "identity_unavailable", "the identity store is unavailable", {"Retry-After": "1"}

@@ -26,6 +26,8 @@ from audit.chain import canonical_json
 from audit.events import format_timestamp
 from audit.writer import begin_write
 from auth.crypto import MasterKey
+from auth.rewrap import IDENTITY_SEALED, SealedColumn
+from auth.service import claim_master_key
 from gateway.context import RequestContext
 
 SCHEME = "bls12381-aug"
@@ -43,6 +45,13 @@ receipt_keys = Table(
     Column("not_after", String(27)),
     Column("status", String(16), nullable=False),
 )
+
+RECEIPT_SEALED = SealedColumn(
+    receipt_keys, receipt_keys.c.key_id, receipt_keys.c.sealed_private_key, "receipt-key"
+)
+# Every sealed secret of the database: what rotation re-seals and what a key must open
+# before it is recorded (auth.service.record_master_key).
+SEALED_SECRETS = (*IDENTITY_SEALED, RECEIPT_SEALED)
 
 
 class NoReceiptKey(RuntimeError):
@@ -70,7 +79,7 @@ class ReceiptKeyInfo:
 
 
 def _purpose(key_id: str) -> str:
-    return f"receipt-key:{key_id}"
+    return f"{RECEIPT_SEALED.purpose}:{key_id}"
 
 
 def _new_key_id(now: datetime) -> str:
@@ -106,6 +115,9 @@ async def rotate_receipt_key(
     now = now or datetime.now(UTC)
     async with engine.connect() as conn:
         await begin_write(conn)
+        # First, as every sealing does: the master-key record is always locked before
+        # any secret's row, so rotation and sealing cannot deadlock.
+        await claim_master_key(conn, master_key)
         await conn.execute(
             update(receipt_keys)
             .where(receipt_keys.c.status == CURRENT)
@@ -128,6 +140,7 @@ async def ensure_receipt_key(engine: AsyncEngine, master_key: MasterKey) -> Rece
         if existing is not None:
             await conn.rollback()
             return None
+        await claim_master_key(conn, master_key)
         info = await _insert_key(conn, master_key, datetime.now(UTC))
         await conn.commit()
     return info

@@ -110,8 +110,8 @@ async def _cli_actions(data_dir: Path) -> list[str]:
 def test_a_command_that_fails_is_audited_as_an_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Under a master key that opens none of the stored secrets, rotation fails with a
-    # MasterKeyError: the audit record must say so, not "success".
+    # Under a master key other than the one the database records, rotation is refused
+    # with a MasterKeyMismatch: the audit record must say so, not "success".
     monkeypatch.delenv("KZG_GATEWAY_MASTER_KEY", raising=False)
     data = tmp_path / "d"
     assert main(["init", "--data-dir", str(data), "--json"]) == 0
@@ -132,4 +132,4 @@ def test_a_command_that_fails_is_audited_as_an_error(
     event = asyncio.run(last_event())
     assert event["action"] == "cli:admin_master_key_rotate"
     assert event["outcome"] == "error"
-    assert json.loads(event["detail"])["error"] == "MasterKeyError"
+    assert json.loads(event["detail"])["error"] == "MasterKeyMismatch"

@@ -76,6 +76,7 @@ async def test_readyz_reports_each_dependency_and_turns_503_when_draining(
         "audit_writer": True,
         "pool": True,
         "keys": True,
+        "master_key": True,
     }
     sqlite_gateway.app[STATE].draining = True
     response, body = await sqlite_gateway.request("GET", "/readyz", role=None)
