@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
 from blspy import AugSchemeMPL
@@ -74,3 +78,32 @@ async def tamper(store: AuditStore, *statements: str) -> None:
                 await conn.exec_driver_sql(statement)
     finally:
         await engine.dispose()
+
+
+@contextlib.contextmanager
+def sqlite_write_lock(url: str) -> Iterator[Callable[[], None]]:
+    """Another process holds the SQLite database's write lock, as a stuck writer would
+    (readers still read in WAL mode); yields the function that releases it."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sqlite3, sys, time; c = sqlite3.connect(sys.argv[1]); "
+            "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); time.sleep(60)",
+            url.split("///", 1)[1],
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+    def release() -> None:
+        holder.kill()
+        holder.wait()
+
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        yield release
+    finally:
+        release()
+        if holder.stdout is not None:
+            holder.stdout.close()

@@ -27,7 +27,7 @@ from audit.models import audit_events, fields_from_row
 from audit.verify import verify_database
 from audit.writer import AuditWriter
 from tests.audit.conftest import AuditStore, make_engine
-from tests.audit.helpers import make_event
+from tests.audit.helpers import make_event, sqlite_write_lock
 from tests.audit.proxy import CuttableProxy
 
 REPO = Path(__file__).resolve().parents[2]
@@ -269,38 +269,19 @@ async def test_postgres_unreachable_fails_closed_then_recovers(pg_store: AuditSt
 
 
 async def test_sqlite_locked_out_fails_closed_then_recovers(sqlite_store: AuditStore) -> None:
-    database = sqlite_store.app_url.split("///", 1)[1]
     engine = make_engine(sqlite_store.app_url, busy_timeout=0.5)
     writer = AuditWriter(engine, commit_timeout=1.0)
     await writer.start()
-    # Another process holds the database's write lock, as a stuck writer would.
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sqlite3, sys, time; c = sqlite3.connect(sys.argv[1]); "
-            "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); time.sleep(60)",
-            database,
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-        with pytest.raises(AuditUnavailable):
-            await writer.append(make_event(1))
-
-        holder.kill()
-        holder.wait()
-        seq = await _append_until_ok(writer, time.monotonic() + 10)
+        with sqlite_write_lock(sqlite_store.app_url) as release:
+            with pytest.raises(AuditUnavailable):
+                await writer.append(make_event(1))
+            release()
+            seq = await _append_until_ok(writer, time.monotonic() + 10)
         assert seq == 1
         report = await verify_database(engine, public_keys={})
         assert report.valid and report.head_seq == 1
     finally:
-        holder.kill()
-        holder.wait()
-        if holder.stdout is not None:
-            holder.stdout.close()
         await writer.stop()
         await engine.dispose()
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
 import time
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit, urlunsplit
@@ -16,6 +14,7 @@ import pytest
 from audit.events import parse_timestamp
 from audit.verify import verify_database
 from gateway.appkeys import DB_ENGINE
+from tests.audit.helpers import sqlite_write_lock
 from tests.audit.proxy import CuttableProxy
 from tests.conftest import PgDatabase
 from tests.gateway.conftest import Gateway, StartGateway
@@ -115,28 +114,10 @@ async def test_export_is_refused_when_its_record_cannot_be_committed(
     gw = await start_gateway(audit={"commit_timeout_seconds": 1})
     warm, _ = await gw.request("GET", "/v1/audit/events?limit=1", role="auditor")
     assert warm.status == 200  # the auditor's key is now cached: no write to check it
-    database = gw.app_url.split("///", 1)[1]
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sqlite3, sys, time; c = sqlite3.connect(sys.argv[1]); "
-            "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); time.sleep(60)",
-            database,
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    with sqlite_write_lock(gw.app_url):
         response, body = await gw.request("GET", "/v1/audit/export", role="auditor")
         assert response.status == 503, body
         assert body["error"]["code"] == "audit_unavailable"
-    finally:
-        holder.kill()
-        holder.wait()
-        if holder.stdout is not None:
-            holder.stdout.close()
     response, body = await gw.request("GET", "/v1/audit/export", role="auditor")
     assert response.status == 200 and body.count(b'"type":"event"') >= 1
     [record] = await gw.audit_records(response.headers["X-Request-ID"])
