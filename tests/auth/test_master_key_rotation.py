@@ -201,7 +201,9 @@ async def test_a_gateway_left_on_the_old_key_refuses_until_restarted_with_the_ne
         after = await _stored(engine)
         assert after["receipt_keys"] == before["receipt_keys"] + 1
         assert after["check_value"] == new_key.check_value()
-        assert await _open_all(engine, new_key) > 0
+        assert await _open_all(engine, new_key) == sum(
+            after[t] for t in ("users", "jwt_keys", "receipt_keys")
+        )
         # The instance not yet restarted still refuses, and still reports not ready.
         response, body = await gateway.request("GET", "/readyz", role=None)
         assert response.status == 503 and body["checks"]["master_key"] is False
