@@ -218,7 +218,7 @@ class AuthService:
             await conn.execute(
                 update(users).where(users.c.id == row.id).values(roles=",".join(roles))
             )
-            await self._keep_an_admin(conn)
+            await self._keep_an_admin(conn, row)
             await self._bump_revision(conn)
 
     async def reset_mfa(self, username: str) -> dict[str, str]:
@@ -245,19 +245,25 @@ class AuthService:
         async with self.engine.begin() as conn:
             row = await self._user_row(conn, username)
             await conn.execute(update(users).where(users.c.id == row.id).values(disabled=True))
-            await self._keep_an_admin(conn)
+            await self._keep_an_admin(conn, row)
             await self._bump_revision(conn)
 
-    async def _keep_an_admin(self, conn: AsyncConnection) -> None:
-        """Refuse a change that leaves no enabled person able to manage people: nobody
-        could undo it through the API. The rows are locked (PostgreSQL) so two admins
-        demoting each other at once cannot both succeed."""
+    def _manages_people(self, roles: str) -> bool:
+        known = self.rbac.roles
+        return any(GRANTS_ANY_ROLE in known[r].permissions for r in roles.split(",") if r in known)
+
+    async def _keep_an_admin(self, conn: AsyncConnection, before: Any) -> None:
+        """Refuse a change to ``before`` (the user's row as it was) that took away the
+        last enabled person able to manage people: nobody could undo it through the API.
+        The rows are locked (PostgreSQL) so two admins demoting each other at once
+        cannot both succeed."""
+        if before.disabled or not self._manages_people(before.roles):
+            return
         query = select(users.c.roles).where(users.c.disabled.is_(False))
         if conn.dialect.name == "postgresql":
             query = query.with_for_update()
-        known = self.rbac.roles
         for (roles,) in await conn.execute(query):
-            if any(GRANTS_ANY_ROLE in known[r].permissions for r in roles.split(",") if r in known):
+            if self._manages_people(roles):
                 return
         raise AuthError(
             409, "last_admin", "refused: no enabled user would be left who can manage users"
