@@ -242,9 +242,19 @@ class AuthService:
         }
 
     async def disable_user(self, username: str) -> None:
+        await self._set_disabled(username, True)
+
+    async def enable_user(self, username: str) -> None:
+        """Undo a disable; the lockout counter starts again from zero."""
+        await self._set_disabled(username, False)
+
+    async def _set_disabled(self, username: str, disabled: bool) -> None:
         async with self.engine.begin() as conn:
             row = await self._user_row(conn, username)
-            await conn.execute(update(users).where(users.c.id == row.id).values(disabled=True))
+            values: dict[str, Any] = {"disabled": disabled}
+            if not disabled:
+                values.update(failed_logins=0, locked_until=None)
+            await conn.execute(update(users).where(users.c.id == row.id).values(**values))
             await self._keep_an_admin(conn, row)
             await self._bump_revision(conn)
 

@@ -80,11 +80,20 @@ async def reset_user_mfa(request: web.Request) -> dict[str, Any]:
     return {"username": username, "totp_uri": result["totp_uri"]}
 
 
-async def disable_user(request: web.Request) -> dict[str, Any]:
+async def _set_disabled(request: web.Request, disabled: bool) -> dict[str, Any]:
     username = request.match_info["username"]
-    await _service(request).disable_user(username)
+    service = _service(request)
+    await (service.disable_user if disabled else service.enable_user)(username)
     request[REQUEST_CONTEXT].detail.update(target_username=username)
-    return {"username": username, "disabled": True}
+    return {"username": username, "disabled": disabled}
+
+
+async def disable_user(request: web.Request) -> dict[str, Any]:
+    return await _set_disabled(request, True)
+
+
+async def enable_user(request: web.Request) -> dict[str, Any]:
+    return await _set_disabled(request, False)
 
 
 async def create_api_key(request: web.Request) -> dict[str, Any]:
@@ -177,6 +186,13 @@ _ROUTES: tuple[tuple[str, str, str, Callable[[web.Request], Awaitable[Any]], Rou
         RouteDoc(
             "Disable a person", ("admin",), parameters=(_USER,), errors=(*DEFAULT_ERRORS, 409)
         ),
+    ),
+    (
+        "POST",
+        "/v1/admin/users/{username}/enable",
+        "admin_enable_user",
+        enable_user,
+        RouteDoc("Enable a disabled person again", ("admin",), parameters=(_USER,)),
     ),
     (
         "POST",

@@ -67,6 +67,11 @@ async def _user_disable(service: AuthService, args: argparse.Namespace) -> dict[
     return {"username": args.username, "disabled": True}
 
 
+async def _user_enable(service: AuthService, args: argparse.Namespace) -> dict[str, Any]:
+    await service.enable_user(args.username)
+    return {"username": args.username, "disabled": False}
+
+
 async def _key_create(service: AuthService, args: argparse.Namespace) -> dict[str, Any]:
     return await service.create_api_key(
         args.name, args.role, _actor(), args.expires_in_days, args.allow_cidr or None
@@ -222,6 +227,9 @@ def register(subparsers: Any) -> None:
         "username"
     )
     _add(user_cmds, "disable", "disable a person", _user_disable).add_argument("username")
+    _add(user_cmds, "enable", "enable a disabled person again", _user_enable).add_argument(
+        "username"
+    )
 
     key_cmds = groups.add_parser("api-keys", help="machine identities").add_subparsers(
         dest="admin_action", required=True

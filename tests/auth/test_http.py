@@ -361,3 +361,23 @@ async def test_the_last_admin_can_be_neither_disabled_nor_demoted(secured: Gatew
     with pytest.raises(AuthError) as refused:
         await service.disable_user("deputy")
     assert refused.value.code == "last_admin"
+
+
+async def test_a_disabled_person_can_be_enabled_again(secured: Gateway) -> None:
+    gw = secured
+    service = gw.app[AUTH_SERVICE]
+    boss = await service.create_user("boss", ["admin"])
+    carol = await service.create_user("carol", ["client"])
+    auth = {
+        "Authorization": f"Bearer {await _login(gw, 'boss', boss['password'], boss['totp_secret'])}"
+    }
+    response, _ = await gw.post("/v1/admin/users/carol/disable", {}, role=None, headers=auth)
+    assert response.status == 200
+    login = {"username": "carol", "password": carol["password"]}
+    response, _ = await gw.post("/v1/auth/login", login, role=None)
+    assert response.status == 401
+    response, answer = await gw.post("/v1/admin/users/carol/enable", {}, role=None, headers=auth)
+    assert (response.status, answer) == (200, {"username": "carol", "disabled": False})
+    [record] = await gw.audit_records(response.headers["X-Request-ID"])
+    assert record["action"] == "admin_enable_user" and record["outcome"] == "success"
+    await _login(gw, "carol", carol["password"], None)
