@@ -163,7 +163,7 @@ class AuditWriter:
             await self._wake.wait()
             self._wake.clear()
             while self._pending:
-                await self._commit_next_batch()
+                await self._commit()
             if self._closing:
                 return
 
@@ -172,9 +172,6 @@ class AuditWriter:
         del self._pending[: self._max_batch]
         self._set_queue_depth()
         return batch
-
-    async def _commit_next_batch(self) -> None:
-        await self._commit()
 
     async def _commit(self, batch: list[_Pending] | None = None) -> None:
         """Commit ``batch``, or whatever is waiting once the head lock is held."""

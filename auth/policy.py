@@ -101,10 +101,14 @@ class RbacPolicy:
         """Whether holders of ``grantor_roles`` may hand ``role`` to an API key: only the
         roles their policy lists under ``grants`` (any, for whoever may give roles to
         people), so a key never lifts its creator to, say, audit access without MFA."""
+        if role not in self.roles:
+            return False
         known = [self.roles[name] for name in grantor_roles if name in self.roles]
-        return role in self.roles and any(
-            GRANTS_ANY_ROLE in r.permissions or role in r.grants for r in known
-        )
+        return self.manages_people(grantor_roles) or any(role in r.grants for r in known)
+
+    def manages_people(self, roles: tuple[str, ...] | list[str]) -> bool:
+        """Whether ``roles`` may give roles to people (and so any role to an API key)."""
+        return any(GRANTS_ANY_ROLE in self.roles[r].permissions for r in roles if r in self.roles)
 
     def needs_mfa(self, roles: tuple[str, ...] | list[str]) -> bool:
         return any(self.roles[r].mfa for r in roles if r in self.roles)

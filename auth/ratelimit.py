@@ -139,8 +139,10 @@ class UsageExchange:
         self._wall = wall_clock
         self._totals: dict[str, tuple[float, float]] = {}  # key -> (total, last published)
         self._seen: dict[tuple[str, str], float] | None = None
+        self._upsert = self._build_upsert()
+        self._purged = float("-inf")
 
-    def _upsert(self) -> sa.Insert:
+    def _build_upsert(self) -> sa.Insert:
         dialect = postgresql if self._engine.dialect.name == "postgresql" else sqlite
         statement = dialect.insert(rate_usage)
         return statement.on_conflict_do_update(
@@ -176,7 +178,7 @@ class UsageExchange:
             )
         async with self._engine.begin() as conn:
             if rows:
-                await conn.execute(self._upsert(), rows)
+                await conn.execute(self._upsert, rows)
             others = (
                 await conn.execute(
                     sa.select(rate_usage).where(
@@ -203,8 +205,11 @@ class UsageExchange:
             self._limiter.charge(row.key, delta, row.rate, row.burst)
             charged += delta
         # Apart and last, so that the delete never holds up (or deadlocks with) the
-        # publishing, and its failure loses nothing.
-        async with self._engine.begin() as conn:
-            expired = now - 2 * self._horizon
-            await conn.execute(sa.delete(rate_usage).where(rate_usage.c.updated_at < expired))
+        # publishing, and its failure loses nothing; once a horizon is often enough for
+        # rows that expire after two, and spares a write transaction per exchange.
+        if now - self._purged >= self._horizon:
+            async with self._engine.begin() as conn:
+                expired = now - 2 * self._horizon
+                await conn.execute(sa.delete(rate_usage).where(rate_usage.c.updated_at < expired))
+            self._purged = now
         return charged

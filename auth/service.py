@@ -35,7 +35,7 @@ from auth import credentials, tokens
 from auth.crypto import MasterKey, MasterKeyMismatch
 from auth.hashing import HashingPool
 from auth.models import api_keys, auth_revision, jwt_keys, master_key_check, users
-from auth.policy import GRANTS_ANY_ROLE, PolicyError, RbacPolicy, SecurityPolicy
+from auth.policy import PolicyError, RbacPolicy, SecurityPolicy
 from auth.principal import Principal
 from auth.rewrap import SealedColumn
 
@@ -255,25 +255,20 @@ class AuthService:
             if not disabled:
                 values.update(failed_logins=0, locked_until=None)
             await conn.execute(update(users).where(users.c.id == row.id).values(**values))
-            await self._keep_an_admin(conn, row)
+            if disabled:
+                await self._keep_an_admin(conn, row)
             await self._bump_revision(conn)
-
-    def _manages_people(self, roles: str) -> bool:
-        known = self.rbac.roles
-        return any(GRANTS_ANY_ROLE in known[r].permissions for r in roles.split(",") if r in known)
 
     async def _keep_an_admin(self, conn: AsyncConnection, before: Any) -> None:
         """Refuse a change to ``before`` (the user's row as it was) that took away the
         last enabled person able to manage people: nobody could undo it through the API.
-        The rows are locked (PostgreSQL) so two admins demoting each other at once
-        cannot both succeed."""
-        if before.disabled or not self._manages_people(before.roles):
+        The rows are locked (FOR UPDATE, on PostgreSQL) so two admins demoting each
+        other at once cannot both succeed."""
+        if before.disabled or not self.rbac.manages_people(before.roles.split(",")):
             return
-        query = select(users.c.roles).where(users.c.disabled.is_(False))
-        if conn.dialect.name == "postgresql":
-            query = query.with_for_update()
+        query = select(users.c.roles).where(users.c.disabled.is_(False)).with_for_update()
         for (roles,) in await conn.execute(query):
-            if self._manages_people(roles):
+            if self.rbac.manages_people(roles.split(",")):
                 return
         raise AuthError(
             409, "last_admin", "refused: no enabled user would be left who can manage users"
@@ -498,6 +493,19 @@ class AuthService:
         if not isinstance(name, str) or not 1 <= len(name) <= 128:
             raise PolicyError("name: 1-128 characters")
         await self._check_issuable(role, created_by)
+        return await self._insert_api_key(
+            name, role, created_by, expires_in_days, allowed_cidrs, rotated_from
+        )
+
+    async def _insert_api_key(
+        self,
+        name: str,
+        role: str,
+        created_by: str,
+        expires_in_days: object,
+        allowed_cidrs: object,
+        rotated_from: str | None,
+    ) -> dict[str, Any]:
         default_days = int(self.policy.get("api_keys", "default_expiry_days"))
         max_days = int(self.policy.get("api_keys", "max_expiry_days"))
         days = default_days if expires_in_days is None else expires_in_days
@@ -596,12 +604,8 @@ class AuthService:
         # Before revoking: a refused rotation leaves the old key working.
         await self._check_issuable(row.role, actor)
         await self.revoke_api_key(key_id)
-        return await self.create_api_key(
-            row.name,
-            row.role,
-            actor,
-            allowed_cidrs=json.loads(row.allowed_cidrs),
-            rotated_from=key_id,
+        return await self._insert_api_key(
+            row.name, row.role, actor, None, json.loads(row.allowed_cidrs), key_id
         )
 
     async def authenticate_api_key(
@@ -790,9 +794,12 @@ def _record_stamp() -> str:
     return format_timestamp(datetime.now(UTC))
 
 
+async def _has_record(conn: AsyncConnection) -> bool:
+    return (await conn.execute(select(master_key_check.c.id).where(_RECORD))).first() is not None
+
+
 async def _mismatch(conn: AsyncConnection) -> MasterKeyMismatch:
-    recorded = (await conn.execute(select(master_key_check.c.id).where(_RECORD))).first()
-    if recorded is None:
+    if not await _has_record(conn):
         return MasterKeyMismatch(
             "no master key is recorded for the stored secrets: run 'kzg-gateway init' "
             "with the key that opens them"
@@ -845,7 +852,7 @@ async def replace_master_key(conn: AsyncConnection, old: MasterKey, new: MasterK
     )
     if replaced.rowcount == 1:
         return
-    if (await conn.execute(select(master_key_check.c.id).where(_RECORD))).first() is not None:
+    if await _has_record(conn):
         raise MasterKeyMismatch(
             "the stored secrets are sealed under another master key than the one given"
         )
@@ -865,9 +872,7 @@ async def record_master_key(
     mine = key.check_value()
     async with engine.connect() as conn:
         await begin_write(conn)
-        query = select(master_key_check.c.check_value).where(_RECORD)
-        if conn.dialect.name == "postgresql":
-            query = query.with_for_update()
+        query = select(master_key_check.c.check_value).where(_RECORD).with_for_update()
         row = (await conn.execute(query)).first()
         if row is not None and row.check_value == mine:
             await conn.rollback()
