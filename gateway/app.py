@@ -66,7 +66,6 @@ _HTTP_CODES = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
-    408: "body_timeout",
     413: "too_large",
     415: "unsupported_media_type",
     429: "rate_limited",
@@ -213,34 +212,32 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-async def _database_ready(engine: AsyncEngine, timeout: float = 2.0) -> bool:
-    try:
-        async with asyncio.timeout(timeout), engine.connect() as conn:
-            await conn.execute(text("SELECT 1"))
-    except Exception:
-        return False
-    return True
-
-
-async def _master_key_current(app: web.Application, timeout: float = 2.0) -> bool:
-    """False once the master key was rotated under this process: it can open and seal
-    nothing until restarted with the new key, so no traffic should be routed to it."""
+async def _probe(check: Awaitable[bool], timeout: float = 2.0) -> bool:
+    """A readiness check: False on any failure or after ``timeout`` seconds."""
     try:
         async with asyncio.timeout(timeout):
-            return await master_key_is_current(app[DB_ENGINE], app[MASTER_KEY])
+            return await check
     except Exception:
         return False
+
+
+async def _database_answers(engine: AsyncEngine) -> bool:
+    async with engine.connect() as conn:
+        await conn.execute(text("SELECT 1"))
+    return True
 
 
 async def readyz(request: web.Request) -> web.Response:
     app = request.app
     checks = {
         "accepting": not app[STATE].draining,
-        "database": await _database_ready(app[DB_ENGINE]),
+        "database": await _probe(_database_answers(app[DB_ENGINE])),
         "audit_writer": await app[AUDIT_WRITER].ready(),
         "pool": app[KZG_POOL].ready,
         "keys": app[RECEIPT_SIGNER].ready,
-        "master_key": await _master_key_current(app),
+        # False once the master key was rotated under this process: it can open and seal
+        # nothing until restarted with the new key, so no traffic should reach it.
+        "master_key": await _probe(master_key_is_current(app[DB_ENGINE], app[MASTER_KEY])),
     }
     ready = all(checks.values())
     return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import getpass
 import json
 import os
@@ -62,14 +63,11 @@ async def _user_reset_mfa(service: AuthService, args: argparse.Namespace) -> dic
     return await service.reset_mfa(args.username)
 
 
-async def _user_disable(service: AuthService, args: argparse.Namespace) -> dict[str, Any]:
-    await service.disable_user(args.username)
-    return {"username": args.username, "disabled": True}
-
-
-async def _user_enable(service: AuthService, args: argparse.Namespace) -> dict[str, Any]:
-    await service.enable_user(args.username)
-    return {"username": args.username, "disabled": False}
+async def _user_set_disabled(
+    service: AuthService, args: argparse.Namespace, disabled: bool
+) -> dict[str, Any]:
+    await (service.disable_user if disabled else service.enable_user)(args.username)
+    return {"username": args.username, "disabled": disabled}
 
 
 async def _key_create(service: AuthService, args: argparse.Namespace) -> dict[str, Any]:
@@ -226,10 +224,12 @@ def register(subparsers: Any) -> None:
     _add(user_cmds, "reset-mfa", "new TOTP secret (shown once)", _user_reset_mfa).add_argument(
         "username"
     )
-    _add(user_cmds, "disable", "disable a person", _user_disable).add_argument("username")
-    _add(user_cmds, "enable", "enable a disabled person again", _user_enable).add_argument(
-        "username"
-    )
+    for action, help_text, disabled in (
+        ("disable", "disable a person", True),
+        ("enable", "enable a disabled person again", False),
+    ):
+        command = functools.partial(_user_set_disabled, disabled=disabled)
+        _add(user_cmds, action, help_text, command).add_argument("username")
 
     key_cmds = groups.add_parser("api-keys", help="machine identities").add_subparsers(
         dest="admin_action", required=True

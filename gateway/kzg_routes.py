@@ -220,10 +220,7 @@ def _handler(op: Operation) -> Callable[[web.Request], Any]:
 # The engine names the offending argument first ("blobs[3]: ..."); its arguments carry
 # the request's field names, so the code names the field as the validators' codes do.
 _ENGINE_ARGUMENT = re.compile(r"^([a-z_]+)(?:\[\d+\])?: ")
-_REQUEST_FIELDS = frozenset(
-    ("blob", "blobs", "commitment", "commitments", "proof", "proofs", "z", "y", "cells",
-     "cell_indices")
-)  # fmt: skip
+_REQUEST_FIELDS = frozenset(f.name for op in operations() for f in op.inputs)
 
 
 def _code_for(exc: KZGError) -> str:

@@ -18,10 +18,10 @@ from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Gauge
 
-# One grouping for connection and rate limits; the alias keeps this module's old name.
-from auth.ratelimit import client_group as _client_group
-from gateway.app import record
+# One grouping of client addresses for connection and rate limits.
+from auth.ratelimit import client_group
 from gateway.appkeys import METRICS
+from gateway.audit_routes import record
 from gateway.context import RequestContext
 from gateway.errors import AUDIT_DOWN, envelope
 from gateway.limits import SERVER_LIMITS, ServerLimits
@@ -42,7 +42,7 @@ class _Admission(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
-        self._address = _client_group(str(peer[0])) if peer else ""
+        self._address = client_group(peer[0]) if peer else ""
         reason = self._guard.admit(self._address)
         if reason is not None:
             transport.abort()  # no TLS close handshake a refused client could stall
@@ -235,11 +235,9 @@ async def start_server(
         # answer rather than a reset; a client still sending after that is cut off.
         "lingering_time": 2.0,
     }
+    # The handler options go to GuardedSite, whose protocol factory builds the handlers.
     runner = web.AppRunner(
-        app,
-        handle_signals=False,
-        shutdown_timeout=limits.shutdown_timeout_seconds,
-        **handler_options,
+        app, handle_signals=False, shutdown_timeout=limits.shutdown_timeout_seconds
     )
     await runner.setup()
     site = GuardedSite(runner, host, port, ssl_context, handler_options)

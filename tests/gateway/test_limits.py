@@ -11,8 +11,8 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
+from auth.ratelimit import client_group
 from gateway.appkeys import METRICS
-from gateway.server import _client_group
 from tests.gateway.conftest import Gateway, StartGateway
 
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n"
@@ -194,7 +194,7 @@ async def test_requests_the_parser_refuses_are_enveloped_and_audited(
 
 
 def test_the_per_address_limit_counts_an_ipv6_64_as_one_client() -> None:
-    one = _client_group("2001:db8:1:2::1")
-    assert one == _client_group("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
-    assert _client_group("2001:db8:1:3::1") != one
-    assert _client_group("::ffff:10.0.0.1") == _client_group("10.0.0.1") == "10.0.0.1"
+    one = client_group("2001:db8:1:2::1")
+    assert one == client_group("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert client_group("2001:db8:1:3::1") != one
+    assert client_group("::ffff:10.0.0.1") == client_group("10.0.0.1") == "10.0.0.1"
