@@ -70,25 +70,25 @@ class AuditEvent:
             if not math.isfinite(self.latency_ms):
                 raise ValueError("latency_ms must be finite")
             latency = round(float(self.latency_ms), 3)
-        return storable(
-            {
-                "request_id": self.request_id,
-                "occurred_at": format_timestamp(self.occurred_at),
-                "actor": self.actor,
-                "role": self.role,
-                "action": self.action,
-                "outcome": self.outcome,
-                "http_status": self.http_status,
-                "client_addr": self.client_addr,
-                "tls_version": self.tls_version,
-                "method": self.method,
-                "path": self.path,
-                "input_digests": dict(self.input_digests),
-                "result_digest": self.result_digest,
-                "latency_ms": latency,
-                "detail": dict(self.detail),
-            }
-        )
+        values = {
+            "request_id": self.request_id,
+            "occurred_at": format_timestamp(self.occurred_at),
+            "actor": self.actor,
+            "role": self.role,
+            "action": self.action,
+            "outcome": self.outcome,
+            "http_status": self.http_status,
+            "client_addr": self.client_addr,
+            "tls_version": self.tls_version,
+            "method": self.method,
+            "path": self.path,
+            "input_digests": self.input_digests,
+            "result_digest": self.result_digest,
+            "latency_ms": latency,
+            "detail": self.detail,
+        }
+        # The names are ours; storable copies the nested dicts as it escapes them.
+        return {name: storable(value) for name, value in values.items()}
 
 
 EVENT_FIELDS: tuple[str, ...] = tuple(AuditEvent.__dataclass_fields__)

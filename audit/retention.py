@@ -171,7 +171,6 @@ async def run_retention(
         try:
             removed = await _prune(conn, anchor)
         except DBAPIError as exc:
-            await conn.rollback()
             if "retention refused" in str(exc.orig):
                 raise RetentionRefused(str(exc.orig)) from exc
             raise

@@ -7,6 +7,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from audit.retention import RetentionPolicy
+
 DEFAULT_RETENTION_POLICY = Path("policies/retention.toml")
 
 
@@ -29,6 +31,10 @@ class AuditSettings:
             raise ValueError("audit.commit_timeout_seconds must be in (0, 60]")
         if self.max_batch < 1:
             raise ValueError("audit.max_batch must be at least 1")
+
+    def retention(self) -> RetentionPolicy:
+        """The retention policy the ``retention_policy`` file holds."""
+        return RetentionPolicy.load(self.retention_policy)
 
     @classmethod
     def from_mapping(cls, section: Mapping[str, Any]) -> AuditSettings:

@@ -25,6 +25,10 @@ class SealedColumn:
     sealed: Column
     purpose: str
 
+    def aad(self, ident: object) -> str:
+        """The associated data a row's secret is sealed under."""
+        return f"{self.purpose}:{ident}"
+
 
 IDENTITY_SEALED = (
     SealedColumn(users, users.c.id, users.c.sealed_totp_secret, "totp"),
@@ -40,7 +44,7 @@ async def rewrap_columns(
     count = 0
     for column in columns:
         for key, sealed in (await conn.execute(select(column.key, column.sealed))).all():
-            rewrapped = old.rewrap(sealed, f"{column.purpose}:{key}", new)
+            rewrapped = old.rewrap(sealed, column.aad(key), new)
             await conn.execute(
                 update(column.table)
                 .where(column.key == key)

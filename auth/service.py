@@ -881,7 +881,7 @@ async def record_master_key(
             raise await _mismatch(conn)
         for column in sealed:
             for ident, value in (await conn.execute(select(column.key, column.sealed))).all():
-                key.open(value, f"{column.purpose}:{ident}")
+                key.open(value, column.aad(ident))
         values = {"check_value": mine, "recorded_at": _record_stamp()}
         try:
             if row is None:

@@ -20,7 +20,6 @@ from audit.errors import AuditUnavailable
 from audit.events import AuditEvent, parse_timestamp
 from audit.export import export_lines
 from audit.query import MAX_LIMIT, EventQuery, query_events
-from audit.retention import RetentionPolicy
 from audit.settings import AuditSettings
 from audit.verify import verify_database
 from gateway.appkeys import AUDIT_WRITER, CONFIG
@@ -166,8 +165,8 @@ async def verify(request: web.Request) -> web.Response:
     floor = None
     config = request.app.get(CONFIG)
     if config is not None:
-        settings = AuditSettings.from_mapping(config.section("audit"))
-        floor = RetentionPolicy.load(settings.retention_policy).cutoff(datetime.now(UTC))
+        policy = AuditSettings.from_mapping(config.section("audit")).retention()
+        floor = policy.cutoff(datetime.now(UTC))
     report = await verify_database(_engine(request), retention_floor=floor)
     return web.json_response(report.to_dict())
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from audit.retention import RetentionPolicy, store_retention_policy
+from audit.retention import store_retention_policy
 from audit.settings import AuditSettings
 from auth.crypto import (
     MASTER_KEY_ENV,
@@ -45,9 +45,7 @@ def _first_admin_function() -> Any:
 async def _store_retention_floor(config: Config) -> None:
     """The database enforces the retention policy's floor itself; only the schema owner
     may set it, so it is written here, beside the migrations."""
-    policy = RetentionPolicy.load(
-        AuditSettings.from_mapping(config.section("audit")).retention_policy
-    )
+    policy = AuditSettings.from_mapping(config.section("audit")).retention()
     owner = make_engine(config.database_owner_url)
     try:
         await store_retention_policy(owner, policy)

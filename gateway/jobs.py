@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.jobs import checkpoint_job, job_event, retention_job
-from audit.retention import RetentionPolicy, RetentionRefused
+from audit.retention import RetentionRefused
 from audit.settings import AuditSettings
 from audit.writer import AuditWriter
 from auth.crypto import MasterKey
@@ -91,7 +91,7 @@ async def _checkpoint(ctx: JobContext) -> dict[str, Any]:
 
 
 async def _retention(ctx: JobContext) -> dict[str, Any]:
-    policy = RetentionPolicy.load(_audit_settings(ctx.config).retention_policy)
+    policy = _audit_settings(ctx.config).retention()
     return await retention_job(ctx.engine, ctx.writer, ctx.signer, policy, ctx.now())
 
 

@@ -78,10 +78,6 @@ class ReceiptKeyInfo:
         }
 
 
-def _purpose(key_id: str) -> str:
-    return f"{RECEIPT_SEALED.purpose}:{key_id}"
-
-
 def _new_key_id(now: datetime) -> str:
     return f"receipt-{now:%Y%m%d}-{secrets.token_hex(4)}"
 
@@ -98,7 +94,7 @@ async def _insert_key(
         insert(receipt_keys).values(
             key_id=key_id,
             public_key=info.public_key,
-            sealed_private_key=master_key.seal(bytes(secret), _purpose(key_id)),
+            sealed_private_key=master_key.seal(bytes(secret), RECEIPT_SEALED.aad(key_id)),
             not_before=info.not_before,
             not_after=None,
             status=CURRENT,
@@ -198,7 +194,7 @@ class ReceiptSigner:
             raise NoReceiptKey("no current receipt key: run 'kzg-gateway init'")
         if row.key_id == self.key_id:
             return False
-        raw = self._master_key.open(row.sealed_private_key, _purpose(row.key_id))
+        raw = self._master_key.open(row.sealed_private_key, RECEIPT_SEALED.aad(row.key_id))
         self._secret = PrivateKey.from_bytes(raw)
         self.public_key = bytes.fromhex(row.public_key)
         self.key_id = row.key_id
