@@ -18,7 +18,7 @@ from typing import Any
 import pyotp
 import pytest
 from sqlalchemy import func, insert, select
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from audit.writer import begin_write
 from auth.crypto import (
@@ -30,7 +30,12 @@ from auth.crypto import (
 )
 from auth.models import jwt_keys, master_key_check, users
 from auth.rewrap import rewrap_columns
-from auth.service import claim_master_key, record_master_key, replace_master_key
+from auth.service import (
+    AuthService,
+    claim_master_key,
+    record_master_key,
+    replace_master_key,
+)
 from gateway.cli_admin import rewrap_secrets
 from gateway.db import make_engine, migrate
 from gateway.identity import AUTH_SERVICE
@@ -215,14 +220,20 @@ async def test_a_gateway_left_on_the_old_key_refuses_until_restarted_with_the_ne
 # rotation and sealing racing on the master-key record
 
 
-async def test_a_sealing_that_waits_for_a_rotation_is_refused(store: Store) -> None:
-    # Given secrets sealed under K1 and a rotation to K2 holding the record, not committed.
+async def _sealed_and_a_writer(store: Store) -> tuple[AuthService, MasterKey, AsyncConnection]:
+    """A secret sealed under the store's key K1, a new key K2, and a connection inside a
+    write transaction (the caller closes it)."""
     service = store.make()
     await service.create_user("nina", ["auditor"])
-    new_key = MasterKey(MasterKey.generate())
-    rotation = await store.engine.connect()
+    connection = await store.engine.connect()
+    await begin_write(connection)
+    return service, MasterKey(MasterKey.generate()), connection
+
+
+async def test_a_sealing_that_waits_for_a_rotation_is_refused(store: Store) -> None:
+    # Given secrets sealed under K1 and a rotation to K2 holding the record, not committed.
+    service, new_key, rotation = await _sealed_and_a_writer(store)
     try:
-        await begin_write(rotation)
         await replace_master_key(rotation, store.master_key, new_key)
         # When a process still on K1 seals a new secret meanwhile, it waits for the record.
         late = asyncio.ensure_future(service.create_user("late", ["client"]))
@@ -244,12 +255,8 @@ async def test_a_sealing_that_holds_the_record_first_is_resealed_by_the_rotation
     store: Store,
 ) -> None:
     # Given a sealing under K1 that holds the record and has written, not yet committed.
-    service = store.make()
-    await service.create_user("nina", ["auditor"])
-    new_key = MasterKey(MasterKey.generate())
-    sealer = await store.engine.connect()
+    service, new_key, sealer = await _sealed_and_a_writer(store)
     try:
-        await begin_write(sealer)
         await claim_master_key(sealer, store.master_key)
         await sealer.execute(
             insert(users).values(
