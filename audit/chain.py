@@ -1,9 +1,7 @@
-"""The hash chain, shared by the writer and every verifier:
-``hash_n = SHA-256(hash_{n-1} || canonical_json(record_n))``.
-
-``hash_{n-1}`` enters as its 32 raw bytes; ``record_n`` is the event's fields plus its
-``seq``, so moving a record to another position changes its hash. The first record
-chains from ``GENESIS_HASH``.
+"""Audit entries: the canonical JSON bytes of a record (its fields plus ``seq``), which
+are the leaves of the Merkle tree, and the first release's hash chain over the same bytes
+(``hash_n = SHA-256(hash_{n-1} || entry_n)``, ``hash_{n-1}`` as 32 raw bytes, from
+``GENESIS_HASH``), still used to verify that release's BLS checkpoints.
 """
 
 from __future__ import annotations
@@ -14,6 +12,9 @@ from collections.abc import Mapping
 from typing import Any
 
 GENESIS_HASH = "00" * 32
+# The record key that sorts right after "seq": a record's canonical JSON text is split
+# there so that ``seq`` (known only under the head lock) is spliced in, not re-serialised.
+_AFTER_SEQ = ',"tls_version":'
 
 
 def canonical_json(value: Any) -> str:
@@ -29,12 +30,32 @@ def canonical_bytes(value: Any) -> bytes:
 
 
 def record_for(seq: int, fields: Mapping[str, Any]) -> dict[str, Any]:
-    """Return the hashed record of an event: its fields plus its position."""
+    """Return the logged record of an event: its fields plus its position."""
     return {**fields, "seq": seq}
 
 
+class EntryTemplate:
+    """An event's entry before its seq is known: ``entry(seq)`` equals
+    ``canonical_json(record_for(seq, fields))``. ``tls_version`` is the last top-level key
+    and sorts right after ``seq``, and no JSON string holds an unescaped quote, so the last
+    ``,"tls_version":`` is where ``seq`` goes."""
+
+    __slots__ = ("_head", "_tail")
+
+    def __init__(self, fields: Mapping[str, Any]) -> None:
+        text = canonical_json(fields)
+        cut = text.rfind(_AFTER_SEQ)
+        if cut < 0 or "seq" in fields:
+            raise ValueError("an audit record needs tls_version and must not carry seq")
+        self._head, self._tail = text[:cut], text[cut:]
+
+    def entry(self, seq: int) -> str:
+        return f'{self._head},"seq":{seq}{self._tail}'
+
+
 def chain_hash(prev_hash: str, record: Mapping[str, Any]) -> str:
-    """Return the hex hash of ``record`` chained onto ``prev_hash`` (hex)."""
+    """Return the hex hash of ``record`` chained onto ``prev_hash`` (hex): the first
+    release's chain, kept to verify its checkpoints."""
     digest = hashlib.sha256(bytes.fromhex(prev_hash))
     digest.update(canonical_bytes(record))
     return digest.hexdigest()

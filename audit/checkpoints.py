@@ -1,5 +1,9 @@
-"""Signed checkpoints: the receipt key vouches for the chain head at a moment, so an
-auditor holding an old checkpoint can prove that any later head extends it."""
+"""Signed tree heads outside the write path: the writer signs one with every group
+commit; this signs the current head when no commit has (a tree built by a migration).
+
+The first release's BLS checkpoints over the hash chain are read here too, so that
+``audit verify`` can still check them.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +15,16 @@ from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from audit.events import format_timestamp
-from audit.models import audit_checkpoints
-from audit.signing import Signer, checkpoint_message, sign_message
-from audit.writer import lock_head
+from audit.log import TreeHead, lock_head, tree_head_at
+from audit.models import audit_checkpoints, audit_tree_heads
+from audit.signing import LogSigner
+from audit.tlog import Checkpoint
 
 
 @dataclass(frozen=True)
-class Checkpoint:
+class LegacyCheckpoint:
+    """A first-release checkpoint: the receipt key's BLS signature over a chain head."""
+
     seq: int
     hash: str
     issued_at: str
@@ -29,48 +36,34 @@ class Checkpoint:
         return asdict(self)
 
     @classmethod
-    def from_mapping(cls, values: Any) -> Checkpoint:
+    def from_mapping(cls, values: Any) -> LegacyCheckpoint:
         return cls(**{name: values[name] for name in cls.__dataclass_fields__})
 
 
-async def latest_checkpoint(conn: AsyncConnection) -> Checkpoint | None:
-    """Return the checkpoint of the highest seq, or None before the first one."""
-    row = (
-        await conn.execute(select(audit_checkpoints).order_by(audit_checkpoints.c.seq.desc()))
-    ).first()
-    return Checkpoint.from_mapping(row._mapping) if row is not None else None
+async def legacy_checkpoints(conn: AsyncConnection) -> list[LegacyCheckpoint]:
+    rows = await conn.execute(select(audit_checkpoints).order_by(audit_checkpoints.c.seq))
+    return [LegacyCheckpoint.from_mapping(row._mapping) for row in rows]
 
 
-async def issue_checkpoint(engine: AsyncEngine, signer: Signer, now: datetime) -> Checkpoint | None:
-    """Sign the current chain head; None while the chain is empty. A head that is
-    already checkpointed (by this or another instance) returns that checkpoint."""
+async def sign_head(engine: AsyncEngine, signer: LogSigner, now: datetime) -> TreeHead | None:
+    """Sign the current tree head unless it is signed already; None while the tree is
+    empty. Returns the signed tree head at the current size."""
     async with engine.connect() as conn:
-        # Under the head lock only briefly (one signature): appends wait that long.
-        seq, head_hash = await lock_head(conn)
-        if seq == 0:
+        head = await lock_head(conn)
+        if head.size == 0:
             await conn.rollback()
             return None
-        existing = await _checkpoint_at(conn, seq)
+        existing = await tree_head_at(conn, head.size)
         if existing is not None:
             await conn.rollback()
             return existing
-        issued_at = format_timestamp(now)
-        message = checkpoint_message(seq, head_hash, issued_at)
-        checkpoint = Checkpoint(
-            seq=seq,
-            hash=head_hash,
-            issued_at=issued_at,
+        signed = TreeHead(
+            size=head.size,
+            root=head.root,
+            issued_at=format_timestamp(now),
             key_id=signer.key_id,
-            message=message,
-            signature=sign_message(signer, message),
+            note=signer.sign_note(Checkpoint(signer.origin, head.size, head.root).text()),
         )
-        await conn.execute(insert(audit_checkpoints).values(**checkpoint.to_dict()))
+        await conn.execute(insert(audit_tree_heads).values(**asdict(signed)))
         await conn.commit()
-        return checkpoint
-
-
-async def _checkpoint_at(conn: AsyncConnection, seq: int) -> Checkpoint | None:
-    row = (
-        await conn.execute(select(audit_checkpoints).where(audit_checkpoints.c.seq == seq))
-    ).first()
-    return Checkpoint.from_mapping(row._mapping) if row is not None else None
+        return signed

@@ -12,10 +12,10 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from audit.checkpoints import issue_checkpoint
+import base64
+
 from audit.events import AuditEvent
 from audit.retention import RetentionPolicy, RetentionRefused, run_retention
-from audit.signing import Signer
 from audit.writer import AuditWriter
 
 JOB_ACTOR = "system:jobs"
@@ -34,32 +34,26 @@ def job_event(name: str, outcome: str, now: datetime, detail: dict[str, Any]) ->
     )
 
 
-async def checkpoint_job(
-    engine: AsyncEngine, writer: AuditWriter, signer: Signer, now: datetime
-) -> dict[str, Any]:
-    """Sign the chain head; returns {seq, hash, key_id} (seq None while the chain is empty)."""
-    checkpoint = await issue_checkpoint(engine, signer, now)
-    summary: dict[str, Any] = {
-        "seq": checkpoint.seq if checkpoint else None,
-        "hash": checkpoint.hash if checkpoint else None,
-        "key_id": signer.key_id,
+async def checkpoint_job(writer: AuditWriter, now: datetime) -> dict[str, Any]:
+    """Append the job's own record, whose group commit signs a fresh tree head: a quiet
+    log still shows a young checkpoint. Returns {size, root, key_id} of that head."""
+    appended = await writer.append(
+        job_event("checkpoint", "success", now, {"key_id": writer.signer.key_id})
+    )
+    return {
+        "size": appended.size,
+        "root": base64.b64encode(appended.batch.tree.root()).decode(),
+        "key_id": writer.signer.key_id,
     }
-    await writer.append(job_event("checkpoint", "success", now, summary))
-    return summary
 
 
 async def retention_job(
-    engine: AsyncEngine,
-    writer: AuditWriter,
-    signer: Signer,
-    policy: RetentionPolicy,
-    now: datetime,
+    engine: AsyncEngine, writer: AuditWriter, policy: RetentionPolicy, now: datetime
 ) -> dict[str, Any]:
-    """Checkpoint the head, then prune what the policy allows; the run is audited even
-    when the range to prune fails verification (then nothing is pruned)."""
-    await issue_checkpoint(engine, signer, now)
+    """Prune what the policy allows; the run is audited even when the range to prune
+    fails verification (then nothing is pruned)."""
     try:
-        result = await run_retention(engine, signer, policy, now)
+        result = await run_retention(engine, writer.signer, policy, now)
     except RetentionRefused as exc:
         await writer.append(job_event("retention", "failure", now, {"error": str(exc)}))
         raise

@@ -14,6 +14,9 @@ class AuditMetrics:
     commit_latency: Histogram
     head_seq: Gauge
     failures: Counter
+    tree_size: Gauge
+    checkpoint_time: Gauge
+    signing_failures: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> AuditMetrics:
@@ -36,9 +39,22 @@ class AuditMetrics:
                 **kwargs,
             ),
             head_seq=Gauge(
-                "kzg_audit_head_seq", "Sequence number of the audit chain head", **kwargs
+                "kzg_audit_head_seq", "Sequence number of the newest audit record", **kwargs
             ),
             failures=Counter(
                 "kzg_audit_commit_failures", "Audit batches that could not be committed", **kwargs
+            ),
+            tree_size=Gauge(
+                "kzg_audit_tree_size", "Size of the newest signed tree head", **kwargs
+            ),
+            checkpoint_time=Gauge(
+                "kzg_audit_checkpoint_timestamp_seconds",
+                "Unix time this process last signed and stored a tree head",
+                **kwargs,
+            ),
+            signing_failures=Counter(
+                "kzg_audit_signing_failures",
+                "Tree heads the log key failed to sign (their batch is refused)",
+                **kwargs,
             ),
         )

@@ -6,20 +6,30 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, Float, Integer, MetaData, String, Table, Text
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Float,
+    Integer,
+    LargeBinary,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    Text,
+)
 
 from audit.chain import canonical_json
 from audit.events import EVENT_FIELDS, JSON_FIELDS
 
 metadata = MetaData()
 
-# One row per record; never updated, deleted only by retention below a signed anchor.
+# One row per record (an entry of the tree: leaf index seq - 1); never updated, deleted
+# only by retention below a signed anchor. The tree's hashes stay in audit_tree.
 audit_events = Table(
     "audit_events",
     metadata,
     Column("seq", BigInteger, primary_key=True, autoincrement=False),
-    Column("prev_hash", String(64), nullable=False),
-    Column("hash", String(64), nullable=False),
     Column("request_id", Text, nullable=False),
     Column("occurred_at", String(27), nullable=False, index=True),
     Column("actor", Text, index=True),
@@ -37,16 +47,48 @@ audit_events = Table(
     Column("detail", Text, nullable=False),
 )
 
-# A single row (id = 1): the lock every writer takes and the newest (seq, hash).
-audit_chain_head = Table(
-    "audit_chain_head",
+# The tree's stored hashes: every leaf hash (level 0) and every complete subtree root at
+# levels that are multiples of TILE_HEIGHT; any other node is at most 255 of them away.
+audit_tree = Table(
+    "audit_tree",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=False),
-    Column("seq", BigInteger, nullable=False),
-    Column("hash", String(64), nullable=False),
+    Column("level", SmallInteger, primary_key=True, autoincrement=False),
+    Column("idx", BigInteger, primary_key=True, autoincrement=False),
+    Column("hash", LargeBinary, nullable=False),
+)
+TILE_HEIGHT = 8
+
+# One signed checkpoint (C2SP signed note over origin, size, root) per tree size.
+audit_tree_heads = Table(
+    "audit_tree_heads",
+    metadata,
+    Column("size", BigInteger, primary_key=True, autoincrement=False),
+    Column("root", LargeBinary, nullable=False),
+    Column("issued_at", String(27), nullable=False),
+    Column("key_id", Text, nullable=False),
+    Column("note", Text, nullable=False),
 )
 
-# Signed statements "the chain had this head"; append-only.
+# A single row (id = 1): the lock every writer takes, the tree's size and root, and its
+# compact range (the right-edge subtree hashes) from which the next append continues.
+audit_log_head = Table(
+    "audit_log_head",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("size", BigInteger, nullable=False),
+    Column("root", LargeBinary, nullable=False),
+    Column("compact", LargeBinary, nullable=False),
+)
+
+# The first release's hash chain: its head when the tree took over (audit_0003), and the
+# BLS-signed checkpoints of that chain. Both are closed to new rows.
+audit_legacy_chain = Table(
+    "audit_legacy_chain",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("through_seq", BigInteger, nullable=False),
+    Column("hash", String(64), nullable=False),
+)
 audit_checkpoints = Table(
     "audit_checkpoints",
     metadata,
@@ -58,21 +100,20 @@ audit_checkpoints = Table(
     Column("signature", Text, nullable=False),
 )
 
-# Signed statements left by retention: records up to through_seq were pruned, the
-# record at through_seq had this hash (the retained chain starts from it) and the newest
-# pruned record occurred at newest_occurred_at (NULL in anchors older than audit_0002).
+# Signed statements left by retention: records up to through_seq left the database; the
+# compact range of those leaves (base64 hashes, space separated) and the signed tree head
+# at tree_size let the retained log verify without them.
 audit_anchors = Table(
     "audit_anchors",
     metadata,
     Column("through_seq", BigInteger, primary_key=True, autoincrement=False),
-    Column("hash", String(64), nullable=False),
-    Column("checkpoint_seq", BigInteger, nullable=False),
+    Column("tree_size", BigInteger, nullable=False),
     Column("pruned", BigInteger, nullable=False),
+    Column("newest_occurred_at", String(27), nullable=False),
     Column("issued_at", String(27), nullable=False),
+    Column("compact", Text, nullable=False),
     Column("key_id", Text, nullable=False),
-    Column("message", Text, nullable=False),
-    Column("signature", Text, nullable=False),
-    Column("newest_occurred_at", String(27)),
+    Column("note", Text, nullable=False),
 )
 
 # One row (id = 1): the retention floor the database enforces with its own clock; only

@@ -1,13 +1,16 @@
 """Retention: the only path by which records leave the audit log.
 
 Prunes the oldest whole range of records that is both older than the policy and
-covered by a signed checkpoint, after checking that range against the checkpoint, and
-leaves a signed anchor (the hash of the last pruned record and the time of the newest)
-from which the retained chain verifies. The database has the last word (migration
-``audit_0002``): it refuses an anchor unless every record it covers is older than the
-retention floor it holds, by its own clock, and the anchor matches the stored chain. On
-PostgreSQL the anchor and the delete go through ``audit_prune`` (SECURITY DEFINER),
-because the runtime role may neither insert anchors nor delete records.
+covered by a signed tree head, after checking that range's entries against the stored
+leaf hashes and the stored tree against that head's root. Only entry bodies leave: the
+tree's hashes stay, so inclusion proofs of retained entries and consistency proofs keep
+verifying. A signed anchor states what left (with the compact range of the pruned leaves
+and the time of the newest) so that the retained log verifies offline. The database has
+the last word (migrations ``audit_0002``/``audit_0003``): it refuses an anchor unless
+every record it covers is older than the retention floor it holds, by its own clock, and
+a signed tree head covers it. On PostgreSQL the anchor and the delete go through
+``audit_prune`` (SECURITY DEFINER), because the runtime role may neither insert anchors
+nor delete records.
 """
 
 from __future__ import annotations
@@ -22,13 +25,14 @@ from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from audit.chain import GENESIS_HASH
-from audit.checkpoints import Checkpoint, latest_checkpoint
+import base64
+
+from audit.chain import canonical_bytes, record_for
 from audit.events import format_timestamp
-from audit.models import audit_anchors, audit_events, audit_retention, fields_from_row
-from audit.signing import Signer, anchor_message, sign_message
-from audit.verify import ChainVerifier
-from audit.writer import begin_write
+from audit.log import TreeHead, begin_write, latest_tree_head, read_nodes
+from audit.merkle import fold, leaf_hash, root_nodes
+from audit.models import audit_anchors, audit_events, audit_retention, audit_tree, fields_from_row
+from audit.signing import LogSigner, anchor_text
 
 DEFAULT_KEEP_YEARS = 7
 _PRUNE_LOCK = 0x6B7A6761  # advisory lock id of retention runs (audit_prune takes it too)
@@ -39,8 +43,8 @@ _SQLITE_FLOOR = (
     "FROM audit_retention WHERE id = 1"
 )
 _PRUNE_CALL = (
-    "SELECT audit_prune(:through_seq, :hash, :checkpoint_seq, :pruned, :newest_occurred_at, "
-    ":issued_at, :key_id, :message, :signature)"
+    "SELECT audit_prune(:through_seq, :tree_size, :pruned, :newest_occurred_at, "
+    ":issued_at, :compact, :key_id, :note)"
 )
 
 
@@ -85,15 +89,9 @@ class RetentionResult:
         return asdict(self)
 
 
-async def _latest_anchor(conn: AsyncConnection) -> tuple[int, str]:
-    row = (
-        await conn.execute(
-            select(audit_anchors.c.through_seq, audit_anchors.c.hash).order_by(
-                audit_anchors.c.through_seq.desc()
-            )
-        )
-    ).first()
-    return (int(row.through_seq), str(row.hash)) if row is not None else (0, GENESIS_HASH)
+async def _latest_anchor(conn: AsyncConnection) -> int:
+    latest = (await conn.execute(select(func.max(audit_anchors.c.through_seq)))).scalar()
+    return int(latest or 0)
 
 
 async def _prunable_through(conn: AsyncConnection, cutoff: str, limit_seq: int) -> int:
@@ -125,7 +123,7 @@ async def store_retention_policy(owner_engine: AsyncEngine, policy: RetentionPol
 
 
 async def run_retention(
-    engine: AsyncEngine, signer: Signer, policy: RetentionPolicy, now: datetime
+    engine: AsyncEngine, signer: LogSigner, policy: RetentionPolicy, now: datetime
 ) -> RetentionResult:
     """Prune what the policy and the database's floor both allow; return what was done.
 
@@ -135,38 +133,41 @@ async def run_retention(
     async with engine.connect() as conn:
         # The database refuses anything younger than its floor, whatever our clock says.
         cutoff = min(format_timestamp(policy.cutoff(now)), await database_floor(conn))
-        checkpoint = await latest_checkpoint(conn)
-        if checkpoint is None:
-            return RetentionResult(0, None, cutoff, "no checkpoint yet")
-        anchored_seq, anchored_hash = await _latest_anchor(conn)
-        through = await _prunable_through(conn, cutoff, checkpoint.seq)
-        if through <= anchored_seq:
+        head = await latest_tree_head(conn)
+        if head is None:
+            return RetentionResult(0, None, cutoff, "no signed tree head yet")
+        anchored = await _latest_anchor(conn)
+        through = await _prunable_through(conn, cutoff, head.size)
+        if through <= anchored:
             return RetentionResult(0, None, cutoff, "nothing older than the policy")
-        through_hash, newest = await _verified_range(
-            conn, checkpoint, anchored_seq, anchored_hash, through
-        )
+        newest = await _verified_range(conn, head, anchored, through)
+        compact = await read_nodes(conn, root_nodes(through))
         await conn.rollback()
 
         await begin_write(conn)
         if conn.dialect.name == "postgresql":
             # SQLite's write lock already serialises retention runs; PostgreSQL needs one.
             await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PRUNE_LOCK})
-        if await _latest_anchor(conn) != (anchored_seq, anchored_hash):
+        if await _latest_anchor(conn) != anchored:
             await conn.rollback()
             return RetentionResult(0, None, cutoff, "another retention run pruned first")
         issued_at = format_timestamp(now)
-        pruned = through - anchored_seq
-        message = anchor_message(through, through_hash, checkpoint.seq, pruned, issued_at, newest)
+        pruned = through - anchored
+        compact_text = " ".join(
+            base64.b64encode(compact[node]).decode() for node in root_nodes(through)
+        )
+        note = signer.sign_note(
+            anchor_text(through, head.size, pruned, newest, issued_at, compact_text)
+        )
         anchor = {
             "through_seq": through,
-            "hash": through_hash,
-            "checkpoint_seq": checkpoint.seq,
+            "tree_size": head.size,
             "pruned": pruned,
             "newest_occurred_at": newest,
             "issued_at": issued_at,
+            "compact": compact_text,
             "key_id": signer.key_id,
-            "message": message,
-            "signature": sign_message(signer, message),
+            "note": note,
         }
         try:
             removed = await _prune(conn, anchor)
@@ -189,34 +190,34 @@ async def _prune(conn: AsyncConnection, anchor: dict[str, Any]) -> int:
     return int(deleted.rowcount)
 
 
-async def _verified_range(
-    conn: AsyncConnection,
-    checkpoint: Checkpoint,
-    anchored_seq: int,
-    anchored_hash: str,
-    through: int,
-) -> tuple[str, str]:
-    """Verify records from the anchor to the checkpoint; return the hash at ``through``
-    and the newest ``occurred_at`` up to it."""
-    verifier = ChainVerifier({}, start_seq=anchored_seq, start_hash=anchored_hash)
-    through_hash = anchored_hash
+async def _verified_range(conn: AsyncConnection, head: TreeHead, anchored: int, through: int) -> str:
+    """Check the range to prune: every entry in (anchored, through] hashes to its stored
+    leaf, and the stored tree folds to the signed head's root. Returns the newest
+    ``occurred_at`` of the range."""
+    nodes = root_nodes(head.size)
+    found = await read_nodes(conn, nodes)
+    if fold([found[node] for node in nodes]) != head.root:
+        raise RetentionRefused(f"the stored tree does not fold to the signed root at {head.size}")
     newest = ""
     rows = await conn.stream(
-        select(audit_events)
-        .where(audit_events.c.seq > anchored_seq, audit_events.c.seq <= checkpoint.seq)
+        select(audit_events, audit_tree.c.hash.label("leaf"))
+        .join(
+            audit_tree,
+            (audit_tree.c.level == 0) & (audit_tree.c.idx == audit_events.c.seq - 1),
+            isouter=True,
+        )
+        .where(audit_events.c.seq > anchored, audit_events.c.seq <= through)
         .order_by(audit_events.c.seq)
         .execution_options(yield_per=2000)
     )
+    expected = anchored + 1
     async for row in rows.mappings():
-        verifier.add_record(row["seq"], row["prev_hash"], row["hash"], fields_from_row(row))
-        if row["seq"] <= through:
-            newest = max(newest, row["occurred_at"])
-        if row["seq"] == through:
-            through_hash = row["hash"]
-    report = verifier.finish(checkpoint.seq, checkpoint.hash)
-    if not report.valid:
-        raise RetentionRefused(
-            f"records up to checkpoint {checkpoint.seq} do not verify: "
-            f"seq {report.first_bad_seq}: {report.reason}"
-        )
-    return through_hash, newest
+        seq = row["seq"]
+        entry = canonical_bytes(record_for(seq, fields_from_row(row)))
+        if seq != expected or row["leaf"] is None or bytes(row["leaf"]) != leaf_hash(entry):
+            raise RetentionRefused(f"record {expected} does not match the tree: nothing pruned")
+        newest = max(newest, row["occurred_at"])
+        expected += 1
+    if expected != through + 1:
+        raise RetentionRefused(f"records missing from seq {expected}: nothing pruned")
+    return newest

@@ -10,13 +10,18 @@ from typing import Any
 from audit.retention import RetentionPolicy
 
 DEFAULT_RETENTION_POLICY = Path("policies/retention.toml")
+# Every instance of a deployment must share one origin; production sets its own.
+DEFAULT_ORIGIN = "kzg-gateway.localhost/audit"
 
 
 @dataclass(frozen=True)
 class AuditSettings:
-    """``checkpoint_interval_seconds``: how often the head is signed; ``retention_interval_seconds``:
-    how often retention runs; ``commit_timeout_seconds``: after this a waiting request gets 503."""
+    """``origin``: the log's name, the first line of every checkpoint and the name of its
+    keys; ``checkpoint_interval_seconds``: how often a quiet log still gets a fresh signed
+    tree head; ``retention_interval_seconds``: how often retention runs;
+    ``commit_timeout_seconds``: after this a waiting request gets 503."""
 
+    origin: str = DEFAULT_ORIGIN
     checkpoint_interval_seconds: float = 300.0
     retention_interval_seconds: float = 86400.0
     commit_timeout_seconds: float = 5.0
@@ -31,6 +36,8 @@ class AuditSettings:
             raise ValueError("audit.commit_timeout_seconds must be in (0, 60]")
         if self.max_batch < 1:
             raise ValueError("audit.max_batch must be at least 1")
+        if not self.origin or any(c.isspace() or c == "+" for c in self.origin):
+            raise ValueError("audit.origin must be non-empty, without spaces or '+'")
 
     def retention(self) -> RetentionPolicy:
         """The retention policy the ``retention_policy`` file holds."""
@@ -47,6 +54,8 @@ class AuditSettings:
         for name, value in section.items():
             if name == "retention_policy":
                 values[name] = Path(value)
+            elif name == "origin":
+                values[name] = str(value)
             elif name == "max_batch":
                 values[name] = int(value)
             else:

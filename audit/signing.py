@@ -1,26 +1,78 @@
-"""Signed statements about the chain (checkpoints and retention anchors).
+"""Signatures over the log.
 
-They are signed by the gateway's receipt key (blspy AugSchemeMPL, like receipts). The
-signer is handed in by the caller, so the audit package never holds a private key.
+The tree's checkpoints and retention anchors are C2SP signed notes by the log key
+(Ed25519). The signer is handed in by the caller, so the audit package never holds a
+private key of its own. The first release's checkpoints were BLS signatures by the
+receipt key (blspy AugSchemeMPL); ``bls_signature_valid`` still verifies them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 
 from blspy import AugSchemeMPL, G1Element, G2Element
 
 from audit.chain import canonical_json
+from audit.note import NoteSigner
 
 
-class Signer(Protocol):
-    """The receipt signer: ``sign`` returns an AugSchemeMPL signature over ``message``."""
+class LogSigner(Protocol):
+    """The log key: ``origin`` is its name and the log's origin line; ``key_id`` names the
+    stored key; ``sign_note`` returns the C2SP signed note of ``text``."""
 
     key_id: str
-    public_key: Any
+    origin: str
 
-    def sign(self, message: bytes) -> bytes: ...
+    def sign_note(self, text: str) -> str: ...
+
+
+@dataclass(frozen=True)
+class NoteLogSigner:
+    """A LogSigner over one Ed25519 note key."""
+
+    signer: NoteSigner
+    key_id: str
+
+    @property
+    def origin(self) -> str:
+        return self.signer.name
+
+    @property
+    def vkey(self) -> str:
+        return self.signer.vkey
+
+    def sign_note(self, text: str) -> str:
+        return self.signer.sign(text)
+
+    @classmethod
+    def generate(cls, origin: str) -> NoteLogSigner:
+        """A fresh key (tests, benchmarks); its key id is its verifier key."""
+        signer = NoteSigner.generate(origin)
+        return cls(signer, signer.vkey)
+
+
+def anchor_text(
+    through_seq: int,
+    tree_size: int,
+    pruned: int,
+    newest_occurred_at: str,
+    issued_at: str,
+    compact: str,
+) -> str:
+    """The signed text of a retention anchor: one line of canonical JSON, typed so that it
+    never reads as a checkpoint (whose first line is the origin)."""
+    statement = {
+        "type": "audit_anchor",
+        "through_seq": through_seq,
+        "tree_size": tree_size,
+        "pruned": pruned,
+        "newest_occurred_at": newest_occurred_at,
+        "issued_at": issued_at,
+        "compact": compact,
+    }
+    return canonical_json(statement) + "\n"
 
 
 def key_bytes(value: bytes | bytearray | memoryview | str) -> bytes:
@@ -30,45 +82,15 @@ def key_bytes(value: bytes | bytearray | memoryview | str) -> bytes:
     return bytes(value)
 
 
-def checkpoint_message(seq: int, head_hash: str, issued_at: str) -> str:
-    """Return the signed text of a checkpoint: canonical JSON of {seq, hash, issued_at}."""
+def legacy_checkpoint_message(seq: int, head_hash: str, issued_at: str) -> str:
+    """The signed text of a first-release checkpoint: canonical JSON of {seq, hash, issued_at}."""
     return canonical_json({"seq": seq, "hash": head_hash, "issued_at": issued_at})
 
 
-def anchor_message(
-    through_seq: int,
-    head_hash: str,
-    checkpoint_seq: int,
-    pruned: int,
-    issued_at: str,
-    newest_occurred_at: str | None = None,
-) -> str:
-    """Return the signed text of a retention anchor (typed, so it never reads as a checkpoint).
-
-    ``newest_occurred_at`` (the newest pruned record's time) lets a verifier check the
-    range's age; anchors written before it existed sign without it."""
-    statement: dict[str, Any] = {
-        "type": "audit_anchor",
-        "through_seq": through_seq,
-        "hash": head_hash,
-        "checkpoint_seq": checkpoint_seq,
-        "pruned": pruned,
-        "issued_at": issued_at,
-    }
-    if newest_occurred_at is not None:
-        statement["newest_occurred_at"] = newest_occurred_at
-    return canonical_json(statement)
-
-
-def sign_message(signer: Signer, message: str) -> str:
-    """Return the hex signature of ``message`` (its UTF-8 bytes) by ``signer``."""
-    return key_bytes(signer.sign(message.encode("utf-8"))).hex()
-
-
-def signature_valid(
+def bls_signature_valid(
     public_keys: Mapping[str, bytes], key_id: str, message: str, signature: str
 ) -> bool:
-    """True when ``signature`` (hex) is key ``key_id``'s signature over ``message``."""
+    """True when ``signature`` (hex) is BLS key ``key_id``'s signature over ``message``."""
     public_key = public_keys.get(key_id)
     if public_key is None:
         return False

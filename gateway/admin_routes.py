@@ -10,12 +10,12 @@ from aiohttp import web
 
 from auth.policy import PolicyError
 from auth.service import AuthService
-from gateway.appkeys import DB_ENGINE, MASTER_KEY, RECEIPT_SIGNER
+from gateway.appkeys import DB_ENGINE, LOG_SIGNER, MASTER_KEY
 from gateway.context import REQUEST_CONTEXT
 from gateway.errors import ApiError
 from gateway.identity import AUTH_SERVICE, json_body, to_api_error
 from gateway.openapi import DEFAULT_ERRORS, RouteDoc, document_route
-from gateway.receipts import rotate_receipt_key
+from gateway.receipts import rotate_log_key
 
 BODY_LIMIT = 8192
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -128,8 +128,9 @@ async def rotate_api_key(request: web.Request) -> dict[str, Any]:
 
 
 async def rotate_signing_key(request: web.Request) -> dict[str, Any]:
-    info = await rotate_receipt_key(request.app[DB_ENGINE], request.app[MASTER_KEY])
-    await request.app[RECEIPT_SIGNER].refresh()
+    signer = request.app[LOG_SIGNER]
+    info = await rotate_log_key(request.app[DB_ENGINE], request.app[MASTER_KEY], signer.origin)
+    await signer.refresh()
     request[REQUEST_CONTEXT].detail.update(new_key=info.key_id)
     return info.to_dict()
 

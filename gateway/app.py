@@ -15,6 +15,7 @@ import logging
 import re
 import time
 import uuid
+from datetime import UTC, datetime
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -22,6 +23,7 @@ from aiohttp import web
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from audit.checkpoints import sign_head
 from audit.errors import AuditUnavailable
 from audit.settings import AuditSettings
 from audit.writer import AuditWriter
@@ -35,7 +37,7 @@ from gateway.appkeys import (
     KZG_POOL,
     MASTER_KEY,
     METRICS,
-    RECEIPT_SIGNER,
+    LOG_SIGNER,
     STATE,
 )
 from gateway.audit_routes import record
@@ -48,7 +50,7 @@ from gateway.limits import SERVER_LIMITS, ServerLimits
 from gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from gateway.openapi import RouteDoc, document_route, openapi_document
 from gateway.pool import EnginePool, PoolSettings
-from gateway.receipts import ReceiptResponse, ReceiptSigner, list_receipt_keys
+from gateway.receipts import LogKeySigner, ReceiptResponse, list_log_keys, list_receipt_keys
 from gateway.state import ServerState
 from gateway.tls import certificate_not_after, tls_files
 
@@ -59,7 +61,9 @@ access_log = logging.getLogger("kzg_gateway.access")
 log = logging.getLogger(__name__)
 
 # Routes anyone may call; everything else needs a credential (default deny).
-PUBLIC_ROUTES = frozenset({"healthz", "readyz", "metrics", "openapi", "receipt_keys"})
+PUBLIC_ROUTES = frozenset(
+    {"healthz", "readyz", "metrics", "openapi", "receipt_keys", "log_keys"}
+)
 _HTTP_CODES = {
     400: "bad_request",
     401: "unauthenticated",
@@ -180,11 +184,13 @@ async def audit_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception as exc:
         response = _envelope_for(ctx, exc)
     # A streamed answer (the audit export) was recorded before its first byte went out.
-    seq = ctx.audit_seq or await record(request.app, ctx, response.status)
-    if seq is None:
+    if ctx.audit_seq is not None:
+        return response
+    appended = await record(request.app, ctx, response.status)
+    if appended is None:
         return error_response(ctx.request_id, *AUDIT_DOWN, {"Retry-After": "1"})
     if isinstance(response, ReceiptResponse):
-        await response.complete(seq)
+        response.complete(appended)
     return response
 
 
@@ -234,7 +240,7 @@ async def readyz(request: web.Request) -> web.Response:
         "database": await _probe(_database_answers(app[DB_ENGINE])),
         "audit_writer": await app[AUDIT_WRITER].ready(),
         "pool": app[KZG_POOL].ready,
-        "keys": app[RECEIPT_SIGNER].ready,
+        "keys": app[LOG_SIGNER].ready,
         # False once the master key was rotated under this process: it can open and seal
         # nothing until restarted with the new key, so no traffic should reach it.
         "master_key": await _probe(master_key_is_current(app[DB_ENGINE], app[MASTER_KEY])),
@@ -258,12 +264,18 @@ async def receipt_keys_handler(request: web.Request) -> web.Response:
     return web.json_response({"keys": [k.to_dict() for k in keys]})
 
 
+async def log_keys_handler(request: web.Request) -> web.Response:
+    keys = await list_log_keys(request.app[DB_ENGINE])
+    return web.json_response({"keys": [k.to_dict() for k in keys]})
+
+
 def _operational_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz, name="healthz")
     app.router.add_get("/readyz", readyz, name="readyz")
     app.router.add_get("/metrics", metrics_handler, name="metrics")
     app.router.add_get("/openapi.json", openapi_handler, name="openapi")
     app.router.add_get("/v1/keys/receipts", receipt_keys_handler, name="receipt_keys")
+    app.router.add_get("/v1/log/keys", log_keys_handler, name="log_keys")
     for name, summary in (
         ("healthz", "The process is alive"),
         ("readyz", "Database, audit writer, worker pool, receipt key and master key are ready"),
@@ -293,10 +305,33 @@ def _operational_routes(app: web.Application) -> None:
             "status": {"enum": ["current", "retired"]},
         },
     }
+    log_key = {
+        "type": "object",
+        "properties": {
+            "key_id": {"type": "string"},
+            "vkey": {"type": "string", "description": "C2SP signed-note verifier key"},
+            "not_before": {"type": "string"},
+            "not_after": {"type": ["string", "null"]},
+            "status": {"enum": ["current", "retired"]},
+        },
+    }
+    document_route(
+        "log_keys",
+        RouteDoc(
+            summary="Log verifier keys (C2SP vkeys), current and retired",
+            tags=("log",),
+            public=True,
+            errors=(503,),
+            response_schema={
+                "type": "object",
+                "properties": {"keys": {"type": "array", "items": log_key}},
+            },
+        ),
+    )
     document_route(
         "receipt_keys",
         RouteDoc(
-            summary="Receipt public keys, current and retired",
+            summary="First-release BLS receipt public keys (retired, for old receipts)",
             tags=("keys",),
             public=True,
             errors=(503,),
@@ -347,13 +382,14 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     # record: a timed-out commit would otherwise hold its connection until the lock frees.
     engine = make_engine(config.database_url, busy_timeout=settings.commit_timeout_seconds)
     app[DB_ENGINE] = engine
+    signer = LogKeySigner(engine, app[MASTER_KEY], settings.origin)
     writer = AuditWriter(
         engine,
+        signer,
         max_batch=settings.max_batch,
         commit_timeout=settings.commit_timeout_seconds,
         metrics=app[METRICS].audit,
     )
-    signer = ReceiptSigner(engine, app[MASTER_KEY])
     scheduler: Scheduler | None = None
     refresher: asyncio.Task[None] | None = None
     with contextlib.suppress(OSError, ValueError):
@@ -362,13 +398,15 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     try:
         await check_schema(engine)
         await signer.refresh()
-        app[RECEIPT_SIGNER] = signer
+        app[LOG_SIGNER] = signer
+        # A tree built by a migration has no signed head yet; sign it before serving.
+        await sign_head(engine, signer, datetime.now(UTC))
         await writer.start()
         app[AUDIT_WRITER] = writer
         scheduler = Scheduler(JobContext(config, engine, writer, app[MASTER_KEY], signer))
         if config.get("jobs", "enabled", True):
             scheduler.start()
-        refresher = asyncio.create_task(_refresh_receipt_key(signer, config))
+        refresher = asyncio.create_task(_refresh_log_key(signer, config))
         yield
     finally:
         if refresher is not None:
@@ -382,15 +420,15 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         await pool.stop()
 
 
-async def _refresh_receipt_key(signer: ReceiptSigner, config: Config) -> None:
-    """Pick up a receipt key rotated by another process or instance."""
-    interval = float(config.get("server", "receipt_key_refresh_seconds", 30))
+async def _refresh_log_key(signer: LogKeySigner, config: Config) -> None:
+    """Pick up a log key rotated by another process or instance."""
+    interval = float(config.get("server", "log_key_refresh_seconds", 30))
     while True:
         await asyncio.sleep(interval)
         try:
             await signer.refresh()
         except Exception as exc:
-            log.warning("receipt key refresh failed: %r", exc)
+            log.warning("log key refresh failed: %r", exc)
 
 
 def create_app(

@@ -14,14 +14,14 @@ from gateway.config import Config
 if TYPE_CHECKING:
     from gateway.metrics import GatewayMetrics
     from gateway.pool import EnginePool
-    from gateway.receipts import ReceiptSigner
+    from gateway.receipts import LogKeySigner
     from gateway.state import ServerState
 
 CONFIG: web.AppKey[Config] = web.AppKey("config", Config)
 DB_ENGINE: web.AppKey[AsyncEngine] = web.AppKey("db_engine", AsyncEngine)
 AUDIT_WRITER: web.AppKey[AuditWriter] = web.AppKey("audit_writer", AuditWriter)
 MASTER_KEY: web.AppKey[MasterKey] = web.AppKey("master_key", MasterKey)
-RECEIPT_SIGNER: web.AppKey[ReceiptSigner] = web.AppKey("receipt_signer")
+LOG_SIGNER: web.AppKey[LogKeySigner] = web.AppKey("log_signer")
 KZG_POOL: web.AppKey[EnginePool] = web.AppKey("kzg_pool")
 METRICS: web.AppKey[GatewayMetrics] = web.AppKey("metrics")
 STATE: web.AppKey[ServerState] = web.AppKey("server_state")

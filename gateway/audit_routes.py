@@ -15,12 +15,15 @@ from datetime import UTC, datetime
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from audit.checkpoints import latest_checkpoint
+import base64
+
+from audit.log import ProofUnavailable, consistency_proof, inclusion_proof, latest_tree_head
 from audit.errors import AuditUnavailable
 from audit.events import AuditEvent, parse_timestamp
 from audit.export import export_lines
 from audit.query import MAX_LIMIT, EventQuery, query_events
 from audit.settings import AuditSettings
+from audit.writer import AppendResult
 from audit.verify import verify_database
 from gateway.appkeys import AUDIT_WRITER, CONFIG
 from gateway.context import REQUEST_CONTEXT, RequestContext
@@ -77,15 +80,16 @@ def event_from_context(ctx: RequestContext, http_status: int) -> AuditEvent:
     )
 
 
-async def record(app: web.Application, ctx: RequestContext, status: int) -> int | None:
-    """Commit the request's audit record and return its seq (also kept in ``ctx``); None
-    when the audit store is down, and the request must then be answered with AUDIT_DOWN."""
+async def record(app: web.Application, ctx: RequestContext, status: int) -> AppendResult | None:
+    """Commit the request's audit record and return it (its seq is also kept in ``ctx``);
+    None when the audit store is down, and the request must then be answered with
+    AUDIT_DOWN."""
     try:
         appended = await app[AUDIT_WRITER].append(event_from_context(ctx, status))
     except AuditUnavailable:
         return None
     ctx.audit_seq = appended.seq
-    return appended.seq
+    return appended
 
 
 def add_routes(app: web.Application, engine_key: web.AppKey[AsyncEngine]) -> None:
@@ -98,6 +102,11 @@ def add_routes(app: web.Application, engine_key: web.AppKey[AsyncEngine]) -> Non
         "/v1/audit/checkpoints/latest", checkpoint_latest, name="audit_checkpoint_latest"
     )
     app.router.add_get("/v1/audit/export", export, name="audit_export")
+    app.router.add_get("/v1/log/checkpoint", log_checkpoint, name="log_checkpoint")
+    app.router.add_get("/v1/log/proof/inclusion", log_inclusion, name="log_proof_inclusion")
+    app.router.add_get(
+        "/v1/log/proof/consistency", log_consistency, name="log_proof_consistency"
+    )
 
 
 def _engine(request: web.Request) -> AsyncEngine:
@@ -173,10 +182,69 @@ async def verify(request: web.Request) -> web.Response:
 
 async def checkpoint_latest(request: web.Request) -> web.Response:
     async with _engine(request).connect() as conn:
-        checkpoint = await latest_checkpoint(conn)
-    if checkpoint is None:
+        head = await latest_tree_head(conn)
+    if head is None:
         raise ApiError(404, "no_checkpoint", "no checkpoint has been issued yet")
-    return web.json_response(checkpoint.to_dict())
+    age = (datetime.now(UTC) - parse_timestamp(head.issued_at)).total_seconds()
+    return web.json_response(
+        {
+            "tree_size": head.size,
+            "root": base64.b64encode(head.root).decode(),
+            "issued_at": head.issued_at,
+            "age_seconds": round(max(age, 0.0), 3),
+            "key_id": head.key_id,
+            "checkpoint": head.note,
+        }
+    )
+
+
+async def log_checkpoint(request: web.Request) -> web.Response:
+    async with _engine(request).connect() as conn:
+        head = await latest_tree_head(conn)
+    if head is None:
+        raise ApiError(404, "no_checkpoint", "no checkpoint has been issued yet")
+    return web.Response(text=head.note, content_type="text/plain", charset="utf-8")
+
+
+def _only(request: web.Request, *names: str) -> None:
+    unknown = sorted(set(request.query) - set(names))
+    if unknown:
+        raise _invalid(unknown[0], "is not a parameter of this route")
+    for name in names:
+        if name not in request.query:
+            raise ApiError(400, "invalid_query", f"query parameter {name!r} is required")
+
+
+def _proof_error(exc: ProofUnavailable) -> ApiError:
+    return ApiError(400, f"invalid_{exc.parameter}", str(exc))
+
+
+def _b64(hashes: list[bytes]) -> list[str]:
+    return [base64.b64encode(h).decode() for h in hashes]
+
+
+async def log_inclusion(request: web.Request) -> web.Response:
+    _only(request, "index", "size")
+    index = _int(request, "index", 0, 0, 2**63 - 1)
+    size = _int(request, "size", 0, 1, 2**63 - 1)
+    try:
+        async with _engine(request).connect() as conn:
+            hashes = await inclusion_proof(conn, index, size)
+    except ProofUnavailable as exc:
+        raise _proof_error(exc) from None
+    return web.json_response({"index": index, "size": size, "hashes": _b64(hashes)})
+
+
+async def log_consistency(request: web.Request) -> web.Response:
+    _only(request, "old", "size")
+    old = _int(request, "old", 0, 1, 2**63 - 1)
+    size = _int(request, "size", 0, 1, 2**63 - 1)
+    try:
+        async with _engine(request).connect() as conn:
+            hashes = await consistency_proof(conn, old, size)
+    except ProofUnavailable as exc:
+        raise _proof_error(exc) from None
+    return web.json_response({"old": old, "size": size, "hashes": _b64(hashes)})
 
 
 async def export(request: web.Request) -> web.StreamResponse:

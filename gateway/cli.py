@@ -28,7 +28,7 @@ from auth.service import record_master_key
 from gateway import cli_audit
 from gateway.config import Config, ConfigError, load_config
 from gateway.db import SchemaNotCurrent, check_schema, make_engine, migrate
-from gateway.receipts import SEALED_SECRETS, ensure_receipt_key
+from gateway.receipts import SEALED_SECRETS, ensure_log_key
 from gateway.tls import DEV_TLS_DIR, ensure_dev_tls, server_ssl_context
 
 log = logging.getLogger("kzg_gateway")
@@ -76,7 +76,8 @@ async def initialise(config: Config) -> dict[str, Any]:
         # Before anything is sealed: refuse a key other than the recorded one, and record
         # it for a database that held secrets before the record existed.
         await record_master_key(engine, master_key, SEALED_SECRETS)
-        await ensure_receipt_key(engine, master_key)
+        origin = AuditSettings.from_mapping(config.section("audit")).origin
+        await ensure_log_key(engine, master_key, origin)
         ensure_first_admin = _first_admin_function()
         if ensure_first_admin is not None:
             admin = await ensure_first_admin(engine, master_key)
@@ -160,20 +161,21 @@ async def _run_job(config: Config, name: str) -> dict[str, Any]:
     from audit.writer import AuditWriter
     from gateway.db import check_schema
     from gateway.jobs import JobContext, run_job
-    from gateway.receipts import ReceiptSigner
+    from gateway.receipts import load_log_signer
 
     master_key = load_master_key(config.data_dir)
     engine = make_engine(config.database_url)
     settings = AuditSettings.from_mapping(config.section("audit"))
-    writer = AuditWriter(engine, commit_timeout=settings.commit_timeout_seconds)
+    writer: AuditWriter | None = None
     try:
         await check_schema(engine)
-        signer = ReceiptSigner(engine, master_key)
-        await signer.refresh()
+        signer = await load_log_signer(engine, master_key, settings.origin)
+        writer = AuditWriter(engine, signer, commit_timeout=settings.commit_timeout_seconds)
         await writer.start()
         return await run_job(name, JobContext(config, engine, writer, master_key, signer))
     finally:
-        await writer.stop()
+        if writer is not None:
+            await writer.stop()
         await engine.dispose()
 
 

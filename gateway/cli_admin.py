@@ -24,6 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.events import AuditEvent
+from audit.settings import AuditSettings
 from audit.writer import AuditWriter, begin_write
 from auth.crypto import MASTER_KEY_ENV, MASTER_KEY_FILE, MasterKey, MasterKeyError, load_master_key
 from auth.policy import PolicyError
@@ -32,7 +33,7 @@ from auth.service import AuthError, AuthService, replace_master_key
 from gateway.config import Config, load_config
 from gateway.db import check_schema, make_engine
 from gateway.identity import policies_for
-from gateway.receipts import SEALED_SECRETS, rotate_receipt_key
+from gateway.receipts import SEALED_SECRETS, load_log_signer, rotate_log_key
 
 Command = Callable[[AuthService, argparse.Namespace], Awaitable[dict[str, Any]]]
 
@@ -90,7 +91,10 @@ async def _key_rotate(service: AuthService, args: argparse.Namespace) -> dict[st
 
 
 async def _signing_rotate(service: AuthService, args: argparse.Namespace) -> dict[str, Any]:
-    return (await rotate_receipt_key(service.engine, args.master_key)).to_dict()
+    signer = args.log_signer
+    info = await rotate_log_key(service.engine, args.master_key, signer.origin)
+    await signer.refresh()
+    return info.to_dict()
 
 
 async def _jwt_rotate(service: AuthService, args: argparse.Namespace) -> dict[str, Any]:
@@ -149,10 +153,13 @@ async def _execute(config: Config, args: argparse.Namespace, command: Command) -
     args.master_key = master_key
     args.data_dir_resolved = config.data_dir
     engine = make_engine(config.database_url)
-    writer = AuditWriter(engine)
+    origin = AuditSettings.from_mapping(config.section("audit")).origin
+    writer: AuditWriter | None = None
     rbac, policy = policies_for(config)
     try:
         await check_schema(engine)
+        args.log_signer = await load_log_signer(engine, master_key, origin)
+        writer = AuditWriter(engine, args.log_signer)
         await writer.start()
         service = AuthService(engine, master_key, rbac, policy)
         action = f"cli:admin_{args.admin_command}_{args.admin_action}".replace("-", "_")
@@ -181,7 +188,8 @@ async def _execute(config: Config, args: argparse.Namespace, command: Command) -
             )
         return result
     finally:
-        await writer.stop()
+        if writer is not None:
+            await writer.stop()
         await engine.dispose()
 
 

@@ -10,7 +10,7 @@ from audit.jobs import job_event
 from auth.service import AuthService
 from gateway.identity import policies_for
 from gateway.jobs import JobContext, register_job
-from gateway.receipts import list_receipt_keys, rotate_receipt_key
+from gateway.receipts import list_log_keys, rotate_log_key
 
 
 def service_for(ctx: JobContext) -> AuthService:
@@ -23,17 +23,16 @@ def service_for(ctx: JobContext) -> AuthService:
 async def rotate_keys(ctx: JobContext) -> dict[str, Any]:
     service = service_for(ctx)
     now = ctx.now()
-    summary: dict[str, Any] = {"jwt_rotated": None, "receipt_rotated": None}
+    summary: dict[str, Any] = {"jwt_rotated": None, "log_key_rotated": None}
     jwt_age = await service.jwt_key_age()
     jwt_max = float(service.policy.get("tokens", "jwt_key_max_age_days")) * 86400
     if jwt_age is None or jwt_age >= jwt_max:
         summary["jwt_rotated"] = await service.rotate_jwt_key()
-    receipt_max = float(service.policy.get("receipt_keys", "max_age_days")) * 86400
-    current = [k for k in await list_receipt_keys(ctx.engine) if k.status == "current"]
-    if not current or (now - parse_timestamp(current[0].not_before)).total_seconds() >= receipt_max:
-        summary["receipt_rotated"] = (
-            await rotate_receipt_key(ctx.engine, ctx.master_key, now)
-        ).key_id
+    log_key_max = float(service.policy.get("log_keys", "max_age_days")) * 86400
+    current = [k for k in await list_log_keys(ctx.engine) if k.status == "current"]
+    if not current or (now - parse_timestamp(current[0].not_before)).total_seconds() >= log_key_max:
+        rotated = await rotate_log_key(ctx.engine, ctx.master_key, ctx.signer.origin, now)
+        summary["log_key_rotated"] = rotated.key_id
         await ctx.signer.refresh()
     summary["api_keys_expired"] = await service.expire_api_keys()
     await ctx.writer.append(job_event("rotate-keys", "success", now, summary))

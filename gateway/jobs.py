@@ -19,7 +19,7 @@ from audit.settings import AuditSettings
 from audit.writer import AuditWriter
 from auth.crypto import MasterKey
 from gateway.config import Config
-from gateway.receipts import ReceiptSigner
+from gateway.receipts import LogKeySigner
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class JobContext:
     engine: AsyncEngine
     writer: AuditWriter
     master_key: MasterKey
-    signer: ReceiptSigner
+    signer: LogKeySigner
     now: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
 
 
@@ -87,12 +87,12 @@ def _audit_settings(config: Config) -> AuditSettings:
 
 
 async def _checkpoint(ctx: JobContext) -> dict[str, Any]:
-    return await checkpoint_job(ctx.engine, ctx.writer, ctx.signer, ctx.now())
+    return await checkpoint_job(ctx.writer, ctx.now())
 
 
 async def _retention(ctx: JobContext) -> dict[str, Any]:
     policy = _audit_settings(ctx.config).retention()
-    return await retention_job(ctx.engine, ctx.writer, ctx.signer, policy, ctx.now())
+    return await retention_job(ctx.engine, ctx.writer, policy, ctx.now())
 
 
 register_job("checkpoint", _checkpoint, lambda c: _audit_settings(c).checkpoint_interval_seconds)

@@ -1,5 +1,5 @@
 """The nine KZG routes: parse and validate, run the engine in the worker pool, answer
-with the result and its signed receipt. Route names are the engine function names."""
+with the result and its receipt (the audit entry and its inclusion proof). Route names are the engine function names."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.appkeys import KZG_POOL, METRICS, RECEIPT_SIGNER
+from gateway.appkeys import KZG_POOL, METRICS
 from gateway.context import REQUEST_CONTEXT
 from gateway.errors import ApiError, bad_request
 from gateway.limits import read_body
@@ -63,8 +63,6 @@ class Operation:
     output_schema: dict[str, Any]
     body_limit: int
     raw_blob: bool = False
-    # Lists of cells or proofs enter the receipt as digests, not as megabytes of hex.
-    digest_lists: bool = False
 
 
 def _hex(value: bytes) -> str:
@@ -108,11 +106,11 @@ def operations(max_batch: int = 64, max_cells: int = 1024) -> tuple[Operation, .
                    Field("proofs", BYTES48, "bytes_list", max_batch)),
                   _valid, _VALID, max_batch * (2 * BYTES_PER_BLOB + 256) + 4096),
         Operation("compute_cells_and_kzg_proofs", "/v1/kzg/compute-cells-and-proofs", "Extend a blob into cells with proofs",
-                  (blob,), _cells, _CELLS, one_blob, raw_blob=True, digest_lists=True),
+                  (blob,), _cells, _CELLS, one_blob, raw_blob=True),
         Operation("recover_cells_and_kzg_proofs", "/v1/kzg/recover-cells-and-proofs", "Recover all cells and proofs from half",
                   (Field("cell_indices", 0, "index_list", CELLS_PER_EXT_BLOB),
                    Field("cells", BYTES_PER_CELL, "bytes_list", CELLS_PER_EXT_BLOB)),
-                  _cells, _CELLS, CELLS_PER_EXT_BLOB * (2 * BYTES_PER_CELL + 16) + 4096, digest_lists=True),
+                  _cells, _CELLS, CELLS_PER_EXT_BLOB * (2 * BYTES_PER_CELL + 16) + 4096),
         Operation("verify_cell_kzg_proof_batch", "/v1/kzg/verify-cell-proof-batch", "Verify cell proofs in one batch",
                   (Field("commitments", BYTES48, "bytes_list", max_cells),
                    Field("cell_indices", 0, "index_list", max_cells),
@@ -201,17 +199,7 @@ def _handler(op: Operation) -> Callable[[web.Request], Any]:
         digests = {f.name: input_digest(a) for f, a in zip(op.inputs, args, strict=True)}
         ctx.input_digests = digests
         result = await run_operation(request.app, op.name, args)
-        output = op.output(result)
-        receipt_output = output
-        if op.digest_lists:
-            cells, proofs = result
-            receipt_output = {
-                "cells_sha256": input_digest(cells),
-                "proofs_sha256": input_digest(proofs),
-            }
-        return ReceiptResponse(
-            request.app[RECEIPT_SIGNER], ctx, op.name, digests, output, receipt_output
-        )
+        return ReceiptResponse(ctx, op.output(result))
 
     handle.__name__ = op.name
     return handle

@@ -1,10 +1,12 @@
-"""BLS receipts: the receipt key (blspy AugSchemeMPL) signs every KZG result and the
-audit checkpoints. Private keys live only sealed under the master key (AES-256-GCM).
+"""Log keys and receipts.
 
-A receipt is ``{key_id, scheme, message, signature}``: ``message`` is the canonical JSON
-of ``{operation, request_id, audit_seq, issued_at, input_sha256, output}`` and
-``signature`` the 0x-hex AugSchemeMPL signature over its UTF-8 bytes. Public keys are
-published as 0x-hex too (stored as plain hex, as the audit verifier reads them).
+The log key (Ed25519, a C2SP signed-note key named after the log's origin) signs every
+tree head the audit writer commits. A KZG answer's receipt is ``{"entry", "proof"}``: the
+logged audit entry (canonical JSON) and its C2SP tlog-proof against the signed checkpoint
+of its own group commit, so anyone holding the log's verifier key checks it offline.
+Private keys live only sealed under the master key (AES-256-GCM); keys are retired, never
+deleted. The BLS receipt keys of the first release stay listed (``/v1/keys/receipts``)
+so its receipts and checkpoints stay verifiable; they sign nothing any more.
 """
 
 from __future__ import annotations
@@ -18,19 +20,19 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
-from blspy import AugSchemeMPL, PrivateKey
-from sqlalchemy import Column, LargeBinary, MetaData, String, Table, insert, select, update
+from sqlalchemy import Column, LargeBinary, MetaData, String, Table, Text, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from audit.chain import canonical_json
 from audit.events import format_timestamp
-from audit.writer import begin_write
+from audit.log import begin_write
+from audit.note import NoteSigner
+from audit.writer import AppendResult
 from auth.crypto import MasterKey
 from auth.rewrap import IDENTITY_SEALED, SealedColumn
 from auth.service import claim_master_key
 from gateway.context import RequestContext
 
-SCHEME = "bls12381-aug"
 CURRENT, RETIRED = "current", "retired"
 
 metadata = MetaData()
@@ -45,22 +47,37 @@ receipt_keys = Table(
     Column("not_after", String(27)),
     Column("status", String(16), nullable=False),
 )
+log_keys = Table(
+    "log_keys",
+    metadata,
+    Column("key_id", String(64), primary_key=True),
+    Column("vkey", Text, nullable=False),
+    Column("sealed_private_key", LargeBinary, nullable=False),
+    Column("not_before", String(27), nullable=False),
+    Column("not_after", String(27)),
+    Column("status", String(16), nullable=False),
+)
 
 RECEIPT_SEALED = SealedColumn(
     receipt_keys, receipt_keys.c.key_id, receipt_keys.c.sealed_private_key, "receipt-key"
 )
+LOG_SEALED = SealedColumn(log_keys, log_keys.c.key_id, log_keys.c.sealed_private_key, "log-key")
 # Every sealed secret of the database: what rotation re-seals and what a key must open
 # before it is recorded (auth.service.record_master_key).
-SEALED_SECRETS = (*IDENTITY_SEALED, RECEIPT_SEALED)
+SEALED_SECRETS = (*IDENTITY_SEALED, RECEIPT_SEALED, LOG_SEALED)
 
 
-class NoReceiptKey(RuntimeError):
-    """No current receipt key: run ``kzg-gateway init``."""
+class NoLogKey(RuntimeError):
+    """No current log key: run ``kzg-gateway init``."""
+
+
+class OriginMismatch(RuntimeError):
+    """The configured ``[audit] origin`` is not the current log key's name."""
 
 
 @dataclass(frozen=True)
 class ReceiptKeyInfo:
-    """A published receipt key (never the private part)."""
+    """A first-release BLS receipt key (never the private part)."""
 
     key_id: str
     public_key: str
@@ -78,23 +95,38 @@ class ReceiptKeyInfo:
         }
 
 
-def _new_key_id(now: datetime) -> str:
-    return f"receipt-{now:%Y%m%d}-{secrets.token_hex(4)}"
+@dataclass(frozen=True)
+class LogKeyInfo:
+    """A published log key: its C2SP verifier key, never the private part."""
+
+    key_id: str
+    vkey: str
+    not_before: str
+    not_after: str | None
+    status: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key_id": self.key_id,
+            "vkey": self.vkey,
+            "status": self.status,
+            "not_before": self.not_before,
+            "not_after": self.not_after,
+        }
 
 
-async def _insert_key(
-    conn: AsyncConnection, master_key: MasterKey, now: datetime
-) -> ReceiptKeyInfo:
-    secret = AugSchemeMPL.key_gen(secrets.token_bytes(32))
-    key_id = _new_key_id(now)
-    info = ReceiptKeyInfo(
-        key_id, bytes(secret.get_g1()).hex(), format_timestamp(now), None, CURRENT
-    )
+async def _insert_log_key(
+    conn: AsyncConnection, master_key: MasterKey, origin: str, now: datetime
+) -> LogKeyInfo:
+    seed = secrets.token_bytes(32)
+    signer = NoteSigner(origin, seed)
+    key_id = f"log-{now:%Y%m%d}-{secrets.token_hex(4)}"
+    info = LogKeyInfo(key_id, signer.vkey, format_timestamp(now), None, CURRENT)
     await conn.execute(
-        insert(receipt_keys).values(
+        insert(log_keys).values(
             key_id=key_id,
-            public_key=info.public_key,
-            sealed_private_key=master_key.seal(bytes(secret), RECEIPT_SEALED.aad(key_id)),
+            vkey=info.vkey,
+            sealed_private_key=master_key.seal(seed, LOG_SEALED.aad(key_id)),
             not_before=info.not_before,
             not_after=None,
             status=CURRENT,
@@ -103,11 +135,11 @@ async def _insert_key(
     return info
 
 
-async def rotate_receipt_key(
-    engine: AsyncEngine, master_key: MasterKey, now: datetime | None = None
-) -> ReceiptKeyInfo:
-    """Make a new current receipt key; the previous one is retired (kept, so its
-    receipts stay verifiable). Returns the new key."""
+async def rotate_log_key(
+    engine: AsyncEngine, master_key: MasterKey, origin: str, now: datetime | None = None
+) -> LogKeyInfo:
+    """Make a new current log key; the previous one is retired (kept, so everything it
+    signed stays verifiable). Returns the new key."""
     now = now or datetime.now(UTC)
     async with engine.connect() as conn:
         await begin_write(conn)
@@ -115,35 +147,43 @@ async def rotate_receipt_key(
         # any secret's row, so rotation and sealing cannot deadlock.
         await claim_master_key(conn, master_key)
         await conn.execute(
-            update(receipt_keys)
-            .where(receipt_keys.c.status == CURRENT)
+            update(log_keys)
+            .where(log_keys.c.status == CURRENT)
             .values(status=RETIRED, not_after=format_timestamp(now))
         )
-        info = await _insert_key(conn, master_key, now)
+        info = await _insert_log_key(conn, master_key, origin, now)
         await conn.commit()
     return info
 
 
-async def ensure_receipt_key(engine: AsyncEngine, master_key: MasterKey) -> ReceiptKeyInfo | None:
-    """Create the first receipt key unless a current one exists; return it when created."""
+async def ensure_log_key(
+    engine: AsyncEngine, master_key: MasterKey, origin: str
+) -> LogKeyInfo | None:
+    """Create the first log key unless a current one exists; return it when created."""
     async with engine.connect() as conn:
         await begin_write(conn)
         existing = (
-            await conn.execute(
-                select(receipt_keys.c.key_id).where(receipt_keys.c.status == CURRENT)
-            )
+            await conn.execute(select(log_keys.c.key_id).where(log_keys.c.status == CURRENT))
         ).first()
         if existing is not None:
             await conn.rollback()
             return None
         await claim_master_key(conn, master_key)
-        info = await _insert_key(conn, master_key, datetime.now(UTC))
+        info = await _insert_log_key(conn, master_key, origin, datetime.now(UTC))
         await conn.commit()
     return info
 
 
+async def list_log_keys(engine: AsyncEngine) -> list[LogKeyInfo]:
+    """Every log key ever used, oldest first (retired keys stay listed)."""
+    columns = [c for c in log_keys.c if c.name != "sealed_private_key"]
+    async with engine.connect() as conn:
+        rows = await conn.execute(select(*columns).order_by(log_keys.c.not_before))
+        return [LogKeyInfo(**row._mapping) for row in rows]
+
+
 async def list_receipt_keys(engine: AsyncEngine) -> list[ReceiptKeyInfo]:
-    """Every receipt key ever used, oldest first (retired keys stay listed)."""
+    """Every BLS receipt key of the first release, oldest first."""
     columns = [c for c in receipt_keys.c if c.name != "sealed_private_key"]
     async with engine.connect() as conn:
         rows = await conn.execute(select(*columns).order_by(receipt_keys.c.not_before))
@@ -162,112 +202,81 @@ def input_digest(value: bytes | list[bytes] | list[int]) -> str:
     return digest.hexdigest()
 
 
-def output_digest(output: dict[str, Any]) -> str:
-    """SHA-256 (hex) of the canonical JSON of a receipt's ``output``: the audit record's
-    result digest, so the record and the receipt name the same result."""
-    return hashlib.sha256(canonical_json(output).encode("utf-8")).hexdigest()
+def result_digest(body: dict[str, Any]) -> str:
+    """SHA-256 (hex) of the canonical JSON of an answer's body without its receipt: the
+    audit entry's ``result_digest``, which binds the entry to the answer."""
+    return hashlib.sha256(canonical_json(body).encode("utf-8")).hexdigest()
 
 
-class ReceiptSigner:
-    """The current receipt key of this process. Satisfies ``audit.signing.Signer``;
+class LogKeySigner:
+    """The current log key of this process; satisfies ``audit.signing.LogSigner``.
     ``refresh`` picks up a rotation done by another process or instance."""
 
-    def __init__(self, engine: AsyncEngine, master_key: MasterKey) -> None:
+    def __init__(self, engine: AsyncEngine, master_key: MasterKey, origin: str) -> None:
         self._engine = engine
         self._master_key = master_key
-        self._secret: PrivateKey | None = None
+        self._signer: NoteSigner | None = None
+        self.origin = origin
         self.key_id = ""
-        self.public_key = b""
         self._lock = asyncio.Lock()
 
     @property
     def ready(self) -> bool:
-        return self._secret is not None
+        return self._signer is not None
+
+    @property
+    def vkey(self) -> str:
+        if self._signer is None:
+            raise NoLogKey("the log key is not loaded")
+        return self._signer.vkey
 
     async def refresh(self) -> bool:
-        """Load the current key if it changed; True when it did. Raises NoReceiptKey."""
+        """Load the current key if it changed; True when it did. Raises NoLogKey, and
+        OriginMismatch when the key is not named after the configured origin."""
         async with self._lock, self._engine.connect() as conn:
             row = (
-                await conn.execute(select(receipt_keys).where(receipt_keys.c.status == CURRENT))
+                await conn.execute(select(log_keys).where(log_keys.c.status == CURRENT))
             ).first()
         if row is None:
-            raise NoReceiptKey("no current receipt key: run 'kzg-gateway init'")
+            raise NoLogKey("no current log key: run 'kzg-gateway init'")
         if row.key_id == self.key_id:
             return False
-        raw = self._master_key.open(row.sealed_private_key, RECEIPT_SEALED.aad(row.key_id))
-        self._secret = PrivateKey.from_bytes(raw)
-        self.public_key = bytes.fromhex(row.public_key)
+        name = row.vkey.split("+", 1)[0]
+        if name != self.origin:
+            raise OriginMismatch(
+                f"the log key is named {name!r} but [audit] origin is {self.origin!r}: "
+                "every instance must share one origin (rotate the log key to change it)"
+            )
+        seed = self._master_key.open(row.sealed_private_key, LOG_SEALED.aad(row.key_id))
+        self._signer = NoteSigner(name, seed)
         self.key_id = row.key_id
         return True
 
-    def sign(self, message: bytes) -> bytes:
-        if self._secret is None:
-            raise NoReceiptKey("the receipt key is not loaded")
-        return bytes(AugSchemeMPL.sign(self._secret, message))
+    def sign_note(self, text: str) -> str:
+        if self._signer is None:
+            raise NoLogKey("the log key is not loaded")
+        return self._signer.sign(text)
 
-    def receipt(
-        self,
-        operation: str,
-        request_id: str,
-        audit_seq: int,
-        input_sha256: dict[str, str],
-        output: dict[str, Any],
-        issued_at: datetime | None = None,
-    ) -> dict[str, str]:
-        """Return the signed receipt of one result."""
-        message = canonical_json(
-            {
-                "operation": operation,
-                "request_id": request_id,
-                "audit_seq": audit_seq,
-                "issued_at": format_timestamp(issued_at or datetime.now(UTC)),
-                "input_sha256": input_sha256,
-                "output": output,
-            }
-        )
-        key_id = self.key_id
-        signature = self.sign(message.encode("utf-8"))
-        return {
-            "key_id": key_id,
-            "scheme": SCHEME,
-            "message": message,
-            "signature": "0x" + signature.hex(),
-        }
+
+async def load_log_signer(
+    engine: AsyncEngine, master_key: MasterKey, origin: str
+) -> LogKeySigner:
+    """The current log key, loaded (raises NoLogKey or OriginMismatch)."""
+    signer = LogKeySigner(engine, master_key, origin)
+    await signer.refresh()
+    return signer
 
 
 class ReceiptResponse(web.Response):
     """A result whose body is finished only once its audit record is committed: the
-    audit middleware calls ``complete(seq)``, so the receipt names the seq of the very
-    record that carries this result's digest."""
+    audit middleware calls ``complete`` with the committed record, so the receipt carries
+    the very entry that holds this body's digest, and its proof."""
 
-    def __init__(
-        self,
-        signer: ReceiptSigner,
-        ctx: RequestContext,
-        operation: str,
-        input_sha256: dict[str, str],
-        output: dict[str, Any],
-        receipt_output: dict[str, Any],
-    ) -> None:
+    def __init__(self, ctx: RequestContext, output: dict[str, Any]) -> None:
         super().__init__(status=200, content_type="application/json")
-        self._signer = signer
-        self._operation = operation
-        self._request_id = ctx.request_id
-        self._input_sha256 = input_sha256
         self._output = output
-        self._receipt_output = receipt_output
-        ctx.result_digest = output_digest(receipt_output)
+        ctx.result_digest = result_digest(output)
 
-    async def complete(self, audit_seq: int) -> None:
-        # blspy releases the GIL while it signs: in a thread, the signature (~0.8 ms)
-        # runs beside the event loop instead of stalling it.
-        receipt = await asyncio.get_running_loop().run_in_executor(
-            None,
-            self._signer.receipt,
-            self._operation,
-            self._request_id,
-            audit_seq,
-            self._input_sha256,
-            self._receipt_output,
-        )
+    def complete(self, appended: AppendResult) -> None:
+        receipt = {"entry": appended.entry, "proof": appended.inclusion_proof()}
         self.body = json.dumps({**self._output, "receipt": receipt}).encode("utf-8")

@@ -41,7 +41,7 @@ from gateway.config import Config
 from gateway.context import REQUEST_CONTEXT
 from gateway.errors import ApiError
 from gateway.identity import AUTH_SERVICE, policies_for, to_api_error
-from gateway.receipts import list_receipt_keys
+from gateway.receipts import list_log_keys
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -196,20 +196,18 @@ async def rate_limit(request: web.Request, handler: Handler) -> web.StreamRespon
 
 
 async def update_key_age_metrics(app: web.Application) -> None:
-    """Export the age of the current JWT and receipt keys against their rotation age."""
+    """Export the age of the current JWT and log keys against their rotation age."""
     service = app[AUTH_SERVICE]
     policy = app[SECURITY_POLICY]
     jwt_age = await service.jwt_key_age()
     if jwt_age is not None:
         app[KEY_AGE].labels("jwt").set(jwt_age)
     app[KEY_MAX_AGE].labels("jwt").set(float(policy.get("tokens", "jwt_key_max_age_days")) * 86400)
-    current = [k for k in await list_receipt_keys(app[DB_ENGINE]) if k.status == "current"]
+    current = [k for k in await list_log_keys(app[DB_ENGINE]) if k.status == "current"]
     if current:
         age = (datetime.now(UTC) - parse_timestamp(current[0].not_before)).total_seconds()
-        app[KEY_AGE].labels("receipt").set(age)
-    app[KEY_MAX_AGE].labels("receipt").set(
-        float(policy.get("receipt_keys", "max_age_days")) * 86400
-    )
+        app[KEY_AGE].labels("log").set(age)
+    app[KEY_MAX_AGE].labels("log").set(float(policy.get("log_keys", "max_age_days")) * 86400)
 
 
 def _sharing_settings(policy: SecurityPolicy) -> tuple[float, float]:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from audit.signing import NoteLogSigner
 from audit.writer import AuditWriter
 from gateway.db import make_engine, migrate
 from tests.conftest import PgDatabase
@@ -54,9 +55,18 @@ async def app_engine(audit_store: AuditStore) -> AsyncIterator[AsyncEngine]:
     await engine.dispose()
 
 
+TEST_ORIGIN = "test.example/audit"
+
+
 @pytest.fixture
-async def writer(app_engine: AsyncEngine) -> AsyncIterator[AuditWriter]:
-    writer = AuditWriter(app_engine, commit_timeout=3.0)
+def log_signer() -> NoteLogSigner:
+    """A fresh log key (the gateway keeps its own sealed in the database)."""
+    return NoteLogSigner.generate(TEST_ORIGIN)
+
+
+@pytest.fixture
+async def writer(app_engine: AsyncEngine, log_signer: NoteLogSigner) -> AsyncIterator[AuditWriter]:
+    writer = AuditWriter(app_engine, log_signer, commit_timeout=3.0)
     await writer.start()
     yield writer
     await writer.stop()

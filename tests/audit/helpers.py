@@ -69,7 +69,10 @@ async def tamper(store: AuditStore, *statements: str) -> None:
             else:
                 for table in (
                     "audit_events",
-                    "audit_chain_head",
+                    "audit_tree",
+                    "audit_tree_heads",
+                    "audit_log_head",
+                    "audit_legacy_chain",
                     "audit_checkpoints",
                     "audit_anchors",
                 ):
