@@ -128,6 +128,14 @@ audit_retention = Table(
 HEAD_ID = 1
 
 
+def column_values(fields: Mapping[str, Any]) -> tuple[Any, ...]:
+    """Return the column values that store an event's fields, in EVENT_FIELDS order."""
+    return tuple(
+        canonical_json(fields[name]) if name in JSON_FIELDS else fields[name]
+        for name in EVENT_FIELDS
+    )
+
+
 def columns_for(fields: Mapping[str, Any]) -> dict[str, Any]:
     """Return the column values that store an event's fields."""
     return {

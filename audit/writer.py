@@ -16,11 +16,11 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
-from datetime import UTC, datetime
-
 from sqlalchemy import Table, insert, select, update
+from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -30,7 +30,14 @@ from audit.events import EVENT_FIELDS, AuditEvent, format_timestamp
 from audit.log import HEAD_ID, LogHead, begin_write, lock_head
 from audit.merkle import BatchTree, leaf_hash
 from audit.metrics import AuditMetrics
-from audit.models import TILE_HEIGHT, audit_events, audit_log_head, audit_tree, audit_tree_heads, columns_for
+from audit.models import (
+    TILE_HEIGHT,
+    audit_events,
+    audit_log_head,
+    audit_tree,
+    audit_tree_heads,
+    column_values,
+)
 from audit.signing import LogSigner
 from audit.tlog import Checkpoint, TlogProof
 
@@ -49,25 +56,35 @@ def _values_refused(exc: BaseException) -> bool:
 
 
 @functools.cache
-def _bulk_insert_sql(table: str, columns: tuple[str, ...], paramstyle: str) -> str | None:
-    """The driver-level bulk INSERT: measured about 10% more appends/s than a Core
-    insert, which builds parameters row by row; None for other paramstyles."""
-    if paramstyle == "numeric_dollar":
-        marks = [f"${n}" for n in range(1, len(columns) + 1)]
-    elif paramstyle == "qmark":
-        marks = ["?"] * len(columns)
-    else:
-        return None
-    # Only fixed identifiers from the table definitions are interpolated; values are bound.
-    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join(marks)})"  # noqa: S608
+def _bulk_insert_sql(table: Table, columns: tuple[str, ...], dialect: Dialect) -> str | None:
+    """The driver-level bulk INSERT, None for drivers without one. PostgreSQL gets one
+    statement over arrays (``unnest``), one round trip for the whole batch; SQLite an
+    executemany, which measured about 10% more appends/s than a Core insert."""
+    names = ", ".join(columns)
+    # Only fixed identifiers and types from the table definitions are interpolated;
+    # values are bound.
+    if dialect.paramstyle == "numeric_dollar":
+        arrays = ", ".join(
+            f"${n}::{table.c[name].type.compile(dialect=dialect)}[]"
+            for n, name in enumerate(columns, start=1)
+        )
+        return f"INSERT INTO {table.name} ({names}) SELECT * FROM unnest({arrays})"  # noqa: S608
+    if dialect.paramstyle == "qmark":
+        marks = ", ".join("?" * len(columns))
+        return f"INSERT INTO {table.name} ({names}) VALUES ({marks})"  # noqa: S608
+    return None
 
 
 async def _insert_rows(
     conn: AsyncConnection, table: Table, columns: tuple[str, ...], rows: list[tuple[Any, ...]]
 ) -> None:
-    sql = _bulk_insert_sql(table.name, columns, conn.dialect.paramstyle)
+    if not rows:
+        return
+    sql = _bulk_insert_sql(table, columns, conn.dialect)
     if sql is None:
         await conn.execute(insert(table), [dict(zip(columns, row, strict=True)) for row in rows])
+    elif conn.dialect.paramstyle == "numeric_dollar":
+        await conn.exec_driver_sql(sql, tuple(list(column) for column in zip(*rows, strict=True)))
     else:
         await conn.exec_driver_sql(sql, rows)
 
@@ -105,7 +122,7 @@ class AppendResult:
 @dataclass
 class _Pending:
     template: EntryTemplate
-    columns: dict[str, Any]
+    values: tuple[Any, ...]  # the event's column values in EVENT_FIELDS order
     future: asyncio.Future[AppendResult]
 
 
@@ -169,7 +186,7 @@ class AuditWriter:
         future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
         # Prepared here, while the background task waits on the database, so the work
         # done under the head lock stays small.
-        self._pending.append(_Pending(EntryTemplate(fields), columns_for(fields), future))
+        self._pending.append(_Pending(EntryTemplate(fields), column_values(fields), future))
         self._set_queue_depth()
         self._wake.set()
         # A cancelled caller does not withdraw its record: it is committed all the same.
@@ -264,7 +281,7 @@ class AuditWriter:
                     tree_rows.append((level, index, value))
             entries.append(entry)
             leaves.append(leaf)
-            event_rows.append((seq, *(item.columns[name] for name in EVENT_FIELDS)))
+            event_rows.append((seq, *item.values))
         root = compact.root()
         checkpoint = self._sign(compact.size, root)
         await _insert_rows(conn, audit_events, _EVENT_COLUMNS, event_rows)

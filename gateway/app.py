@@ -15,8 +15,8 @@ import logging
 import re
 import time
 import uuid
-from datetime import UTC, datetime
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -35,9 +35,9 @@ from gateway.appkeys import (
     CONFIG,
     DB_ENGINE,
     KZG_POOL,
+    LOG_SIGNER,
     MASTER_KEY,
     METRICS,
-    LOG_SIGNER,
     STATE,
 )
 from gateway.audit_routes import record
@@ -61,9 +61,7 @@ access_log = logging.getLogger("kzg_gateway.access")
 log = logging.getLogger(__name__)
 
 # Routes anyone may call; everything else needs a credential (default deny).
-PUBLIC_ROUTES = frozenset(
-    {"healthz", "readyz", "metrics", "openapi", "receipt_keys", "log_keys"}
-)
+PUBLIC_ROUTES = frozenset({"healthz", "readyz", "metrics", "openapi", "receipt_keys", "log_keys"})
 _HTTP_CODES = {
     400: "bad_request",
     401: "unauthenticated",
@@ -343,10 +341,43 @@ def _operational_routes(app: web.Application) -> None:
     )
     for name, summary in (
         ("audit_events", "Audit events with filters and cursor pagination"),
-        ("audit_verify", "Verify the retained audit chain"),
-        ("audit_checkpoint_latest", "The latest signed checkpoint"),
+        ("audit_verify", "Verify the retained audit log"),
+        ("audit_checkpoint_latest", "The latest signed checkpoint, its tree size and age"),
     ):
         document_route(name, RouteDoc(summary=summary, tags=("audit",)))
+    document_route(
+        "log_checkpoint",
+        RouteDoc(
+            summary="The latest signed checkpoint (C2SP signed note)",
+            tags=("log",),
+            response_schema={"type": "string"},
+            response_type="text/plain",
+        ),
+    )
+    hashes = {"type": "array", "items": {"type": "string", "contentEncoding": "base64"}}
+    for name, summary, first in (
+        ("log_proof_inclusion", "RFC 9162 inclusion proof at a checkpointed size", "index"),
+        ("log_proof_consistency", "RFC 9162 consistency proof between checkpointed sizes", "old"),
+    ):
+        document_route(
+            name,
+            RouteDoc(
+                summary=summary,
+                tags=("log",),
+                parameters=tuple(
+                    {"name": p, "in": "query", "required": True, "schema": {"type": "integer"}}
+                    for p in (first, "size")
+                ),
+                response_schema={
+                    "type": "object",
+                    "properties": {
+                        first: {"type": "integer"},
+                        "size": {"type": "integer"},
+                        "hashes": hashes,
+                    },
+                },
+            ),
+        )
     document_route(
         "audit_export",
         RouteDoc(

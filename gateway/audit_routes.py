@@ -7,6 +7,7 @@ checks and the audit record of each request come from the middleware chain.
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -15,16 +16,14 @@ from datetime import UTC, datetime
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-import base64
-
-from audit.log import ProofUnavailable, consistency_proof, inclusion_proof, latest_tree_head
 from audit.errors import AuditUnavailable
 from audit.events import AuditEvent, parse_timestamp
 from audit.export import export_lines
+from audit.log import ProofUnavailable, consistency_proof, inclusion_proof, latest_tree_head
 from audit.query import MAX_LIMIT, EventQuery, query_events
 from audit.settings import AuditSettings
-from audit.writer import AppendResult
 from audit.verify import verify_database
+from audit.writer import AppendResult
 from gateway.appkeys import AUDIT_WRITER, CONFIG
 from gateway.context import REQUEST_CONTEXT, RequestContext
 from gateway.errors import ApiError
@@ -104,9 +103,7 @@ def add_routes(app: web.Application, engine_key: web.AppKey[AsyncEngine]) -> Non
     app.router.add_get("/v1/audit/export", export, name="audit_export")
     app.router.add_get("/v1/log/checkpoint", log_checkpoint, name="log_checkpoint")
     app.router.add_get("/v1/log/proof/inclusion", log_inclusion, name="log_proof_inclusion")
-    app.router.add_get(
-        "/v1/log/proof/consistency", log_consistency, name="log_proof_consistency"
-    )
+    app.router.add_get("/v1/log/proof/consistency", log_consistency, name="log_proof_consistency")
 
 
 def _engine(request: web.Request) -> AsyncEngine:

@@ -254,7 +254,7 @@ def register(subparsers: Any) -> None:
     )
 
     for group, help_text, command in (
-        ("signing-keys", "receipt signing keys", _signing_rotate),
+        ("signing-keys", "log signing keys (they sign every checkpoint)", _signing_rotate),
         ("jwt-keys", "JWT signing keys", _jwt_rotate),
         ("master-key", "master key that seals every secret", _master_rotate),
     ):

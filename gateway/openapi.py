@@ -31,16 +31,19 @@ ERROR_SCHEMA = {
 }
 RECEIPT_SCHEMA = {
     "type": "object",
-    "required": ["key_id", "scheme", "message", "signature"],
+    "required": ["entry", "proof"],
     "properties": {
-        "key_id": {"type": "string"},
-        "scheme": {"const": "bls12381-aug"},
-        "message": {
+        "entry": {
             "type": "string",
-            "description": "canonical JSON of {operation, request_id, audit_seq, issued_at, "
-            "input_sha256, output}",
+            "description": "the logged audit entry: canonical JSON of the record (its fields "
+            "plus seq); its result_digest is SHA-256 of the canonical JSON of this body "
+            "without receipt",
         },
-        "signature": HEX,
+        "proof": {
+            "type": "string",
+            "description": "C2SP tlog-proof@v1: the entry's RFC 9162 inclusion proof and the "
+            "signed checkpoint (C2SP signed note) of its tree",
+        },
     },
 }
 DEFAULT_ERRORS = (400, 401, 403, 429, 503)

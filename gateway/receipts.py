@@ -234,9 +234,7 @@ class LogKeySigner:
         """Load the current key if it changed; True when it did. Raises NoLogKey, and
         OriginMismatch when the key is not named after the configured origin."""
         async with self._lock, self._engine.connect() as conn:
-            row = (
-                await conn.execute(select(log_keys).where(log_keys.c.status == CURRENT))
-            ).first()
+            row = (await conn.execute(select(log_keys).where(log_keys.c.status == CURRENT))).first()
         if row is None:
             raise NoLogKey("no current log key: run 'kzg-gateway init'")
         if row.key_id == self.key_id:
@@ -258,9 +256,7 @@ class LogKeySigner:
         return self._signer.sign(text)
 
 
-async def load_log_signer(
-    engine: AsyncEngine, master_key: MasterKey, origin: str
-) -> LogKeySigner:
+async def load_log_signer(engine: AsyncEngine, master_key: MasterKey, origin: str) -> LogKeySigner:
     """The current log key, loaded (raises NoLogKey or OriginMismatch)."""
     signer = LogKeySigner(engine, master_key, origin)
     await signer.refresh()

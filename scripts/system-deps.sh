@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the test suite uses beside Python: the PostgreSQL server
-# (tests run against a real one) and promtool (from the prometheus package) to check the
-# alert rules in deploy/. Idempotent; needs root only when something is missing.
+# (tests run against a real one), promtool (from the prometheus package) to check the
+# alert rules in deploy/, and Chromium with its driver for the browser tests.
+# Idempotent; needs root only when something is missing.
 set -euo pipefail
 
 missing=()
 ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing+=(postgresql)
 command -v promtool >/dev/null || missing+=(prometheus)
 command -v curl >/dev/null || missing+=(curl)
+command -v chromium >/dev/null || missing+=(chromium)
+command -v chromedriver >/dev/null || missing+=(chromium-driver)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" != 0 ]; then
