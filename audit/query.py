@@ -46,12 +46,7 @@ class EventPage:
 
 def event_item(row: Any) -> dict[str, Any]:
     """Return one stored record as the API and the export show it."""
-    return {
-        "seq": row["seq"],
-        "prev_hash": row["prev_hash"],
-        "hash": row["hash"],
-        **fields_from_row(row),
-    }
+    return {"seq": row["seq"], **fields_from_row(row)}
 
 
 async def query_events(engine: AsyncEngine, query: EventQuery) -> EventPage:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import sys
@@ -23,13 +24,13 @@ from typing import Any, TextIO
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from audit.chain import canonical_json
 from audit.export import export_lines
 from audit.note import NoteError, NoteVerifier
 from audit.retention import RetentionPolicy
 from audit.signing import bls_signature_valid, key_bytes
 from audit.tlog import verify_inclusion_proof
 from audit.verify import VerifyReport, verify_database, verify_export_lines
-from gateway.receipts import result_digest
 
 EXIT_VALID, EXIT_INVALID, EXIT_UNREADABLE = 0, 1, 2
 DATABASE_URL_ENV = "KZG_GATEWAY_DATABASE_URL"
@@ -328,6 +329,13 @@ class ReceiptInvalid(Exception):
     """The receipt was read but does not verify."""
 
 
+def answer_digest(body: dict[str, Any]) -> str:
+    """SHA-256 hex of the canonical JSON of a KZG answer without its receipt: the
+    ``result_digest`` its audit entry carries (computed here, independently of the
+    server's code, from the documented rule)."""
+    return hashlib.sha256(canonical_json(body).encode("utf-8")).hexdigest()
+
+
 def _check_tree_receipt(
     receipt: dict[str, Any], body: dict[str, Any] | None, vkeys: list[str]
 ) -> str:
@@ -354,7 +362,7 @@ def _check_tree_receipt(
         raise ReceiptInvalid("the entry is not an audit record") from None
     if seq != check.index + 1:
         raise ReceiptInvalid(f"the entry says seq {seq}, but the proof is for index {check.index}")
-    if body is not None and record.get("result_digest") != result_digest(body):
+    if body is not None and record.get("result_digest") != answer_digest(body):
         raise ReceiptInvalid(
             "the answer is not the result its audit entry logged (result_digest differs)"
         )
