@@ -2,9 +2,10 @@
 
 Prunes the oldest whole range of records that is both older than the policy and
 covered by a signed tree head, after checking that range's entries against the stored
-leaf hashes and the stored tree against that head's root. Only entry bodies leave: the
-tree's hashes stay, so inclusion proofs of retained entries and consistency proofs keep
-verifying. A signed anchor states what left (with the compact range of the pruned leaves
+leaf hashes and tile roots, the stored tree against that head's root, and the prefix
+rebuilt from the entries against that head (a consistency proof). Only entry bodies
+leave: the tree's hashes stay, so inclusion proofs of retained entries and consistency
+proofs keep verifying. A signed anchor states what left (with the compact range of the pruned leaves
 and the time of the newest) so that the retained log verifies offline. The database has
 the last word (migrations ``audit_0002``/``audit_0003``): it refuses an anchor unless
 every record it covers is older than the retention floor it holds, by its own clock, and
@@ -15,6 +16,7 @@ nor delete records.
 
 from __future__ import annotations
 
+import base64
 import tomllib
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -25,13 +27,27 @@ from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-import base64
-
 from audit.chain import canonical_bytes, record_for
 from audit.events import format_timestamp
 from audit.log import TreeHead, begin_write, latest_tree_head, read_nodes
-from audit.merkle import fold, leaf_hash, root_nodes
-from audit.models import audit_anchors, audit_events, audit_retention, audit_tree, fields_from_row
+from audit.merkle import (
+    CompactRange,
+    Node,
+    consistency_nodes,
+    fold,
+    leaf_hash,
+    proof_from_nodes,
+    root_nodes,
+    verify_consistency,
+)
+from audit.models import (
+    TILE_HEIGHT,
+    audit_anchors,
+    audit_events,
+    audit_retention,
+    audit_tree,
+    fields_from_row,
+)
 from audit.signing import LogSigner, anchor_text
 
 DEFAULT_KEEP_YEARS = 7
@@ -140,8 +156,7 @@ async def run_retention(
         through = await _prunable_through(conn, cutoff, head.size)
         if through <= anchored:
             return RetentionResult(0, None, cutoff, "nothing older than the policy")
-        newest = await _verified_range(conn, head, anchored, through)
-        compact = await read_nodes(conn, root_nodes(through))
+        newest, compact = await _verified_range(conn, head, anchored, through)
         await conn.rollback()
 
         await begin_write(conn)
@@ -153,9 +168,7 @@ async def run_retention(
             return RetentionResult(0, None, cutoff, "another retention run pruned first")
         issued_at = format_timestamp(now)
         pruned = through - anchored
-        compact_text = " ".join(
-            base64.b64encode(compact[node]).decode() for node in root_nodes(through)
-        )
+        compact_text = " ".join(base64.b64encode(h).decode() for h in compact.hashes)
         note = signer.sign_note(
             anchor_text(through, head.size, pruned, newest, issued_at, compact_text)
         )
@@ -190,14 +203,30 @@ async def _prune(conn: AsyncConnection, anchor: dict[str, Any]) -> int:
     return int(deleted.rowcount)
 
 
-async def _verified_range(conn: AsyncConnection, head: TreeHead, anchored: int, through: int) -> str:
-    """Check the range to prune: every entry in (anchored, through] hashes to its stored
-    leaf, and the stored tree folds to the signed head's root. Returns the newest
-    ``occurred_at`` of the range."""
+async def _verified_range(
+    conn: AsyncConnection, head: TreeHead, anchored: int, through: int
+) -> tuple[str, CompactRange]:
+    """Check the range to prune against the signed tree head, from the entries themselves:
+
+    - the stored tree folds to the head's signed root (it keeps serving proofs);
+    - every entry in (anchored, through] hashes to its stored leaf, and every tile root
+      its leaves complete is the stored one;
+    - the tree of the first ``through`` leaves, rebuilt from the entries onto the compact
+      range of what earlier runs pruned, is a prefix of the signed tree (a consistency
+      proof from the stored hashes). Stored hashes alone cannot show that: an entry
+      rewritten together with its leaf hash still matches it, and the tile roots above
+      still fold to the signed root.
+
+    Returns the newest ``occurred_at`` of the range and the compact range of the first
+    ``through`` leaves (the anchor's)."""
     nodes = root_nodes(head.size)
     found = await read_nodes(conn, nodes)
     if fold([found[node] for node in nodes]) != head.root:
         raise RetentionRefused(f"the stored tree does not fold to the signed root at {head.size}")
+    before = root_nodes(anchored)
+    stored_before = await read_nodes(conn, before)
+    compact = CompactRange(anchored, [stored_before[node] for node in before])
+    tiles: dict[Node, bytes] = {}
     newest = ""
     rows = await conn.stream(
         select(audit_events, audit_tree.c.hash.label("leaf"))
@@ -213,11 +242,29 @@ async def _verified_range(conn: AsyncConnection, head: TreeHead, anchored: int, 
     expected = anchored + 1
     async for row in rows.mappings():
         seq = row["seq"]
-        entry = canonical_bytes(record_for(seq, fields_from_row(row)))
-        if seq != expected or row["leaf"] is None or bytes(row["leaf"]) != leaf_hash(entry):
+        leaf = leaf_hash(canonical_bytes(record_for(seq, fields_from_row(row))))
+        if seq != expected or row["leaf"] is None or bytes(row["leaf"]) != leaf:
             raise RetentionRefused(f"record {expected} does not match the tree: nothing pruned")
+        for node, value in compact.append(leaf):
+            if node[0] and node[0] % TILE_HEIGHT == 0:
+                tiles[node] = value
         newest = max(newest, row["occurred_at"])
         expected += 1
     if expected != through + 1:
         raise RetentionRefused(f"records missing from seq {expected}: nothing pruned")
-    return newest
+    stored_tiles = await read_nodes(conn, tiles)
+    for node, value in tiles.items():
+        if stored_tiles[node] != value:
+            raise RetentionRefused(
+                f"the stored tile root {node} does not match records {anchored + 1}-{through}: "
+                "nothing pruned"
+            )
+    groups = consistency_nodes(through, head.size)
+    stored = await read_nodes(conn, (node for group in groups for node in group))
+    proof = proof_from_nodes(groups, stored.__getitem__)
+    if not verify_consistency(through, head.size, compact.root(), head.root, proof):
+        raise RetentionRefused(
+            f"records {anchored + 1}-{through} are not the ones the signed tree head at "
+            f"{head.size} holds: nothing pruned"
+        )
+    return newest, compact

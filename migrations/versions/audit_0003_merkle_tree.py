@@ -107,13 +107,31 @@ def _add_leaf(
     return size + 1
 
 
-def _create_tables() -> None:
-    bind = op.get_bind()
+def _refuse_unconvertible(bind: sa.Connection) -> None:
+    """Refuse a chain no tree can be built over, before any DDL: pysqlite runs DDL outside
+    the transaction, so a refusal after the triggers were dropped would leave the chain
+    unguarded on SQLite."""
     anchors = bind.exec_driver_sql("SELECT COUNT(*) FROM audit_anchors").scalar_one()
     if anchors:
         # Pruned entries' leaf hashes cannot be recomputed, so no RFC 9162 tree can start at
         # leaf 0. Retention keeps 7 years by default: no deployment of the chain got here.
         raise RuntimeError("audit_0003 cannot build the tree over a chain already pruned")
+    count, first, last = bind.exec_driver_sql(
+        "SELECT COUNT(*), COALESCE(MIN(seq), 1), COALESCE(MAX(seq), 0) FROM audit_events"
+    ).one()
+    if first != 1 or count != last:
+        missing = bind.exec_driver_sql(
+            "SELECT MIN(c.seq) FROM (SELECT 1 AS seq UNION SELECT seq + 1 FROM audit_events) c "
+            "WHERE NOT EXISTS (SELECT 1 FROM audit_events e WHERE e.seq = c.seq)"
+        ).scalar_one()
+        raise RuntimeError(
+            f"audit_events is not gapless at seq {missing}: "
+            "the tree cannot be built; verify the chain first"
+        )
+
+
+def _create_tables() -> None:
+    bind = op.get_bind()
     op.create_table(
         "audit_tree",
         sa.Column("level", sa.SmallInteger, primary_key=True, autoincrement=False),
@@ -384,6 +402,7 @@ def _postgresql_upgrade(app_role: str | None) -> None:
 
 
 def upgrade() -> None:
+    _refuse_unconvertible(op.get_bind())
     if op.get_bind().dialect.name == "sqlite":
         _sqlite_upgrade()
     else:

@@ -1,12 +1,11 @@
-"""The database itself guards retention (migrations audit_0002, gateway_0002): the
-runtime role cannot anchor and prune young records, whatever key it signs with, and
-cannot change a receipt key's public key. The verifier says whose keys it trusted and
-refuses anchors younger than the retention floor it is told about."""
+"""The database itself guards retention (migrations audit_0002 and audit_0003) and the
+keys (gateway_0002, gateway_0003): whoever holds the runtime role, whatever key it signs
+with, cannot anchor and prune young records, nor an anchor whose tree head, counts or
+times are not the range's; on PostgreSQL it can prune only through ``audit_prune``; and
+no key's identity or public key ever changes."""
 
 from __future__ import annotations
 
-import asyncio
-import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,21 +15,24 @@ from sqlalchemy import func, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from audit.checkpoints import issue_checkpoint
 from audit.events import format_timestamp
-from audit.export import export_lines
 from audit.models import audit_anchors, audit_events
-from audit.retention import RetentionPolicy, run_retention, store_retention_policy
-from audit.signing import anchor_message, sign_message
-from audit.verify import verify_database, verify_export_lines
+from audit.retention import (
+    RetentionPolicy,
+    database_floor,
+    run_retention,
+    store_retention_policy,
+)
+from audit.signing import NoteLogSigner, anchor_text
 from audit.writer import AuditWriter
 from auth.crypto import MasterKey
-from gateway.cli_audit import EXIT_INVALID, EXIT_VALID
 from gateway.db import migrate
-from gateway.receipts import list_receipt_keys, rotate_receipt_key
-from tests.audit.conftest import AuditStore, make_engine
+from gateway.receipts import list_log_keys, rotate_log_key
+from tests.audit import reference_tlog as ref
+from tests.audit.conftest import TEST_ORIGIN, AuditStore, make_engine
 from tests.audit.helpers import BlsSigner, make_event
-from tests.audit.test_cli import _run, _sync_url
+from tests.audit.test_retention import assert_anchor
+from tests.audit.test_writer import assert_one_tree, read_entries, read_tree_heads
 from tests.conftest import PgDatabase
 
 OLD = datetime(2018, 5, 1, tzinfo=UTC)
@@ -38,7 +40,7 @@ OLD = datetime(2018, 5, 1, tzinfo=UTC)
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AuditStore:
-    """Every branch migrated (receipt_keys too), as ``kzg-gateway init`` does."""
+    """Every branch migrated (log_keys and receipt_keys too), as ``kzg-gateway init`` does."""
     if request.param == "sqlite":
         url = f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}"
         await migrate(url)
@@ -49,19 +51,20 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AuditStore:
 
 
 @pytest.fixture
-async def app(store: AuditStore) -> AsyncIterator[tuple[AsyncEngine, AuditWriter]]:
+async def app(
+    store: AuditStore, log_signer: NoteLogSigner
+) -> AsyncIterator[tuple[AsyncEngine, AuditWriter]]:
     engine = make_engine(store.app_url)
-    writer = AuditWriter(engine)
+    writer = AuditWriter(engine, log_signer)
     await writer.start()
     yield engine, writer
     await writer.stop()
     await engine.dispose()
 
 
-async def _records(engine: AsyncEngine) -> list[tuple[int, str]]:
+async def _seqs(engine: AsyncEngine) -> list[int]:
     async with engine.connect() as conn:
-        rows = await conn.execute(select(audit_events.c.seq, audit_events.c.hash).order_by("seq"))
-        return [(r.seq, r.hash) for r in rows]
+        return [r[0] for r in await conn.execute(select(audit_events.c.seq).order_by("seq"))]
 
 
 async def _anchor_count(engine: AsyncEngine) -> int:
@@ -69,50 +72,35 @@ async def _anchor_count(engine: AsyncEngine) -> int:
         return int((await conn.execute(select(func.count()).select_from(audit_anchors))).scalar())
 
 
-async def _add_receipt_key(engine: AsyncEngine, signer: BlsSigner, status: str) -> None:
-    """Insert a receipt key row as the runtime role (the private key is not needed here)."""
-    async with engine.begin() as conn:
-        await conn.execute(
-            text(
-                "INSERT INTO receipt_keys (key_id, public_key, sealed_private_key, not_before, "
-                "status) VALUES (:key_id, :public_key, :sealed, :not_before, :status)"
-            ),
-            {
-                "key_id": signer.key_id,
-                "public_key": signer.public_key.hex(),
-                "sealed": b"not a sealed key",
-                "not_before": format_timestamp(datetime.now(UTC)),
-                "status": status,
-            },
+async def _prune_as_runtime(engine: AsyncEngine, signer: NoteLogSigner, **claim: object) -> None:
+    """What a runtime-role intruder would do: sign an anchor with a key of its own and
+    prune through it, by the path the database offers that role (audit_prune on
+    PostgreSQL; on SQLite, where every connection may write, insert the anchor and delete)."""
+    issued_at = format_timestamp(datetime.now(UTC))
+    compact = str(claim.get("compact", ""))
+    note = signer.sign_note(
+        anchor_text(
+            claim["through_seq"],  # type: ignore[arg-type]
+            claim["tree_size"],  # type: ignore[arg-type]
+            claim["pruned"],  # type: ignore[arg-type]
+            claim["newest_occurred_at"],  # type: ignore[arg-type]
+            issued_at,
+            compact,
         )
-
-
-async def _prune_as_runtime(engine: AsyncEngine, signer: BlsSigner, **claim: object) -> None:
-    """What a runtime-role intruder would do: sign an anchor and prune through it, by
-    the path the database offers that role (audit_prune on PostgreSQL; on SQLite, where
-    every connection may write, insert the anchor and delete)."""
-    now = format_timestamp(datetime.now(UTC))
-    message = anchor_message(
-        claim["through_seq"],  # type: ignore[arg-type]
-        claim["hash"],  # type: ignore[arg-type]
-        claim["checkpoint_seq"],  # type: ignore[arg-type]
-        claim["pruned"],  # type: ignore[arg-type]
-        now,
-        claim["newest_occurred_at"],  # type: ignore[arg-type]
     )
     anchor = {
         **claim,
-        "issued_at": now,
+        "issued_at": issued_at,
+        "compact": compact,
         "key_id": signer.key_id,
-        "message": message,
-        "signature": sign_message(signer, message),
+        "note": note,
     }
     async with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             await conn.execute(
                 text(
-                    "SELECT audit_prune(:through_seq, :hash, :checkpoint_seq, :pruned, "
-                    ":newest_occurred_at, :issued_at, :key_id, :message, :signature)"
+                    "SELECT audit_prune(:through_seq, :tree_size, :pruned, :newest_occurred_at, "
+                    ":issued_at, :compact, :key_id, :note)"
                 ),
                 anchor,
             )
@@ -129,260 +117,256 @@ async def _prune_as_runtime(engine: AsyncEngine, signer: BlsSigner, **claim: obj
 
 
 async def test_the_reported_attack_fails_and_changes_nothing(
-    store: AuditStore, app: tuple[AsyncEngine, AuditWriter]
+    store: AuditStore, app: tuple[AsyncEngine, AuditWriter], log_signer: NoteLogSigner
 ) -> None:
     engine, writer = app
-    gateway_key = BlsSigner("receipt-gateway")
-    await _add_receipt_key(engine, gateway_key, "current")
     for n in range(5):
         await writer.append(make_event(n, occurred_at=datetime.now(UTC)))
-    checkpoint = await issue_checkpoint(engine, gateway_key, datetime.now(UTC))
-    assert checkpoint is not None and checkpoint.seq == 5
-    before = await _records(engine)
+    entries = await read_entries(engine)
+    heads = await read_tree_heads(engine)
 
-    # Given an intruder holding the runtime role but no master key: it adds its own BLS
-    # key to receipt_keys (rotation needs INSERT, so that still works)...
-    intruder = BlsSigner("receipt-intruder")
-    await _add_receipt_key(engine, intruder, "retired")
-    # ...when it signs an anchor at the current head and prunes through it...
-    head_seq, head_hash = before[-1]
+    # Given an intruder holding the runtime role but no master key: it publishes a log key
+    # of its own (rotation needs INSERT on log_keys, so that still works)...
+    intruder = NoteLogSigner.generate(TEST_ORIGIN)
+    async with engine.begin() as conn:
+        await conn.execute(
+            text(
+                "INSERT INTO log_keys (key_id, vkey, sealed_private_key, not_before, status) "
+                "VALUES (:key_id, :vkey, :sealed, :not_before, 'retired')"
+            ),
+            {
+                "key_id": "log-intruder",
+                "vkey": intruder.vkey,
+                "sealed": b"not a sealed key",
+                "not_before": format_timestamp(datetime.now(UTC)),
+            },
+        )
+    # ...when it signs an anchor over the whole tree and prunes through it, lying about
+    # the age of what it prunes...
     with pytest.raises(DBAPIError, match="younger than the retention floor"):
         await _prune_as_runtime(
             engine,
             intruder,
-            through_seq=head_seq,
-            hash=head_hash,
-            checkpoint_seq=checkpoint.seq,
-            pruned=head_seq,
-            newest_occurred_at=format_timestamp(OLD),  # lying about the age changes nothing
+            through_seq=5,
+            tree_size=5,
+            pruned=5,
+            newest_occurred_at=format_timestamp(OLD),
         )
     if store.kind == "postgresql":
-        # ...and the old single-argument prune and a direct anchor are gone too.
-        with pytest.raises(DBAPIError, match="does not exist"):
-            async with engine.begin() as conn:
-                await conn.execute(text("SELECT audit_prune(5)"))
-        with pytest.raises(DBAPIError, match="permission denied"):
-            async with engine.begin() as conn:
-                await conn.execute(
-                    text(
-                        "INSERT INTO audit_anchors (through_seq, hash, checkpoint_seq, pruned, "
-                        "issued_at, key_id, message, signature) "
-                        "VALUES (5, :hash, 5, 5, 'now', 'k', 'm', 's')"
-                    ),
-                    {"hash": head_hash},
-                )
+        # ...and the first release's prune functions and the direct ways are gone too.
+        for call in (
+            "SELECT audit_prune(5)",
+            "SELECT audit_prune(5, 'h', 5, 5, 'x', 'now', 'k', 'm', 's')",
+        ):
+            with pytest.raises(DBAPIError, match="does not exist"):
+                async with engine.begin() as conn:
+                    await conn.execute(text(call))
+        for statement in (
+            "INSERT INTO audit_anchors (through_seq, tree_size, pruned, newest_occurred_at, "
+            "issued_at, compact, key_id, note) VALUES (5, 5, 5, 'x', 'now', '', 'k', 'n')",
+            "DELETE FROM audit_events",
+            "TRUNCATE audit_events",
+        ):
+            with pytest.raises(DBAPIError, match="permission denied"):
+                async with engine.begin() as conn:
+                    await conn.execute(text(statement))
 
-    # Then every record is still there and the chain verifies, even against the keys
-    # the database supplies (which now include the intruder's).
-    assert await _records(engine) == before
+    # Then every record and every tree head is still there, and the tree still proves.
+    assert await _seqs(engine) == [1, 2, 3, 4, 5]
     assert await _anchor_count(engine) == 0
-    for keys in (gateway_key.keys, None):
-        report = await verify_database(engine, public_keys=keys)
-        assert report.valid and report.checked == 5, report.reason
-    assert report.keys_source == "database"
+    assert await read_tree_heads(engine) == heads
+    await assert_one_tree(engine, [log_signer.vkey], entries=entries)
 
 
 async def test_the_database_checks_every_part_of_an_anchor(
-    store: AuditStore, app: tuple[AsyncEngine, AuditWriter]
+    app: tuple[AsyncEngine, AuditWriter], log_signer: NoteLogSigner
 ) -> None:
     engine, writer = app
-    gateway_key = BlsSigner()
     for n in range(3):
         await writer.append(make_event(n, occurred_at=OLD + timedelta(hours=n)))
     await writer.append(make_event(3, occurred_at=datetime.now(UTC)))
-    checkpoint = await issue_checkpoint(engine, gateway_key, datetime.now(UTC))
-    assert checkpoint is not None
-    records = await _records(engine)
-    old_end = {
+    assert [h.size for h in await read_tree_heads(engine)] == [1, 2, 3, 4]
+    honest = {
         "through_seq": 3,
-        "hash": records[2][1],
-        "checkpoint_seq": checkpoint.seq,
+        "tree_size": 4,
         "pruned": 3,
         "newest_occurred_at": format_timestamp(OLD + timedelta(hours=2)),
     }
     refusals = [
-        ({"through_seq": 4, "hash": records[3][1], "pruned": 4}, "younger than the retention"),
-        ({"hash": records[1][1]}, "not the chain hash"),
-        ({"through_seq": 9}, "beyond the chain head"),
+        ({"through_seq": 4, "pruned": 4}, "younger than the retention floor"),
+        ({"tree_size": 9}, "no signed tree head covers"),
+        # A signed head exists at 2, but it does not cover seq 3.
+        ({"tree_size": 2}, "no signed tree head covers"),
+        ({"through_seq": 9, "pruned": 9}, "no signed tree head covers"),
         ({"pruned": 2}, "pruned does not count"),
-        ({"checkpoint_seq": 2}, "no checkpoint"),
+        ({"through_seq": 2}, "pruned does not count"),
         ({"newest_occurred_at": format_timestamp(OLD)}, "newest_occurred_at"),
+        ({"through_seq": 0, "pruned": 0}, "does not move past"),
     ]
     for change, reason in refusals:
         with pytest.raises(DBAPIError, match=reason):
-            await _prune_as_runtime(engine, gateway_key, **{**old_end, **change})
-    assert await _records(engine) == records and await _anchor_count(engine) == 0
+            await _prune_as_runtime(engine, log_signer, **{**honest, **change})
+    assert await _seqs(engine) == [1, 2, 3, 4] and await _anchor_count(engine) == 0
 
-    # The honest anchor passes (old records, through a checkpoint), and only once.
-    await _prune_as_runtime(engine, gateway_key, **old_end)
-    assert [seq for seq, _ in await _records(engine)] == [4]
+    # The honest anchor passes (old records, under a signed head), and only once.
+    await _prune_as_runtime(engine, log_signer, **honest)
+    assert await _seqs(engine) == [4]
     with pytest.raises(DBAPIError, match="does not move past"):
-        await _prune_as_runtime(engine, gateway_key, **old_end)
-    assert (await verify_database(engine, public_keys=gateway_key.keys)).valid
+        await _prune_as_runtime(engine, log_signer, **honest)
+    # With the range gone, deleting a retained record is refused again.
+    with pytest.raises(DBAPIError, match=r"refused|permission denied"):
+        async with engine.begin() as conn:
+            await conn.execute(text("DELETE FROM audit_events WHERE seq = 4"))
+    assert await _seqs(engine) == [4]
 
 
-async def test_retention_prunes_old_records_and_the_chain_verifies(
-    app: tuple[AsyncEngine, AuditWriter],
+async def test_retention_through_the_guarded_path_leaves_a_tree_that_proves(
+    store: AuditStore, app: tuple[AsyncEngine, AuditWriter], log_signer: NoteLogSigner
 ) -> None:
     engine, writer = app
-    signer = BlsSigner()
     for n in range(4):
         await writer.append(make_event(n, occurred_at=OLD))
     for n in range(4, 6):
         await writer.append(make_event(n, occurred_at=datetime.now(UTC)))
+    entries = await read_entries(engine)
     now = datetime.now(UTC)
-    await issue_checkpoint(engine, signer, now)
 
-    result = await run_retention(engine, signer, RetentionPolicy(), now)
+    result = await run_retention(engine, log_signer, RetentionPolicy(), now)
 
     assert (result.pruned, result.through_seq) == (4, 4)
-    assert [seq for seq, _ in await _records(engine)] == [5, 6]
-    floor = RetentionPolicy().cutoff(now)
-    report = await verify_database(engine, public_keys=signer.keys, retention_floor=floor)
-    assert report.valid and report.checked == 2 and report.anchors == 1, report.reason
-    assert report.keys_source == "pinned"
-    assert report.retention_floor == format_timestamp(floor)
-    lines = [line async for line in export_lines(engine, now, signer.keys)]
-    exported = verify_export_lines(lines, retention_floor=floor)
-    assert exported.valid and exported.keys_source == "export"
-    pinned = verify_export_lines(lines, trusted_keys=signer.keys, retention_floor=floor)
-    assert pinned.valid and pinned.keys_source == "pinned"
+    assert await _seqs(engine) == [5, 6]
+    async with engine.connect() as conn:
+        anchor = dict((await conn.execute(select(audit_anchors))).one()._mapping)
+        floor = await database_floor(conn)
+    assert_anchor(
+        anchor, log_signer, entries, through=4, tree_size=6, pruned=4, newest=OLD, issued=now
+    )
+    assert anchor["newest_occurred_at"] < floor
+    assert result.cutoff <= floor
+    await assert_one_tree(engine, [log_signer.vkey], entries=entries)
 
 
 async def test_the_floor_is_the_owners_and_the_database_clock_applies(
-    store: AuditStore, app: tuple[AsyncEngine, AuditWriter]
+    store: AuditStore, app: tuple[AsyncEngine, AuditWriter], log_signer: NoteLogSigner
 ) -> None:
     engine, writer = app
-    signer = BlsSigner()
     two_years_ago = datetime.now(UTC) - timedelta(days=2 * 366)
     for n in range(3):
         await writer.append(make_event(n, occurred_at=two_years_ago))
-    await issue_checkpoint(engine, signer, datetime.now(UTC))
+    entries = await read_entries(engine)
     one_year = RetentionPolicy(keep_years=1)
 
     # Given a gateway whose own policy says one year, the database still holds seven.
-    kept = await run_retention(engine, signer, one_year, datetime.now(UTC))
-    assert kept.pruned == 0 and len(await _records(engine)) == 3
+    kept = await run_retention(engine, log_signer, one_year, datetime.now(UTC))
+    assert (kept.pruned, kept.reason) == (0, "nothing older than the policy")
+    assert await _seqs(engine) == [1, 2, 3]
     if store.kind == "postgresql":
         with pytest.raises(DBAPIError, match="permission denied"):
             async with engine.begin() as conn:
                 await conn.execute(text("UPDATE audit_retention SET keep_years = 1"))
-
-    # When the owner (as ``init`` does) stores the one-year policy, the records go.
+    # Nor can anyone add a second floor or remove it.
     owner = make_engine(store.owner_url)
     try:
+        for statement in (
+            "INSERT INTO audit_retention (id, keep_years) VALUES (2, 1)",
+            "DELETE FROM audit_retention",
+        ):
+            with pytest.raises(DBAPIError, match=r"refused|ck_audit_retention_one_row"):
+                async with owner.begin() as conn:
+                    await conn.execute(text(statement))
+        # When the owner (as ``init`` does) stores the one-year policy, the records go.
         await store_retention_policy(owner, one_year)
     finally:
         await owner.dispose()
-    pruned = await run_retention(engine, signer, one_year, datetime.now(UTC))
-    assert pruned.pruned == 3 and await _records(engine) == []
-    floor = one_year.cutoff(datetime.now(UTC))
-    assert (await verify_database(engine, signer.keys, retention_floor=floor)).valid
-
-    # A verifier told a longer retention (seven years) refuses that anchor.
-    strict = RetentionPolicy().cutoff(datetime.now(UTC))
-    report = await verify_database(engine, signer.keys, retention_floor=strict)
-    assert not report.valid and report.first_bad_seq == 4
-    assert "younger than the retention floor" in (report.reason or "")
+    pruned = await run_retention(engine, log_signer, one_year, datetime.now(UTC))
+    assert (pruned.pruned, pruned.through_seq) == (3, 3)
+    assert await _seqs(engine) == []
+    async with engine.connect() as conn:
+        assert format_timestamp(two_years_ago) < await database_floor(conn)
+    await assert_one_tree(engine, [log_signer.vkey], entries=entries)
 
 
-async def test_an_anchor_without_an_age_verifies_only_when_no_floor_is_asked(
-    app: tuple[AsyncEngine, AuditWriter],
-) -> None:
-    engine, writer = app
-    signer = BlsSigner()
-    for n in range(2):
-        await writer.append(make_event(n, occurred_at=OLD))
-    now = datetime.now(UTC)
-    await issue_checkpoint(engine, signer, now)
-    await run_retention(engine, signer, RetentionPolicy(), now)
-    lines = [line async for line in export_lines(engine, now)]
-
-    # An anchor as written before audit_0002: signed without newest_occurred_at.
-    def older_format(line: str) -> str:
-        item = json.loads(line)
-        if item["type"] != "anchor":
-            return line
-        item["newest_occurred_at"] = None
-        item["message"] = anchor_message(
-            item["through_seq"],
-            item["hash"],
-            item["checkpoint_seq"],
-            item["pruned"],
-            item["issued_at"],
-        )
-        item["signature"] = sign_message(signer, item["message"])
-        return json.dumps(item) + "\n"
-
-    old_lines = [older_format(line) for line in lines]
-    assert verify_export_lines(old_lines, trusted_keys=signer.keys).valid
-    report = verify_export_lines(
-        old_lines, trusted_keys=signer.keys, retention_floor=RetentionPolicy().cutoff(now)
-    )
-    assert not report.valid and report.reason == "retention anchor does not state its age"
-
-
-async def test_receipt_keys_rotate_but_never_change_their_public_key(
+async def test_log_keys_rotate_but_never_change_their_verifier_key(
     store: AuditStore, app: tuple[AsyncEngine, AuditWriter]
 ) -> None:
     engine, _ = app
     master_key = MasterKey(MasterKey.generate())
-    first = await rotate_receipt_key(engine, master_key)
-    second = await rotate_receipt_key(engine, master_key)
-    keys = {k.key_id: k for k in await list_receipt_keys(engine)}
+    first = await rotate_log_key(engine, master_key, TEST_ORIGIN)
+    second = await rotate_log_key(engine, master_key, TEST_ORIGIN)
+    keys = {k.key_id: k for k in await list_log_keys(engine)}
     assert keys[first.key_id].status == "retired" and keys[first.key_id].not_after
     assert keys[second.key_id].status == "current"
+    for key in keys.values():
+        assert ref.parse_vkey(key.vkey)[0] == TEST_ORIGIN
 
-    intruder = BlsSigner()
+    intruder = NoteLogSigner.generate(TEST_ORIGIN)
     refused = "permission denied" if store.kind == "postgresql" else "never change"
-    for change in ("public_key = :public_key", "key_id = 'receipt-intruder'"):
+    for change in ("vkey = :vkey", "key_id = 'log-intruder'"):
         with pytest.raises(DBAPIError, match=refused):
             async with engine.begin() as conn:
                 await conn.execute(
-                    text(f"UPDATE receipt_keys SET {change} WHERE key_id = :key_id"),
-                    {"public_key": intruder.public_key.hex(), "key_id": first.key_id},
+                    text(f"UPDATE log_keys SET {change} WHERE key_id = :key_id"),
+                    {"vkey": intruder.vkey, "key_id": first.key_id},
                 )
-    # The trigger holds for every role, the schema owner included.
+    deleted = "permission denied" if store.kind == "postgresql" else "never deleted"
+    with pytest.raises(DBAPIError, match=deleted):
+        async with engine.begin() as conn:
+            await conn.execute(text("DELETE FROM log_keys"))
+    # The triggers hold for every role, the schema owner included.
     owner = make_engine(store.owner_url)
     try:
         with pytest.raises(DBAPIError, match="never change"):
             async with owner.begin() as conn:
                 await conn.execute(
-                    text("UPDATE receipt_keys SET public_key = :public_key WHERE key_id = :id"),
-                    {"public_key": intruder.public_key.hex(), "id": second.key_id},
+                    text("UPDATE log_keys SET vkey = :vkey WHERE key_id = :id"),
+                    {"vkey": intruder.vkey, "id": second.key_id},
                 )
+        with pytest.raises(DBAPIError, match="never deleted"):
+            async with owner.begin() as conn:
+                await conn.execute(text("DELETE FROM log_keys"))
     finally:
         await owner.dispose()
-    after = {k.key_id: k.public_key for k in await list_receipt_keys(engine)}
-    assert after == {first.key_id: first.public_key, second.key_id: second.public_key}
+    after = {k.key_id: k.vkey for k in await list_log_keys(engine)}
+    assert after == {first.key_id: first.vkey, second.key_id: second.vkey}
 
 
-async def test_cli_says_whose_keys_it_used_and_applies_the_floor(
+async def test_receipt_keys_of_the_first_release_stay_as_they_were(
     store: AuditStore, app: tuple[AsyncEngine, AuditWriter]
 ) -> None:
-    engine, writer = app
-    signer = BlsSigner()
-    for n in range(2):
-        await writer.append(make_event(n, occurred_at=datetime.now(UTC) - timedelta(days=800)))
+    engine, _ = app
+    legacy, intruder = BlsSigner("receipt-legacy"), BlsSigner("receipt-intruder")
+    insert = text(
+        "INSERT INTO receipt_keys (key_id, public_key, sealed_private_key, not_before, status) "
+        "VALUES (:key_id, :public_key, :sealed, :not_before, 'retired')"
+    )
+
+    def row(signer: BlsSigner) -> dict[str, object]:
+        return {
+            "key_id": signer.key_id,
+            "public_key": signer.public_key.hex(),
+            "sealed": b"not a sealed key",
+            "not_before": format_timestamp(OLD),
+        }
+
     owner = make_engine(store.owner_url)
     try:
-        await store_retention_policy(owner, RetentionPolicy(keep_years=2))
+        async with owner.begin() as conn:
+            await conn.execute(insert, row(legacy))
+        if store.kind == "postgresql":
+            # Receipt keys sign nothing any more: the runtime role adds none.
+            with pytest.raises(DBAPIError, match="permission denied"):
+                async with engine.begin() as conn:
+                    await conn.execute(insert, row(intruder))
+        runtime_refusal = "permission denied" if store.kind == "postgresql" else "never change"
+        for engine_, refusal in ((engine, runtime_refusal), (owner, "never change")):
+            with pytest.raises(DBAPIError, match=refusal):
+                async with engine_.begin() as conn:
+                    await conn.execute(
+                        text("UPDATE receipt_keys SET public_key = :public_key"),
+                        {"public_key": intruder.public_key.hex()},
+                    )
+        async with owner.connect() as conn:
+            stored = (await conn.execute(text("SELECT key_id, public_key FROM receipt_keys"))).all()
     finally:
         await owner.dispose()
-    now = datetime.now(UTC)
-    await issue_checkpoint(engine, signer, now)
-    assert (await run_retention(engine, signer, RetentionPolicy(keep_years=2), now)).pruned == 2
-    source = ("audit", "verify", "--db-url", _sync_url(store.app_url))
-    pinned = ("--key", f"{signer.key_id}={signer.public_key.hex()}")
-
-    code, out = await asyncio.to_thread(_run, *source)
-    assert code == EXIT_INVALID  # the test signer is not in receipt_keys
-    code, out = await asyncio.to_thread(_run, *source, *pinned, "--keep-years", "2")
-    assert code == EXIT_VALID and "against the pinned keys" in out, out
-    code, out = await asyncio.to_thread(_run, *source, *pinned, "--keep-years", "3", "--json")
-    assert code == EXIT_INVALID and json.loads(out)["retention_floor"] is not None
-    assert "younger than the retention floor" in json.loads(out)["reason"]
-
-    await _add_receipt_key(engine, signer, "current")
-    code, out = await asyncio.to_thread(_run, *source)
-    assert code == EXIT_VALID and "keys read from the database being verified" in out, out
+    assert [tuple(r) for r in stored] == [(legacy.key_id, legacy.public_key.hex())]
