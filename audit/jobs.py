@@ -6,13 +6,12 @@ context to them, so this package stays free of gateway code.
 
 from __future__ import annotations
 
+import base64
 import uuid
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
-
-import base64
 
 from audit.events import AuditEvent
 from audit.retention import RetentionPolicy, RetentionRefused, run_retention

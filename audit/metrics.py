@@ -44,9 +44,7 @@ class AuditMetrics:
             failures=Counter(
                 "kzg_audit_commit_failures", "Audit batches that could not be committed", **kwargs
             ),
-            tree_size=Gauge(
-                "kzg_audit_tree_size", "Size of the newest signed tree head", **kwargs
-            ),
+            tree_size=Gauge("kzg_audit_tree_size", "Size of the newest signed tree head", **kwargs),
             checkpoint_time=Gauge(
                 "kzg_audit_checkpoint_timestamp_seconds",
                 "Unix time this process last signed and stored a tree head",
