@@ -29,7 +29,7 @@ from audit.export import export_lines
 from audit.note import NoteError, NoteVerifier
 from audit.retention import RetentionPolicy
 from audit.signing import bls_signature_valid, key_bytes
-from audit.tlog import verify_inclusion_proof
+from audit.tlog import PROOF_HEADER, parse_tlog_proof, verify_inclusion_proof
 from audit.verify import VerifyReport, verify_database, verify_export_lines
 
 EXIT_VALID, EXIT_INVALID, EXIT_UNREADABLE = 0, 1, 2
@@ -100,7 +100,8 @@ def register(subparsers: Any) -> None:
         "file",
         type=Path,
         metavar="FILE",
-        help='a receipt {"entry", "proof"}, or a whole KZG answer with its "receipt"',
+        help='a receipt {"entry", "proof"}, a whole KZG answer with its "receipt", or a '
+        ".tlog-proof file whose extra line carries the entry (as the Python SDK saves it)",
     )
     receipt.add_argument(
         "--key",
@@ -401,9 +402,20 @@ def _check_legacy_receipt(
     return said
 
 
+def _tlog_proof_file(text: str) -> dict[str, Any]:
+    """A saved ``.tlog-proof`` (what ``gateway.client.Receipt.save`` writes): the C2SP
+    proof whose ``extra`` line carries the entry, as the receipt ``{"entry", "proof"}``."""
+    proof = parse_tlog_proof(text)
+    if proof.extra is None:
+        raise SourceError("the tlog-proof carries no entry (no extra line)")
+    return {"entry": proof.extra.decode("utf-8"), "proof": text}
+
+
 def run_verify_receipt(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     try:
-        data = json.loads(args.file.read_text(encoding="utf-8"))
+        text = args.file.read_text(encoding="utf-8")
+        saved_proof = text.startswith(PROOF_HEADER + "\n")
+        data = _tlog_proof_file(text) if saved_proof else json.loads(text)
         if not isinstance(data, dict):
             raise SourceError("expected a JSON object")
         body: dict[str, Any] | None = None
