@@ -236,7 +236,9 @@ _ROUTES: tuple[tuple[str, str, str, Callable[[web.Request], Awaitable[Any]], Rou
         "/v1/admin/signing-keys/rotate",
         "admin_rotate_signing_key",
         rotate_signing_key,
-        RouteDoc("New receipt key; the old one is retired, still listed", ("admin",)),
+        RouteDoc(
+            "New log key (signs every checkpoint); the old one is retired, still listed", ("admin",)
+        ),
     ),
     (
         "POST",

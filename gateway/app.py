@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.checkpoints import sign_head
 from audit.errors import AuditUnavailable
+from audit.events import parse_timestamp
 from audit.settings import AuditSettings
 from audit.writer import AuditWriter
 from auth.crypto import MasterKey, load_master_key
@@ -276,7 +277,7 @@ def _operational_routes(app: web.Application) -> None:
     app.router.add_get("/v1/log/keys", log_keys_handler, name="log_keys")
     for name, summary in (
         ("healthz", "The process is alive"),
-        ("readyz", "Database, audit writer, worker pool, receipt key and master key are ready"),
+        ("readyz", "Database, audit writer, worker pool, log key and master key are ready"),
         ("openapi", "This document"),
     ):
         document_route(
@@ -365,8 +366,13 @@ def _operational_routes(app: web.Application) -> None:
                 summary=summary,
                 tags=("log",),
                 parameters=tuple(
-                    {"name": p, "in": "query", "required": True, "schema": {"type": "integer"}}
-                    for p in (first, "size")
+                    {
+                        "name": name,
+                        "in": "query",
+                        "required": True,
+                        "schema": {"type": "integer", "minimum": 0 if name == "index" else 1},
+                    }
+                    for name in (first, "size")
                 ),
                 response_schema={
                     "type": "object",
@@ -431,7 +437,11 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         await signer.refresh()
         app[LOG_SIGNER] = signer
         # A tree built by a migration has no signed head yet; sign it before serving.
-        await sign_head(engine, signer, datetime.now(UTC))
+        head = await sign_head(engine, signer, datetime.now(UTC))
+        if head is not None:
+            # The alerts read these: a process that has not committed yet is not stale.
+            app[METRICS].audit.tree_size.set(head.size)
+            app[METRICS].audit.checkpoint_time.set(parse_timestamp(head.issued_at).timestamp())
         await writer.start()
         app[AUDIT_WRITER] = writer
         scheduler = Scheduler(JobContext(config, engine, writer, app[MASTER_KEY], signer))

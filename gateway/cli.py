@@ -54,7 +54,7 @@ async def _store_retention_floor(config: Config) -> None:
 
 
 async def initialise(config: Config) -> dict[str, Any]:
-    """Idempotent set-up of a data directory: dirs, master key, schema, dev TLS, receipt
+    """Idempotent set-up of a data directory: dirs, master key, schema, dev TLS, log
     key, first admin. Returns what ``init --json`` prints (admin only when created)."""
     data_dir = config.data_dir
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

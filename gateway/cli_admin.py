@@ -12,6 +12,7 @@ import asyncio
 import functools
 import getpass
 import json
+import logging
 import os
 import sys
 import uuid
@@ -35,6 +36,7 @@ from gateway.db import check_schema, make_engine
 from gateway.identity import policies_for
 from gateway.receipts import SEALED_SECRETS, load_log_signer, rotate_log_key
 
+log = logging.getLogger(__name__)
 Command = Callable[[AuthService, argparse.Namespace], Awaitable[dict[str, Any]]]
 
 
@@ -106,7 +108,7 @@ async def _access_review(service: AuthService, args: argparse.Namespace) -> dict
 
 
 async def rewrap_secrets(engine: AsyncEngine, old: MasterKey, new: MasterKey) -> int:
-    """Re-seal every secret of the database (identity and receipt keys) under ``new`` and
+    """Re-seal every secret of the database (identity, log and receipt keys) under ``new`` and
     record ``new`` as the master key, in one transaction; returns how many. Processes
     still holding ``old`` can then seal nothing more (auth.service.claim_master_key)."""
     async with engine.connect() as conn:
@@ -158,7 +160,12 @@ async def _execute(config: Config, args: argparse.Namespace, command: Command) -
     rbac, policy = policies_for(config)
     try:
         await check_schema(engine)
-        args.log_signer = await load_log_signer(engine, master_key, origin)
+        try:
+            args.log_signer = await load_log_signer(engine, master_key, origin)
+        except Exception as exc:
+            # No log key, no audit record: the refusal leaves its trace in the process log.
+            log.warning("refused %s %s: %s", args.admin_command, args.admin_action, exc)
+            raise
         writer = AuditWriter(engine, args.log_signer)
         await writer.start()
         service = AuthService(engine, master_key, rbac, policy)

@@ -7,9 +7,12 @@ import json
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from audit.merkle import BatchTree, CompactRange, leaf_hash
+from audit.note import NoteError, NoteSigner
+from audit.tlog import Checkpoint, TlogProof, verify_inclusion_proof
 from auth import tokens
 from auth.credentials import parse_api_key
 from gateway.errors import ApiError
@@ -18,6 +21,7 @@ from kzg import KZGError
 from kzg.curve import g1_from_bytes
 from kzg.eip4844 import blob_to_polynomial, field_from_bytes
 from kzg.eip7594.cells import cell_to_evals
+from tests.audit import reference_tlog
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 OPS = {op.name: op for op in operations()}
@@ -156,3 +160,79 @@ def test_jwt_header_parser(token: str) -> None:
     except tokens.TokenError:
         return
     assert isinstance(kid, str)
+
+
+# A receipt as the gateway builds one (entry, inclusion proof, signed checkpoint), over a
+# small tree of entries shaped like the log's, made once with a fresh log key.
+RECEIPT_ORIGIN = "kzg-gateway.localhost/audit"
+_LOG_KEY = NoteSigner.generate(RECEIPT_ORIGIN)
+_ENTRIES = [
+    json.dumps({"seq": n + 1, "request_id": f"{n:032x}", "result_digest": f"{n:064x}"},
+               sort_keys=True, separators=(",", ":"))
+    for n in range(11)
+]  # fmt: skip
+_TREE = BatchTree(CompactRange(), [leaf_hash(e.encode()) for e in _ENTRIES])
+_CHECKPOINT = _LOG_KEY.sign(Checkpoint(RECEIPT_ORIGIN, _TREE.size, _TREE.root()).text())
+RECEIPTS = [
+    {"entry": e, "proof": TlogProof(i, tuple(_TREE.inclusion_proof(i)), _CHECKPOINT).text()}
+    for i, e in enumerate(_ENTRIES)
+]
+EDIT_CHARS = st.sampled_from(list('0189aAzZ+/=: \n\u2014{}"x'))
+
+
+def _verdicts(receipt: dict[str, str]) -> tuple[bool, bool]:
+    """Whether the product's verifier and the reference verifier accept ``receipt``."""
+    try:
+        verify_inclusion_proof(
+            receipt["entry"].encode(), receipt["proof"], [_LOG_KEY.verifier()], RECEIPT_ORIGIN
+        )
+        product = True
+    except NoteError:  # its only refusal (InclusionError is one)
+        product = False
+    try:
+        reference_tlog.verify_receipt(receipt, [_LOG_KEY.vkey], RECEIPT_ORIGIN)
+        reference = True
+    except AssertionError:
+        reference = False
+    return product, reference
+
+
+def test_receipts_of_the_fuzzed_tree_verify() -> None:
+    assert all(_verdicts(r) == (True, True) for r in RECEIPTS)
+
+
+@FUZZ
+@given(
+    st.sampled_from(RECEIPTS),
+    st.sampled_from(["entry", "proof"]),
+    st.integers(0, 10_000),
+    st.sampled_from(["replace", "insert", "delete"]),
+    EDIT_CHARS,
+)
+def test_any_edit_of_a_receipt_is_refused_by_both_verifiers(
+    receipt: dict[str, str], part: str, at: int, edit: str, char: str
+) -> None:
+    text = receipt[part]
+    at %= len(text) + (edit == "insert")
+    if edit == "replace":
+        edited = text[:at] + char + text[at + 1 :]
+    elif edit == "insert":
+        edited = text[:at] + char + text[at:]
+    else:
+        edited = text[:at] + text[at + 1 :]
+    assume(edited != text)
+    assert _verdicts({**receipt, part: edited}) == (False, False)
+
+
+@FUZZ
+@given(st.sampled_from(RECEIPTS), st.integers(1, 4000))
+def test_a_truncated_proof_is_refused_by_both_verifiers(receipt: dict[str, str], cut: int) -> None:
+    proof = receipt["proof"]
+    assume(cut < len(proof))
+    assert _verdicts({**receipt, "proof": proof[:-cut]}) == (False, False)
+
+
+@FUZZ
+@given(st.text(max_size=400), st.text(max_size=200))
+def test_arbitrary_receipt_texts_are_refused_precisely(proof: str, entry: str) -> None:
+    assert _verdicts({"entry": entry, "proof": proof}) == (False, False)

@@ -17,7 +17,9 @@ from auth.policy import load_policies
 from auth.service import AuthService
 from gateway.cli import main
 from gateway.db import make_engine
-from gateway.receipts import ReceiptSigner
+from gateway.receipts import LogKeySigner, list_log_keys
+from tests.audit import reference_tlog
+from tests.gateway.helpers import ORIGIN
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict]:
@@ -60,7 +62,8 @@ def test_admin_commands_and_master_key_rotation(
 
     old_key = (tmp_path / "d" / "master.key").read_text()
     code, rotated = _run(capsys, "admin", "master-key", "rotate", "--data-dir", data)
-    assert code == 0 and rotated["rewrapped"] >= 4
+    # Two people's TOTP secrets, the JWT key and the log key; no BLS receipt key exists.
+    assert code == 0 and rotated["rewrapped"] == 4
     assert (tmp_path / "d" / "master.key").read_text() != old_key
     assert (tmp_path / "d" / "master.key").stat().st_mode & 0o077 == 0
 
@@ -79,7 +82,7 @@ def test_admin_commands_and_master_key_rotation(
 
 async def _sealed_secrets_open(data_dir: Path, admin: dict) -> None:
     """Everything sealed opens under the new key: a login (TOTP secret, JWT key) and the
-    receipt signer."""
+    log key, whose signatures verify with the published verifier key."""
     master_key = load_master_key(data_dir)
     engine = make_engine(f"sqlite+aiosqlite:///{data_dir / 'gateway.db'}")
     rbac, policy = load_policies()
@@ -88,7 +91,12 @@ async def _sealed_secrets_open(data_dir: Path, admin: dict) -> None:
         totp = pyotp.TOTP(admin["totp_secret"]).now()
         result = await service.login("admin", admin["password"], totp)
         assert (await service.authenticate_token(result.access_token)).name == "admin"
-        assert await ReceiptSigner(engine, master_key).refresh() is True
+        signer = LogKeySigner(engine, master_key, ORIGIN)
+        assert await signer.refresh() is True
+        [published] = await list_log_keys(engine)
+        assert (published.key_id, published.vkey) == (signer.key_id, signer.vkey)
+        note = signer.sign_note(f"{ORIGIN}\n1\n{'A' * 43}=\n")
+        assert reference_tlog.open_checkpoint(note, [published.vkey])[:2] == (ORIGIN, 1)
     finally:
         await engine.dispose()
 
@@ -107,29 +115,61 @@ async def _cli_actions(data_dir: Path) -> list[str]:
     return [a for a, _ in actions]
 
 
+def _events(data: Path) -> list[dict]:
+    async def read() -> list[dict]:
+        engine = make_engine(f"sqlite+aiosqlite:///{data / 'gateway.db'}")
+        try:
+            async with engine.connect() as conn:
+                rows = await conn.execute(select(audit_events).order_by(audit_events.c.seq))
+                return [dict(row) for row in rows.mappings()]
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(read())
+
+
 def test_a_command_that_fails_is_audited_as_an_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Under a master key other than the one the database records, rotation is refused
-    # with a MasterKeyMismatch: the audit record must say so, not "success".
+    # Rotation fails half-way (the new key file cannot be staged: a directory is in its
+    # place): the audit record must say so, not "success", and nothing is re-sealed.
     monkeypatch.delenv("KZG_GATEWAY_MASTER_KEY", raising=False)
     data = tmp_path / "d"
     assert main(["init", "--data-dir", str(data), "--json"]) == 0
     capsys.readouterr()
-    (data / "master.key").write_text(MasterKey.generate().hex())
+    key_before = (data / "master.key").read_text()
+    (data / "master.new").mkdir()  # where the new key is staged
     assert main(["admin", "master-key", "rotate", "--data-dir", str(data)]) != 0
     capsys.readouterr()
+    assert (data / "master.key").read_text() == key_before
 
-    async def last_event() -> dict:
-        engine = make_engine(f"sqlite+aiosqlite:///{data / 'gateway.db'}")
-        try:
-            async with engine.connect() as conn:
-                query = select(audit_events).order_by(audit_events.c.seq.desc()).limit(1)
-                return dict((await conn.execute(query)).mappings().one())
-        finally:
-            await engine.dispose()
-
-    event = asyncio.run(last_event())
+    event = _events(data)[-1]
     assert event["action"] == "cli:admin_master_key_rotate"
     assert event["outcome"] == "error"
-    assert json.loads(event["detail"])["error"] == "MasterKeyMismatch"
+    assert json.loads(event["detail"])["error"] == "IsADirectoryError"
+
+
+def test_a_command_under_another_master_key_is_refused_before_it_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Under a master key other than the one the database records, the log key does not
+    # open: nothing could be audited (every record needs a signed tree head), so the
+    # command is refused before it runs, says why, and changes nothing.
+    monkeypatch.delenv("KZG_GATEWAY_MASTER_KEY", raising=False)
+    data = tmp_path / "d"
+    assert main(["init", "--data-dir", str(data), "--json"]) == 0
+    capsys.readouterr()
+    before = _events(data)
+    other = MasterKey.generate().hex()
+    (data / "master.key").write_text(other)
+    for argv in (
+        ["admin", "master-key", "rotate"],
+        ["admin", "users", "create", "eve", "--role", "admin"],
+    ):
+        assert main([*argv, "--data-dir", str(data)]) == 2
+        captured = capsys.readouterr()
+        assert "log-key" in captured.err and "master key" in captured.err
+        assert captured.out == ""
+    assert (data / "master.key").read_text() == other
+    assert not (data / "master.new").exists()
+    assert _events(data) == before

@@ -12,16 +12,18 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from audit.models import audit_events
+from audit.models import audit_events, audit_tree_heads
 from audit.writer import AuditWriter
 from auth.crypto import MasterKey
 from gateway.cli import initialise
 from gateway.db import make_engine
 from gateway.identity_jobs import service_for
 from gateway.jobs import JobContext, run_job
-from gateway.receipts import ReceiptSigner, list_receipt_keys
+from gateway.receipts import list_log_keys, load_log_signer
+from tests.audit import reference_tlog
 from tests.auth.conftest import CHEAP_ARGON2
 from tests.gateway.conftest import gateway_config
+from tests.gateway.helpers import ORIGIN
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -36,10 +38,9 @@ async def job_context(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIt
     await initialise(config)
     master_key = MasterKey.from_text((config.data_dir / "master.key").read_text())
     engine = make_engine(config.database_url)
-    writer = AuditWriter(engine)
+    signer = await load_log_signer(engine, master_key, ORIGIN)
+    writer = AuditWriter(engine, signer)
     await writer.start()
-    signer = ReceiptSigner(engine, master_key)
-    await signer.refresh()
     yield JobContext(config, engine, writer, master_key, signer)
     await writer.stop()
     await engine.dispose()
@@ -53,6 +54,16 @@ async def _job_records(ctx: JobContext, name: str) -> list[dict[str, object]]:
         return [dict(r._mapping) for r in rows]
 
 
+async def _latest_head(ctx: JobContext) -> dict[str, object]:
+    async with ctx.engine.connect() as conn:
+        row = (
+            await conn.execute(
+                select(audit_tree_heads).order_by(audit_tree_heads.c.size.desc()).limit(1)
+            )
+        ).one()
+        return dict(row._mapping)
+
+
 async def test_rotate_keys_acts_on_policy_age_only(job_context: JobContext) -> None:
     ctx = job_context
     service = service_for(ctx)
@@ -60,25 +71,35 @@ async def test_rotate_keys_acts_on_policy_age_only(job_context: JobContext) -> N
     first_jwt = (await service.jwks())["keys"][0]["kid"]
 
     fresh = await run_job("rotate-keys", ctx)
-    assert (fresh["jwt_rotated"], fresh["receipt_rotated"], fresh["api_keys_expired"]) == (
+    assert (fresh["jwt_rotated"], fresh["log_key_rotated"], fresh["api_keys_expired"]) == (
         None,
         None,
         [],
     )
+    [first_log_key] = await list_log_keys(ctx.engine)
 
     later = datetime.now(UTC) + timedelta(days=91)
     ctx.now = lambda: later
     aged = await run_job("rotate-keys", ctx)
     assert aged["jwt_rotated"] not in (None, first_jwt)
-    assert aged["receipt_rotated"] is not None
+    assert aged["log_key_rotated"] not in (None, first_log_key.key_id)
     assert aged["api_keys_expired"] == [key["id"]]
-    receipts = {k.key_id: k.status for k in await list_receipt_keys(ctx.engine)}
-    assert receipts[aged["receipt_rotated"]] == "current"
-    assert sorted(receipts.values()).count("retired") == 1, "the old key stays, retired"
-    assert ctx.signer.key_id == aged["receipt_rotated"]
+    log_keys = {k.key_id: k for k in await list_log_keys(ctx.engine)}
+    assert log_keys[aged["log_key_rotated"]].status == "current"
+    assert log_keys[first_log_key.key_id].status == "retired", "the old key stays, retired"
+    assert log_keys[first_log_key.key_id].not_after is not None
+    assert ctx.signer.key_id == aged["log_key_rotated"]
+    # The writer signs with the new key from the next commit on: the job's own record
+    # is in a tree head signed by it, which the old key does not verify.
+    new_vkey = log_keys[aged["log_key_rotated"]].vkey
+    head = await _latest_head(ctx)
+    assert head["key_id"] == aged["log_key_rotated"]
+    assert reference_tlog.open_checkpoint(head["note"], [new_vkey])[0] == ORIGIN
+    with pytest.raises(AssertionError, match="no verified signature"):
+        reference_tlog.open_checkpoint(head["note"], [first_log_key.vkey])
 
     again = await run_job("rotate-keys", ctx)
-    assert (again["jwt_rotated"], again["receipt_rotated"], again["api_keys_expired"]) == (
+    assert (again["jwt_rotated"], again["log_key_rotated"], again["api_keys_expired"]) == (
         None,
         None,
         [],

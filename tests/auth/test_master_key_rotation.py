@@ -39,10 +39,11 @@ from auth.service import (
 from gateway.cli_admin import rewrap_secrets
 from gateway.db import make_engine, migrate
 from gateway.identity import AUTH_SERVICE
-from gateway.receipts import SEALED_SECRETS, receipt_keys
+from gateway.receipts import SEALED_SECRETS, log_keys, receipt_keys
 from tests.auth.conftest import Store
 from tests.conftest import PgDatabase
 from tests.gateway.conftest import Gateway, StartGateway, start_gateway  # noqa: F401
+from tests.gateway.helpers import ORIGIN
 
 # ---------------------------------------------------------------------------------------
 # helpers
@@ -102,10 +103,15 @@ async def _stored(engine: AsyncEngine) -> dict[str, Any]:
     async with engine.connect() as conn:
         count = {
             table.name: (await conn.execute(select(func.count()).select_from(table))).scalar()
-            for table in (users, jwt_keys, receipt_keys)
+            for table in (users, jwt_keys, log_keys, receipt_keys)
         }
         record = (await conn.execute(select(master_key_check.c.check_value))).scalar()
     return {**count, "check_value": record}
+
+
+def _sealed_total(stored: dict[str, Any]) -> int:
+    """How many sealed secrets the counted rows hold (every row holds one)."""
+    return sum(stored[t] for t in ("users", "jwt_keys", "log_keys", "receipt_keys"))
 
 
 async def _open_all(engine: AsyncEngine, key: MasterKey) -> int:
@@ -155,13 +161,18 @@ async def test_a_gateway_left_on_the_old_key_refuses_until_restarted_with_the_ne
     # When the CLI rotates the master key to K2 while the gateway keeps running.
     code, out, err = await _cli(gateway, "admin", "master-key", "rotate")
     assert code == 0, err
-    assert json.loads(out)["rewrapped"] >= 4
+    rewrapped = json.loads(out)["rewrapped"]
     new_key = _file_key(gateway)
     assert new_key.check_value() != old_key.check_value()
     engine = make_engine(gateway.app_url)
     try:
         before = await _stored(engine)
         assert before["check_value"] == new_key.check_value()
+        # Every sealed secret was re-sealed: three people, the JWT key and the log key
+        # (no BLS receipt key is made any more).
+        assert (before["users"], before["jwt_keys"], before["log_keys"]) == (3, 1, 1)
+        assert before["receipt_keys"] == 0
+        assert rewrapped == _sealed_total(before) == 5
 
         # Then a login is 503 master_key_mismatch (not 500), and audited.
         response, body = await _login(gateway, mira)
@@ -183,9 +194,7 @@ async def test_a_gateway_left_on_the_old_key_refuses_until_restarted_with_the_ne
             await service.reset_mfa("mira")
         assert await _stored(engine) == before
         # Nothing sealed under K1 remains: K2 opens every secret.
-        assert await _open_all(engine, new_key) == sum(
-            before[t] for t in ("users", "jwt_keys", "receipt_keys")
-        )
+        assert await _open_all(engine, new_key) == _sealed_total(before)
 
         # serve refuses to start with K1 (a real process, the key in its environment).
         env = {**_env(gateway), MASTER_KEY_ENV: old_text}
@@ -202,13 +211,17 @@ async def test_a_gateway_left_on_the_old_key_refuses_until_restarted_with_the_ne
             "POST", "/v1/admin/signing-keys/rotate", role=None, headers=bearer
         )
         assert response.status == 200, body
+        # The log key was rotated: the answer is the new key, now current and published.
+        assert set(body) == {"key_id", "vkey", "status", "not_before", "not_after"}
+        assert body["status"] == "current" and body["vkey"].startswith(ORIGIN + "+")
+        response, listing = await restarted.request("GET", "/v1/log/keys", role=None)
+        assert {k["vkey"]: k["status"] for k in listing["keys"]}[body["vkey"]] == "current"
         await restarted.app[AUTH_SERVICE].create_user("late", ["client"])
         after = await _stored(engine)
-        assert after["receipt_keys"] == before["receipt_keys"] + 1
+        assert after["log_keys"] == before["log_keys"] + 1
+        assert after["receipt_keys"] == before["receipt_keys"] == 0
         assert after["check_value"] == new_key.check_value()
-        assert await _open_all(engine, new_key) == sum(
-            after[t] for t in ("users", "jwt_keys", "receipt_keys")
-        )
+        assert await _open_all(engine, new_key) == _sealed_total(after)
         # The instance not yet restarted still refuses, and still reports not ready.
         response, body = await gateway.request("GET", "/readyz", role=None)
         assert response.status == 503 and body["checks"]["master_key"] is False

@@ -221,6 +221,12 @@ def test_shipped_policy_is_strong() -> None:
     assert rbac.may_grant(["key_admin"], "client") and not rbac.may_grant(["key_admin"], "auditor")
     assert rbac.may_grant(["admin"], "auditor") and not rbac.may_grant(["client"], "auditor")
     assert not {"kzg:compute", "kzg:verify"} & rbac.roles["key_admin"].permissions
+    # The log's checkpoint and proofs reveal only hashes: every role reads them, nobody
+    # without a credential; its verifier keys are public.
+    assert all("log:read" in r.permissions for r in rbac.roles.values())
+    for route in ("log_checkpoint", "log_proof_inclusion", "log_proof_consistency"):
+        assert rbac.routes[route] == "log:read" and route not in rbac.public
+    assert {"log_keys", "receipt_keys"} <= rbac.public
 
 
 async def test_concurrent_wrong_passwords_count_every_attempt(store: Store) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
+from audit.settings import AuditSettings
 from tests.conftest import REPO, missing
 
 DEPLOY = REPO / "deploy"
@@ -184,6 +185,40 @@ def test_alerts_cover_what_operations_need() -> None:
         "kzg_tls_certificate_not_after_seconds",
         "kzg_signing_key_age_seconds",
         "kzg_connections_refused_total",
+        "kzg_audit_checkpoint_timestamp_seconds",
+        "kzg_audit_signing_failures_total",
     ):
         assert metric in exprs, metric
     assert all(rule["labels"]["severity"] in ("page", "warn") for rule in rules)
+
+
+def _rules() -> dict[str, dict[str, Any]]:
+    with (DEPLOY / "prometheus" / "alerts.yaml").open() as handle:
+        groups = yaml.safe_load(handle)["groups"]
+    rules = [rule for group in groups for rule in group["rules"]]
+    by_name = {rule["alert"]: rule for rule in rules}
+    assert len(by_name) == len(rules), "alert names are unique"
+    return by_name
+
+
+def test_audit_log_alerts_page_on_a_stale_checkpoint_and_signing_failures() -> None:
+    rules = _rules()
+    stale = rules["KzgAuditCheckpointStale"]
+    # Stale means no instance signed: the newest time over all of them, against twice the
+    # interval at which even a quiet log gets a signed tree head.
+    expr = " ".join(stale["expr"].split())
+    assert "max(kzg_audit_checkpoint_timestamp_seconds)" in expr
+    threshold = re.fullmatch(r"time\(\) - max\(\w+\) > 2 \* (\d+)", expr)
+    assert threshold, expr
+    assert float(threshold.group(1)) == AuditSettings().checkpoint_interval_seconds
+    signing = rules["KzgAuditSigningFailures"]
+    assert "kzg_audit_signing_failures_total" in signing["expr"]
+    assert signing["expr"].strip().endswith("> 0")
+    assert "for" not in signing, "one refused batch is enough"
+    for rule in (stale, signing):
+        assert rule["labels"]["severity"] == "page"
+    # Receipts are signed by no key of their own any more: the key ages are jwt and log.
+    key_age = rules["KzgSigningKeyPastRotationAge"]
+    assert "by (kind)" in key_age["expr"]
+    text = yaml.safe_dump(list(rules.values()))
+    assert "receipt" not in text

@@ -69,3 +69,8 @@ async def test_alert_rules_use_metrics_the_gateway_serves(start_gateway: StartGa
     assert used <= served, f"alert rules use metrics the gateway does not serve: {used - served}"
     expiry = re.search(r"^kzg_tls_certificate_not_after_seconds (\S+)$", text, re.MULTILINE)
     assert expiry and float(expiry.group(1)) > 0
+    # The key-age alert compares the log key (and the JWT key) with their rotation ages.
+    kinds = set(re.findall(r'^kzg_signing_key_age_seconds\{kind="(\w+)"\}', text, re.MULTILINE))
+    assert kinds == {"jwt", "log"}
+    max_kinds = re.findall(r'^kzg_signing_key_max_age_seconds\{kind="(\w+)"\}', text, re.MULTILINE)
+    assert set(max_kinds) == {"jwt", "log"}

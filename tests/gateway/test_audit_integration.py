@@ -1,9 +1,11 @@
 """The gateway and its audit log together: one record per request whatever the answer,
-the receipt names its own record, and with the audit store down nothing is answered."""
+the receipt names its own record, the log's proof routes (credentials needed, keys
+public) prove what receipts claim, and with the audit store down nothing is answered."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import time
 from datetime import UTC, datetime, timedelta
@@ -14,11 +16,12 @@ import pytest
 from audit.events import parse_timestamp
 from audit.verify import verify_database
 from gateway.appkeys import DB_ENGINE
+from tests.audit import reference_tlog
 from tests.audit.helpers import sqlite_write_lock
 from tests.audit.proxy import CuttableProxy
 from tests.conftest import PgDatabase
 from tests.gateway.conftest import Gateway, StartGateway
-from tests.gateway.helpers import hx, make_blob
+from tests.gateway.helpers import ORIGIN, check_receipt, hx, input_sha256, make_blob, vkeys_of
 
 BLOB = make_blob(11)
 
@@ -32,6 +35,9 @@ async def test_every_request_is_one_record_and_the_chain_verifies(gateway: Gatew
         ("DELETE", "/v1/kzg/verify-proof", None, "client", 405),
         ("GET", "/healthz", None, None, 200),
         ("GET", "/v1/keys/receipts", None, None, 200),
+        ("GET", "/v1/log/keys", None, None, 200),
+        ("GET", "/v1/log/checkpoint", None, None, 401),
+        ("GET", "/v1/log/checkpoint", None, "client", 200),
     ]
     request_ids = []
     for method, path, body, role, status in calls:
@@ -44,12 +50,15 @@ async def test_every_request_is_one_record_and_the_chain_verifies(gateway: Gatew
         assert record["http_status"] == call[4] and record["path"] == call[1]
         seqs.append(record["seq"])
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
-    report = await verify_database(gateway.app[DB_ENGINE])
-    assert report.valid and report.head_seq >= seqs[-1]
+    report = (await verify_database(gateway.app[DB_ENGINE])).to_dict()
+    assert report["valid"] is True, report
+    assert report["head"]["size"] >= seqs[-1] and report["checked"] >= seqs[-1]
+    assert report["keys_source"] == "database"
     # The auditor's view says whose keys it trusted and holds anchors to the policy.
     response, answer = await gateway.request("GET", "/v1/audit/verify", role="auditor")
-    assert response.status == 200 and answer["valid"] is True
+    assert response.status == 200 and answer["valid"] is True, answer
     assert answer["keys_source"] == "database"
+    assert answer["head"]["size"] >= seqs[-1]
     floor = parse_timestamp(answer["retention_floor"])
     assert floor < datetime.now(UTC) - timedelta(days=365)  # a policy keeps a year at least
 
@@ -61,6 +70,105 @@ async def test_records_hold_digests_never_blobs_or_keys(sqlite_gateway: Gateway)
     assert BLOB.hex()[:64] not in stored
     assert await sqlite_gateway.api_key() not in stored
     assert len(record["input_digests"]) < 200
+
+
+UNKNOWN_KEY = "kzg_0000000000000000_" + "A" * 43
+
+
+def _hashes(receipt: dict) -> list[str]:
+    """The inclusion hashes of a receipt's tlog-proof, as written (base64)."""
+    lines = receipt["proof"].split("\n")
+    return lines[2 : lines.index("")]
+
+
+async def test_log_routes_need_a_credential_and_prove_receipts(gateway: Gateway) -> None:
+    # The verifier keys are public: a client pins them before it trusts any receipt.
+    response, listing = await gateway.request("GET", "/v1/log/keys", role=None)
+    assert response.status == 200, listing
+    vkeys = vkeys_of(listing)
+    # The first release's BLS receipt keys stay listed for old receipts; none is made now.
+    response, legacy = await gateway.request("GET", "/v1/keys/receipts", role=None)
+    assert (response.status, legacy) == (200, {"keys": []})
+    response, answer = await gateway.post("/v1/kzg/blob-to-commitment", {"blob": hx(BLOB)})
+    assert response.status == 200, answer
+    receipt = check_receipt(
+        answer, response.headers["X-Request-ID"], vkeys, {"blob": input_sha256(BLOB)}
+    )
+    index, size = receipt["index"], receipt["size"]
+
+    # Without a credential, or with one that is not valid, every log route but the keys
+    # answers 401 (audited), whatever the query.
+    routes = (
+        "/v1/log/checkpoint",
+        f"/v1/log/proof/inclusion?index={index}&size={size}",
+        f"/v1/log/proof/consistency?old={size}&size={size}",
+    )
+    for path in routes:
+        for headers, code in (({}, "unauthenticated"), ({"X-API-Key": UNKNOWN_KEY}, None)):
+            refused, body = await gateway.request("GET", path, role=None, headers=headers)
+            assert refused.status == 401, (path, body)
+            assert code is None or body["error"]["code"] == code
+            assert "hashes" not in body
+            [record] = await gateway.audit_records(refused.headers["X-Request-ID"])
+            assert (record["http_status"], record["outcome"]) == (401, "unauthenticated")
+
+    # A client API key reads them all. The checkpoint is the signed note, as text.
+    response, note = await gateway.request("GET", "/v1/log/checkpoint", role="client")
+    assert response.status == 200 and response.content_type == "text/plain"
+    origin, latest, latest_root = reference_tlog.open_checkpoint(note.decode(), vkeys)
+    assert origin == ORIGIN and latest > size  # the receipt's own request came later
+    # The inclusion proof the route gives is the receipt's own.
+    response, inclusion = await gateway.request(
+        "GET", f"/v1/log/proof/inclusion?index={index}&size={size}"
+    )
+    assert response.status == 200, inclusion
+    assert inclusion == {"index": index, "size": size, "hashes": _hashes(answer["receipt"])}
+    # The same entry is in the later tree, and that tree extends the receipt's.
+    response, inclusion = await gateway.request(
+        "GET", f"/v1/log/proof/inclusion?index={index}&size={latest}"
+    )
+    assert response.status == 200, inclusion
+    leaf = reference_tlog.leaf_hash(answer["receipt"]["entry"].encode())
+    path = [base64.b64decode(h) for h in inclusion["hashes"]]
+    assert reference_tlog.verify_inclusion(leaf, index, latest, path, latest_root)
+    response, consistency = await gateway.request(
+        "GET", f"/v1/log/proof/consistency?old={size}&size={latest}"
+    )
+    assert response.status == 200, consistency
+    assert (consistency["old"], consistency["size"]) == (size, latest)
+    hashes = [base64.b64decode(h) for h in consistency["hashes"]]
+    assert reference_tlog.verify_consistency(size, latest, receipt["root"], latest_root, hashes)
+    # A proof between different trees, or to another root, is refused by the verifier.
+    assert not reference_tlog.verify_consistency(
+        size, latest, receipt["root"], receipt["root"], hashes
+    )
+
+
+async def test_log_proofs_refuse_sizes_never_checkpointed(sqlite_gateway: Gateway) -> None:
+    gw = sqlite_gateway
+    # Nothing is logged yet (this request's own record commits after it): no checkpoint.
+    response, body = await gw.request("GET", "/v1/log/checkpoint")
+    assert (response.status, body["error"]["code"]) == (404, "no_checkpoint"), body
+    _, listing = await gw.request("GET", "/v1/log/keys", role=None)
+    response, note = await gw.request("GET", "/v1/log/checkpoint")
+    assert response.status == 200, note
+    _, size, _ = reference_tlog.open_checkpoint(note.decode(), vkeys_of(listing))
+    assert size == 2  # the two requests before this one
+    cases = [
+        (f"/v1/log/proof/inclusion?index=0&size={size + 1000}", "invalid_size"),
+        (f"/v1/log/proof/inclusion?index={size}&size={size}", "invalid_index"),
+        (f"/v1/log/proof/consistency?old={size}&size={size + 1000}", "invalid_size"),
+        (f"/v1/log/proof/consistency?old={size + 1}&size={size}", "invalid_old"),
+        (f"/v1/log/proof/consistency?old=0&size={size}", "invalid_query"),
+        ("/v1/log/proof/inclusion?index=0", "invalid_query"),
+        (f"/v1/log/proof/inclusion?index=0&size={size}&extra=1", "invalid_query"),
+        (f"/v1/log/proof/inclusion?index=x&size={size}", "invalid_query"),
+    ]
+    for path, code in cases:
+        response, body = await gw.request("GET", path)
+        assert (response.status, body["error"]["code"]) == (400, code), (path, body)
+        [record] = await gw.audit_records(response.headers["X-Request-ID"])
+        assert (record["http_status"], record["outcome"]) == (400, "invalid")
 
 
 def _via_port(url: str, port: int) -> str:
@@ -101,6 +209,9 @@ async def test_audit_store_down_means_503_and_no_result(
                 break
             await asyncio.sleep(0.3)
         assert response.status == 200 and "receipt" in answer
+        # The answer after the outage carries a receipt of the same, unbroken log.
+        _, listing = await gw.request("GET", "/v1/log/keys", role=None)
+        check_receipt(answer, response.headers["X-Request-ID"], vkeys_of(listing))
     finally:
         await proxy.cut()
 

@@ -237,7 +237,9 @@ async def test_tightened_policy_disables_existing_keys(
     tight = tmp_path / "tight-policies"
     shutil.copytree(POLICY_DIR, tight)
     rbac = (tight / "rbac.toml").read_text()
-    allowed = '[roles.auditor]\npermissions = ["audit:read", "access:review"]\nmfa = true\n'
+    allowed = (
+        '[roles.auditor]\npermissions = ["audit:read", "access:review", "log:read"]\nmfa = true\n'
+    )
     assert allowed + "api_keys = true" in rbac
     (tight / "rbac.toml").write_text(
         rbac.replace(allowed + "api_keys = true", allowed + "api_keys = false")

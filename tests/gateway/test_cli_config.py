@@ -3,7 +3,10 @@ schema, and the configuration with its environment overrides."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -13,7 +16,9 @@ import pytest
 
 from gateway.cli import main
 from gateway.config import Config, apply_env, load_config
+from tests.audit import reference_tlog
 from tests.gateway.conftest import CHEAP_ARGON2
+from tests.gateway.helpers import ORIGIN
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -54,11 +59,28 @@ def test_jobs_run_checkpoint_signs_the_head(
     _init(data_dir, capsys)
     assert main(["jobs", "run", "checkpoint", "--data-dir", str(data_dir)]) == 0
     first = json.loads(capsys.readouterr().out)
-    assert first["key_id"].startswith("receipt-")
-    # The first run audited itself, so the second signs a later head.
+    assert set(first) == {"size", "root", "key_id"}
+    assert first["key_id"].startswith("log-") and first["size"] >= 1
+    # Each run appends its own record, whose commit signs a later head.
     assert main(["jobs", "run", "checkpoint", "--data-dir", str(data_dir)]) == 0
     second = json.loads(capsys.readouterr().out)
-    assert second["seq"] > (first["seq"] or 0)
+    assert second["size"] > first["size"] and second["key_id"] == first["key_id"]
+    # Both heads are stored, signed by the log key the run named.
+    with contextlib.closing(sqlite3.connect(data_dir / "gateway.db")) as db:
+        [vkey] = [
+            r[0]
+            for r in db.execute("SELECT vkey FROM log_keys WHERE key_id = ?", (first["key_id"],))
+        ]
+        for run in (first, second):
+            (note,) = db.execute(
+                "SELECT note FROM audit_tree_heads WHERE size = ?", (run["size"],)
+            ).fetchone()
+            origin, size, root = reference_tlog.open_checkpoint(note, [vkey])
+            assert (origin, size, base64.b64encode(root).decode()) == (
+                ORIGIN,
+                run["size"],
+                run["root"],
+            )
     assert main(["audit", "verify", "--data-dir", str(data_dir)]) == 0
     assert main(["jobs", "run", "no-such-job", "--data-dir", str(data_dir)]) == 2
 

@@ -3,7 +3,9 @@ OpenAPI document against the registered routes, and draining."""
 
 from __future__ import annotations
 
+import re
 import ssl
+import time
 
 import aiohttp
 import pytest
@@ -102,8 +104,20 @@ async def test_metrics_count_operations_by_outcome(sqlite_gateway: Gateway) -> N
         "process_resident_memory_bytes",
         "kzg_audit_queue_depth",
         "kzg_audit_head_seq",
+        "kzg_audit_tree_size",
+        "kzg_audit_checkpoint_timestamp_seconds",
+        "kzg_audit_signing_failures_total",
     ):
         assert name in metrics
+    values = {
+        name: float(value)
+        for name, value in re.findall(r"^(kzg_audit_\w+) (\S+)$", metrics, re.MULTILINE)
+    }
+    # The two answers above were each committed with a signed tree head that covers them.
+    assert values["kzg_audit_tree_size"] >= 2
+    assert values["kzg_audit_tree_size"] >= values["kzg_audit_head_seq"]
+    assert 0 <= time.time() - values["kzg_audit_checkpoint_timestamp_seconds"] < 60
+    assert values["kzg_audit_signing_failures_total"] == 0
 
 
 async def test_openapi_documents_exactly_the_registered_routes(sqlite_gateway: Gateway) -> None:
@@ -126,9 +140,26 @@ async def test_openapi_documents_exactly_the_registered_routes(sqlite_gateway: G
     assert set(kzg["requestBody"]["content"]) == {"application/json", "application/octet-stream"}
     assert kzg["responses"]["200"]["content"]["application/json"]["schema"]["required"] == [
         "commitment",
+        "versioned_hash",
         "receipt",
     ]
     assert document["paths"]["/healthz"]["get"]["security"] == []
+    # A receipt is the logged entry and its tlog-proof; the log's keys are public, its
+    # checkpoint and proofs need a credential.
+    receipt = document["components"]["schemas"]["Receipt"]
+    assert receipt["required"] == ["entry", "proof"]
+    assert set(receipt["properties"]) == {"entry", "proof"}
+    assert document["paths"]["/v1/log/keys"]["get"]["security"] == []
+    for path in ("/v1/log/checkpoint", "/v1/log/proof/inclusion", "/v1/log/proof/consistency"):
+        assert document["paths"][path]["get"]["security"] != [], path
+    checkpoint = document["paths"]["/v1/log/checkpoint"]["get"]["responses"]["200"]
+    assert set(checkpoint["content"]) == {"text/plain"}
+    for path, first in (("/v1/log/proof/inclusion", "index"), ("/v1/log/proof/consistency", "old")):
+        parameters = document["paths"][path]["get"]["parameters"]
+        assert {(p["name"], p["in"], p["required"]) for p in parameters} == {
+            (first, "query", True),
+            ("size", "query", True),
+        }, path
 
 
 async def test_one_json_access_line_per_request_without_secrets(

@@ -1,10 +1,14 @@
 """Several gateway instances — separate processes, separate ports — on one real
-PostgreSQL: shared identities and one audit chain, revocation reaching every instance,
-SIGKILL under load, the database restarted or read-only under load."""
+PostgreSQL: shared identities and one audit log (one Merkle tree whose checkpoints, from
+either instance, are all consistent), revocation and key rotation reaching every
+instance, SIGKILL under load (every acknowledged receipt still proven afterwards), the
+database restarted or read-only under load."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import itertools
 import json
 import os
 import resource
@@ -27,7 +31,9 @@ from sqlalchemy import select
 from audit.models import audit_events
 from auth.crypto import MasterKey
 from gateway.db import make_engine
+from tests.audit import reference_tlog
 from tests.conftest import PgDatabase, free_port
+from tests.gateway.helpers import ORIGIN, canonical, check_receipt, input_digests, vkeys_of
 
 # The verify-proof request of the identity point: valid, and cheap for the engine.
 BODY = {
@@ -133,7 +139,7 @@ def instances(tmp_path: Path, pg_database: PgDatabase) -> Iterator[list[Instance
         # Low enough for a test to exhaust across both instances in a few seconds.
         "KZG_GATEWAY_AUTH__RATELIMIT__AUDITOR": "{rate = 2, burst = 4}",
         "KZG_GATEWAY_AUTH__RATELIMIT_SHARING__SYNC_SECONDS": "0.2",
-        "KZG_GATEWAY_SERVER__RECEIPT_KEY_REFRESH_SECONDS": "1",
+        "KZG_GATEWAY_SERVER__LOG_KEY_REFRESH_SECONDS": "1",
     }
     made = []
     for name in ("a", "b"):
@@ -171,6 +177,83 @@ async def _verify_proof(
 async def _call(instance: Instance, key: str, session: aiohttp.ClientSession) -> tuple[int, str]:
     status, request_id, _ = await _verify_proof(instance, key, session)
     return status, request_id
+
+
+async def get(
+    instance: Instance, path: str, session: aiohttp.ClientSession, key: str | None = None
+) -> tuple[int, Any]:
+    """One GET: status and the JSON answer (text when not JSON)."""
+    headers = {"X-API-Key": key} if key else {}
+    async with session.get(f"{instance.url}{path}", headers=headers, ssl=instance.ssl()) as r:
+        raw = await r.read()
+        if r.content_type == "application/json":
+            return r.status, json.loads(raw)
+        return r.status, raw.decode()
+
+
+async def log_vkeys(instance: Instance, session: aiohttp.ClientSession) -> list[str]:
+    """The published verifier keys (public: no credential)."""
+    status, listing = await get(instance, "/v1/log/keys", session)
+    assert status == 200, listing
+    return vkeys_of(listing)
+
+
+async def latest_checkpoint(
+    instance: Instance, key: str, session: aiohttp.ClientSession, vkeys: list[str]
+) -> tuple[int, bytes]:
+    """The latest signed checkpoint, opened with the reference verifier: (size, root)."""
+    status, note = await get(instance, "/v1/log/checkpoint", session, key)
+    assert status == 200, note
+    origin, size, root = reference_tlog.open_checkpoint(note, vkeys)
+    assert origin == ORIGIN
+    return size, root
+
+
+async def assert_consistent(
+    instance: Instance,
+    key: str,
+    session: aiohttp.ClientSession,
+    old: tuple[int, bytes],
+    new: tuple[int, bytes],
+) -> None:
+    """The log proves (RFC 9162 consistency, checked by the reference verifier) that the
+    signed tree ``old`` (size, root) is a prefix of the signed tree ``new``."""
+    status, proof = await get(
+        instance, f"/v1/log/proof/consistency?old={old[0]}&size={new[0]}", session, key
+    )
+    assert status == 200, proof
+    hashes = [base64.b64decode(h) for h in proof["hashes"]]
+    assert reference_tlog.verify_consistency(old[0], new[0], old[1], new[1], hashes), (old, new)
+
+
+def signed_heads(receipts: list[dict[str, Any]]) -> dict[int, bytes]:
+    """Size -> root of every checkpoint the receipts carry; one size has one root."""
+    heads: dict[int, bytes] = {}
+    for receipt in receipts:
+        root = heads.setdefault(receipt["size"], receipt["root"])
+        assert root == receipt["root"], f"two roots for size {receipt['size']}: a fork"
+    return heads
+
+
+async def check_acknowledged(
+    instance: Instance,
+    key: str,
+    session: aiohttp.ClientSession,
+    answered: list[tuple[str, Any]],
+    inputs: dict[str, str],
+) -> tuple[int, bytes]:
+    """Every acknowledged answer's receipt verifies, names its request, and its tree is
+    extended by the log's latest checkpoint (one consistency proof per tree size seen).
+    Returns that checkpoint's (size, root)."""
+    vkeys = await log_vkeys(instance, session)
+    latest = await latest_checkpoint(instance, key, session, vkeys)
+    receipts = [check_receipt(answer, rid, vkeys, inputs) for rid, answer in answered]
+    indices = [r["index"] for r in receipts]
+    assert len(set(indices)) == len(indices), "two answers logged as one entry"
+    for size, root in sorted(signed_heads(receipts).items()):
+        assert size <= latest[0], f"a receipt's tree ({size}) is larger than the log's"
+        await assert_consistent(instance, key, session, (size, root), latest)
+    return latest
 
 
 async def recorded_request_ids(db_url: str) -> set[str]:
@@ -217,6 +300,68 @@ async def test_two_instances_share_keys_revocation_and_one_chain(
     assert _verify_chain(a, pg_database.owner_url)["checked"] >= 22
 
 
+async def test_two_instances_build_one_tree_of_consistent_checkpoints(
+    running: list[Instance],
+) -> None:
+    a, b = running
+    key = a.cli("admin", "api-keys", "create", "--name", "tree", "--role", "client")["api_key"]
+    inputs = input_digests(BODY)
+    async with aiohttp.ClientSession() as session:
+        # Concurrent answers from both instances, in waves so that group commits of
+        # either instance interleave in the one tree.
+        answered: dict[str, list[dict[str, Any]]] = {"a": [], "b": []}
+        vkeys = await log_vkeys(a, session)
+        assert await log_vkeys(b, session) == vkeys, "both instances publish one log key"
+        for _ in range(3):
+            calls = [(inst, _verify_proof(inst, key, session)) for inst in (a, b) for _ in range(6)]
+            for (inst, _), (status, request_id, answer) in zip(
+                calls, await asyncio.gather(*(call for _, call in calls)), strict=True
+            ):
+                assert status == 200, answer
+                answered[inst.name].append(check_receipt(answer, request_id, vkeys, inputs))
+        receipts = answered["a"] + answered["b"]
+        # One tree: every answer, whichever instance gave it, is its own entry of the one
+        # sequence, and the entries of both instances interleave in it.
+        indices = sorted(r["index"] for r in receipts)
+        assert len(set(indices)) == len(indices) == 36
+        first_b = min(r["index"] for r in answered["b"])
+        assert any(r["index"] > first_b for r in answered["a"]), "the instances never interleaved"
+        # Every checkpoint either instance signed or serves, by size.
+        heads = signed_heads(receipts)
+        for instance in (a, b):
+            size, root = await latest_checkpoint(instance, key, session, vkeys)
+            assert heads.setdefault(size, root) == root, f"two roots for size {size}: a fork"
+        sizes = sorted(heads)
+        assert len(sizes) >= 4, sizes
+        # Every pair of checkpoints seen is consistent, proved by either instance.
+        pairs = list(itertools.combinations(sizes, 2))
+        for start in range(0, len(pairs), 16):
+            await asyncio.gather(
+                *(
+                    assert_consistent(
+                        (a, b)[n % 2], key, session, (old, heads[old]), (new, heads[new])
+                    )
+                    for n, (old, new) in enumerate(pairs[start : start + 16], start)
+                )
+            )
+        # And both instances prove a sample of the receipts against one later tree.
+        latest = await latest_checkpoint(a, key, session, vkeys)
+        for instance in (a, b):
+            for receipt in receipts[:: len(receipts) // 6]:
+                status, proof = await get(
+                    instance,
+                    f"/v1/log/proof/inclusion?index={receipt['index']}&size={latest[0]}",
+                    session,
+                    key,
+                )
+                assert status == 200, proof
+                path = [base64.b64decode(h) for h in proof["hashes"]]
+                leaf = reference_tlog.leaf_hash(canonical(receipt["entry"]).encode())
+                assert reference_tlog.verify_inclusion(
+                    leaf, receipt["index"], latest[0], path, latest[1]
+                )
+
+
 async def _login(instance: Instance, user: dict, session: aiohttp.ClientSession) -> str:
     body = {
         "username": user["username"],
@@ -237,10 +382,21 @@ async def _audit_read(instance: Instance, token: str, session: aiohttp.ClientSes
         return response.status
 
 
-async def _receipt_key(instance: Instance, key: str, session: aiohttp.ClientSession) -> str:
-    status, _, answer = await _verify_proof(instance, key, session)
+async def _receipt_vkey(
+    instance: Instance, key: str, session: aiohttp.ClientSession, vkeys: list[str]
+) -> str:
+    """The one published key that verifies the receipt of a fresh answer of ``instance``."""
+    status, request_id, answer = await _verify_proof(instance, key, session)
     assert status == 200, answer
-    return str(answer["receipt"]["key_id"])
+    verifying = []
+    for vkey in vkeys:
+        try:
+            check_receipt(answer, request_id, [vkey], input_digests(BODY))
+        except AssertionError:
+            continue
+        verifying.append(vkey)
+    assert len(verifying) == 1, verifying
+    return verifying[0]
 
 
 async def test_key_rotation_reaches_every_instance(running: list[Instance]) -> None:
@@ -250,9 +406,10 @@ async def test_key_rotation_reaches_every_instance(running: list[Instance]) -> N
     ann, bob = (a.cli("admin", "users", "create", n, "--role", "auditor") for n in ("ann", "bob"))
     async with aiohttp.ClientSession() as session:
         old_token = await _login(a, ann, session)
-        old_receipt_key = await _receipt_key(b, key, session)
+        [old_vkey] = await log_vkeys(b, session)
+        assert await _receipt_vkey(b, key, session, [old_vkey]) == old_vkey
         a.cli("admin", "jwt-keys", "rotate")
-        a.cli("admin", "signing-keys", "rotate")
+        rotated_key = a.cli("admin", "signing-keys", "rotate")
         rotated = time.monotonic()
         new_token = await _login(a, bob, session)
         assert (
@@ -265,10 +422,17 @@ async def test_key_rotation_reaches_every_instance(running: list[Instance]) -> N
             assert time.monotonic() - rotated < 5, "instance b refuses the new JWT key"
             await asyncio.sleep(0.2)
         assert await _audit_read(b, old_token, session) == 200
-        # ... and signs its receipts with the new key within its refresh interval (1 s).
-        while await _receipt_key(b, key, session) == old_receipt_key:
+        # Both instances publish the new log key beside the retired one ...
+        for instance in (a, b):
+            _, listing = await get(instance, "/v1/log/keys", session)
+            statuses = {k["vkey"]: k["status"] for k in listing["keys"]}
+            assert statuses == {old_vkey: "retired", rotated_key["vkey"]: "current"}
+        vkeys = [old_vkey, rotated_key["vkey"]]
+        # ... and b signs its checkpoints with it within its refresh interval (1 s).
+        while await _receipt_vkey(b, key, session, vkeys) == old_vkey:
             assert time.monotonic() - rotated < 5, "instance b still signs with the old key"
             await asyncio.sleep(0.2)
+        assert await _receipt_vkey(a, key, session, vkeys) == rotated_key["vkey"]
 
 
 async def test_instances_share_one_rate_limit(running: list[Instance]) -> None:
@@ -301,27 +465,32 @@ async def test_sigkill_under_load_loses_no_acknowledged_request(
 ) -> None:
     a, b = running
     key = a.cli("admin", "api-keys", "create", "--name", "load", "--role", "client")["api_key"]
-    acknowledged: list[str] = []
+    acknowledged: list[tuple[str, Any]] = []
 
     async def client(instance: Instance, session: aiohttp.ClientSession) -> None:
         for _ in range(200):
             try:
-                status, request_id = await _call(instance, key, session)
+                status, request_id, answer = await _verify_proof(instance, key, session)
             except aiohttp.ClientError:
                 return
             if status == 200:
-                acknowledged.append(request_id)
+                acknowledged.append((request_id, answer))
 
     async with aiohttp.ClientSession() as session:
         load = [asyncio.create_task(client(inst, session)) for inst in (a, b) for _ in range(4)]
         await asyncio.sleep(1.5)
         a.stop(signal.SIGKILL)
         await asyncio.gather(*load)
-    assert len(acknowledged) > 20
-    recorded = await recorded_request_ids(pg_database.owner_url)
-    assert set(acknowledged) <= recorded, "an answered request has no audit record"
-    a.start()
-    await a.wait_ready()
+        assert len(acknowledged) > 20
+        recorded = await recorded_request_ids(pg_database.owner_url)
+        assert {rid for rid, _ in acknowledged} <= recorded, (
+            "an answered request has no audit record"
+        )
+        a.start()
+        await a.wait_ready()
+        # Every receipt answered before, by the killed instance or the other, is proven
+        # in the tree the restarted instance serves now.
+        await check_acknowledged(a, key, session, acknowledged, input_digests(BODY))
     _verify_chain(a, pg_database.owner_url)
 
 

@@ -1,6 +1,8 @@
 """Process-level faults of one real gateway: the embedded SQLite's disk filling up (fail
-closed with 503, recover without a restart) and SIGTERM during a rolling restart
-(/readyz turns 503, in-flight requests finish, the listener closes, exit 0)."""
+closed with 503, recover without a restart), SIGKILL under load (after a restart every
+acknowledged receipt verifies and the new checkpoint extends its tree) and SIGTERM
+during a rolling restart (/readyz turns 503, in-flight requests finish, the listener
+closes, exit 0)."""
 
 from __future__ import annotations
 
@@ -16,19 +18,28 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
+from sqlalchemy import func, select
 
+from audit.models import audit_tree_heads
 from auth.crypto import MasterKey
 from gateway.cli_audit import DEFAULT_DATABASE_FILE
+from gateway.db import make_engine
 from tests.conftest import PgDatabase, free_port
-from tests.gateway.helpers import make_blob
+from tests.gateway.helpers import check_receipt, input_digests, make_blob
 from tests.production.test_instances import (
+    BODY,
     CHEAP_ARGON2,
     Instance,
     _call,
     _verify_chain,
+    _verify_proof,
+    assert_consistent,
+    check_acknowledged,
+    log_vkeys,
     recorded_request_ids,
 )
 
@@ -191,6 +202,86 @@ async def test_disk_full_fails_closed_and_recovers(tmp_path: Path) -> None:
         gateway.stop(signal.SIGKILL)
         if mounted:
             _unmount(root)
+
+
+async def _stored_tree_size(db_url: str) -> int:
+    """The size of the newest signed tree head stored in the database."""
+    engine = make_engine(db_url)
+    try:
+        async with engine.connect() as conn:
+            return int((await conn.execute(select(func.max(audit_tree_heads.c.size)))).scalar())
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+async def test_sigkill_under_load_then_restart_proves_every_acknowledged_receipt(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    # Given one gateway (the embedded SQLite, or PostgreSQL) answering a steady load.
+    config: dict[str, str] = {}
+    data_dir = tmp_path / "kill"
+    db_url = f"sqlite+aiosqlite:///{(data_dir / DEFAULT_DATABASE_FILE).resolve()}"
+    if kind == "postgresql":
+        database: PgDatabase = request.getfixturevalue("pg_database")
+        db_url = database.owner_url
+        config = {
+            "KZG_GATEWAY_DATABASE_URL": database.app_url,
+            "KZG_GATEWAY_DATABASE_OWNER_URL": database.owner_url,
+            "KZG_GATEWAY_DATABASE_APP_ROLE": database.app_role,
+        }
+    gateway = Instance("kill", data_dir, free_port(), _gateway_env(**config))
+    try:
+        gateway.cli("init", "--json")
+        gateway.start()
+        await gateway.wait_ready()
+        key = gateway.cli("admin", "api-keys", "create", "--name", "kill", "--role", "client")
+        api_key = key["api_key"]
+        acknowledged: list[tuple[str, Any]] = []
+
+        async def client(session: aiohttp.ClientSession) -> None:
+            while True:
+                try:
+                    status, request_id, answer = await _verify_proof(gateway, api_key, session)
+                except aiohttp.ClientError:
+                    return  # the process is gone
+                if status == 200:
+                    acknowledged.append((request_id, answer))
+
+        async with aiohttp.ClientSession() as session:
+            vkeys = await log_vkeys(gateway, session)
+            load = [asyncio.create_task(client(session)) for _ in range(6)]
+            deadline = time.monotonic() + 30
+            while len(acknowledged) < 50:
+                assert time.monotonic() < deadline, f"no load got through: {gateway.log()}"
+                await asyncio.sleep(0.05)
+            # When the process is killed in the middle of it, group commits in flight,
+            gateway.stop(signal.SIGKILL)
+            await asyncio.wait_for(asyncio.gather(*load), timeout=60)
+            stored = await _stored_tree_size(db_url)
+            recorded = await recorded_request_ids(db_url)
+            assert {rid for rid, _ in acknowledged} <= recorded, "an answer has no record"
+
+            # and it is started again on the same database,
+            gateway.start()
+            await gateway.wait_ready()
+            assert await log_vkeys(gateway, session) == vkeys
+            # then every answer that left before the kill carries a receipt that verifies,
+            # and the checkpoint the restarted process serves extends each receipt's tree.
+            latest = await check_acknowledged(
+                gateway, api_key, session, acknowledged, input_digests(BODY)
+            )
+            assert latest[0] > stored, "the restarted log lost signed entries"
+            # The log goes on from there: a new answer's tree extends that checkpoint too.
+            status, request_id, answer = await _verify_proof(gateway, api_key, session)
+            assert status == 200, answer
+            after = check_receipt(answer, request_id, vkeys, input_digests(BODY))
+            await assert_consistent(
+                gateway, api_key, session, latest, (after["size"], after["root"])
+            )
+        _verify_chain(gateway, db_url.replace("+aiosqlite", ""))
+    finally:
+        gateway.stop(signal.SIGKILL)
 
 
 @pytest.fixture

@@ -10,7 +10,8 @@ import sys
 from tests.conftest import missing
 from tests.production.test_instances import Instance, instances  # noqa: F401
 
-BLOB_ROUTES = r"^/v1/kzg/(blob-to-commitment|compute-proof|compute-blob-proof|verify-blob-proof|verify-blob-proof-batch|compute-cells-and-proofs)$"
+# Routes whose body holds a blob, the batch route (its operations may) included.
+BLOB_ROUTES = r"^/v1/kzg/(blob-to-commitment|compute-proof|compute-blob-proof|verify-blob-proof|verify-blob-proof-batch|compute-cells-and-proofs|batch)$"
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
 
 
