@@ -396,11 +396,12 @@ def _operational_routes(app: web.Application) -> None:
 
 
 def pool_settings(config: Config) -> PoolSettings:
-    """``[engine] name`` and the ``[pool]`` section (see PoolSettings)."""
+    """``[engine] name`` and ``cross_check``, and the ``[pool]`` section (see PoolSettings)."""
     defaults = PoolSettings()
     pool = config.section("pool")
     return PoolSettings(
         engine=str(config.get("engine", "name", defaults.engine)),
+        cross_check=str(config.get("engine", "cross_check", defaults.cross_check) or ""),
         workers=int(pool.get("workers", defaults.workers)),
         max_queue=int(pool.get("max_queue", defaults.max_queue)),
         start_method=str(pool.get("start_method", defaults.start_method)),

@@ -31,6 +31,7 @@ class GatewayMetrics:
     connections: Gauge
     connections_refused: Counter
     password_hash_verifications: Counter
+    engine_disagreements: Counter
 
     @classmethod
     def create(cls) -> GatewayMetrics:
@@ -98,6 +99,12 @@ class GatewayMetrics:
                 "kzg_password_hash_verifications",
                 "argon2id verifications run, by credential (api_key, password)",
                 ["credential"],
+                registry=registry,
+            ),
+            engine_disagreements=Counter(
+                "kzg_engine_disagreements",
+                "Results refused because the cross-check engine disagreed, by operation",
+                ["operation"],
                 registry=registry,
             ),
         )

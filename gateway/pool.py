@@ -4,6 +4,11 @@ Each worker is a process that loads the engine once and then serves one call at 
 over its own pipe. The event loop hands a call to an idle worker or queues it; the queue
 is bounded, and a call that finds it full is shed (``PoolSaturated`` → 503 + Retry-After).
 A worker that dies fails only its own call (``WorkerCrashed`` → 503) and is replaced.
+``call_many`` admits a group of calls all at once or not at all, then runs them in parallel.
+
+With ``cross_check`` set, each worker also loads that second engine and runs every call on
+both: a result leaves the worker only when the two agree byte for byte (or both refuse the
+input); otherwise the call fails with ``EngineDisagreement``, which carries both outcomes.
 """
 
 from __future__ import annotations
@@ -16,10 +21,14 @@ import logging
 import multiprocessing
 import os
 import pickle
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
+
+from gateway.config import ConfigError
+from kzg import ENGINE_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -39,18 +48,62 @@ class PoolClosed(RuntimeError):
     """The pool is stopping or stopped."""
 
 
+# An outcome as a worker reports it: (True, result) or (False, the exception raised).
+Outcome = tuple[bool, Any]
+
+
+class EngineDisagreement(RuntimeError):
+    """The engines gave different answers to one call: ``outcomes`` maps each engine's
+    name to its outcome, so that the caller can record what each would have answered."""
+
+    def __init__(self, function: str, outcomes: dict[str, Outcome]) -> None:
+        super().__init__(function, outcomes)
+        self.function = function
+        self.outcomes = outcomes
+
+    def __str__(self) -> str:
+        return f"the engines {' and '.join(self.outcomes)} disagree on {self.function}"
+
+
+@dataclass(frozen=True)
+class CallResult:
+    """One call of ``call_many``: its result, or the exception it raised, and the time
+    from its admission to its answer (queueing included)."""
+
+    value: Any
+    error: Exception | None
+    seconds: float
+
+
 @dataclass(frozen=True)
 class PoolSettings:
     """``workers``: processes (default one per core); ``max_queue``: calls that may wait
     for a worker before new ones are shed; ``start_method``: "fork" (default: the engine
     is loaded once in the server and inherited) or "forkserver"/"spawn" (each worker
-    loads its own)."""
+    loads its own); ``cross_check``: a second engine every call also runs on ("" for
+    none)."""
 
     engine: str = "blspy"
     workers: int = 0
     max_queue: int = 0
     start_method: str = "fork"
     retry_after_seconds: int = 1
+    cross_check: str = ""
+
+    def __post_init__(self) -> None:
+        if self.cross_check and (
+            self.cross_check == self.engine or self.cross_check not in ENGINE_NAMES
+        ):
+            others = [n for n in ENGINE_NAMES if n != self.engine]
+            raise ConfigError(
+                f"[engine] cross_check must name an engine other than [engine] name "
+                f"({self.engine!r}): one of {others}, got {self.cross_check!r}"
+            )
+
+    @property
+    def engine_names(self) -> tuple[str, ...]:
+        """The engine that answers first, then the one that checks it (if any)."""
+        return (self.engine, self.cross_check) if self.cross_check else (self.engine,)
 
     @property
     def worker_count(self) -> int:
@@ -85,11 +138,52 @@ def _drop_inherited_descriptors(keep: Connection) -> None:
     os.closerange(fd + 1, os.sysconf("SC_OPEN_MAX"))
 
 
-def _worker_main(conn: Connection, engine_name: str, forked: bool) -> None:
-    """Load the engine (inherited when forked), then answer calls until told to stop."""
+def _run_on(engine: Any, function: str | Callable[..., Any], args: Sequence[Any]) -> Outcome:
+    try:
+        target = getattr(engine, function) if isinstance(function, str) else None
+        return True, target(*args) if target else function(engine, *args)
+    except Exception as exc:
+        return False, exc
+
+
+def _canonical(value: Any) -> Any:
+    """A result as compared across engines: lists and tuples alike, any bytes-like as
+    bytes, and other values tagged with their type (a bool never equals an int)."""
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    return type(value).__name__, value
+
+
+def _agree(first: Outcome, second: Outcome) -> bool:
+    """Both answered the same bytes, or both refused the same way (e.g. KZGError)."""
+    if first[0] != second[0]:
+        return False
+    if first[0]:
+        return _canonical(first[1]) == _canonical(second[1])
+    return type(first[1]) is type(second[1])
+
+
+def _cross_checked(
+    engines: Sequence[tuple[str, Any]], function: str | Callable[..., Any], args: Sequence[Any]
+) -> Outcome:
+    """The first engine's outcome, once every other engine agrees with it."""
+    (name, engine), *checkers = engines
+    first = _run_on(engine, function, args)
+    for other_name, other in checkers:
+        second = _run_on(other, function, args)
+        if not _agree(first, second):
+            label = function if isinstance(function, str) else function.__name__
+            return False, EngineDisagreement(label, {name: first, other_name: second})
+    return first
+
+
+def _worker_main(conn: Connection, engine_names: tuple[str, ...], forked: bool) -> None:
+    """Load the engines (inherited when forked), then answer calls until told to stop."""
     if forked:
         _drop_inherited_descriptors(conn)
-    engine = warm_engine(engine_name)
+    engines = [(name, warm_engine(name)) for name in engine_names]
     conn.send_bytes(_READY)
     while True:
         try:
@@ -99,21 +193,17 @@ def _worker_main(conn: Connection, engine_name: str, forked: bool) -> None:
         if request == _STOP:
             return
         function, args = pickle.loads(request)  # noqa: S301 - only the parent writes this pipe
-        try:
-            target = getattr(engine, function) if isinstance(function, str) else None
-            result = (True, target(*args) if target else function(engine, *args))
-        except Exception as exc:
-            result = (False, exc)
+        result = _cross_checked(engines, function, args)
         conn.send_bytes(pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 class _Worker:
-    def __init__(self, context: Any, engine_name: str) -> None:
+    def __init__(self, context: Any, engine_names: tuple[str, ...]) -> None:
         self.conn, child = context.Pipe(duplex=True)
         forked = context.get_start_method() == "fork"
         self.process = context.Process(
             target=_worker_main,
-            args=(child, engine_name, forked),
+            args=(child, engine_names, forked),
             daemon=True,
             name="kzg-worker",
         )
@@ -124,7 +214,8 @@ class _Worker:
 
 class EnginePool:
     """``await pool.call("verify_kzg_proof", c, z, y, p)`` runs an engine method in a
-    worker; ``call(fn, *args)`` runs a module-level ``fn(engine, *args)``."""
+    worker; ``call(fn, *args)`` runs a module-level ``fn(engine, *args)``;
+    ``call_many([(function, args), ...])`` runs several in parallel."""
 
     def __init__(self, settings: PoolSettings) -> None:
         self.settings = settings
@@ -148,6 +239,11 @@ class EnginePool:
         return len(self._workers) - len(self._idle)
 
     @property
+    def free_slots(self) -> int:
+        """Calls that would find a worker or a queue place right now."""
+        return len(self._idle) + self.settings.queue_limit - len(self._waiting)
+
+    @property
     def ready(self) -> bool:
         return not self._closed and len(self._workers) == self.settings.worker_count
 
@@ -156,18 +252,20 @@ class EnginePool:
         self._loop = asyncio.get_running_loop()
         self._closed = False
         if self.settings.start_method == "fork":
-            await self._loop.run_in_executor(None, warm_engine, self.settings.engine)
+            for name in self.settings.engine_names:
+                await self._loop.run_in_executor(None, warm_engine, name)
         for _ in range(self.settings.worker_count):
             await self._spawn()
 
     async def _spawn(self) -> None:
         loop = asyncio.get_running_loop()
         # Started on the loop thread, one at a time, so no fork copies a half-made pipe.
-        worker = _Worker(self._context, self.settings.engine)
+        worker = _Worker(self._context, self.settings.engine_names)
         hello = await loop.run_in_executor(None, self._await_ready, worker)
         if hello != _READY:
             worker.process.kill()
-            raise RuntimeError(f"KZG worker failed to start (engine {self.settings.engine!r})")
+            names = " and ".join(repr(n) for n in self.settings.engine_names)
+            raise RuntimeError(f"KZG worker failed to start (engine {names})")
         if self._closed:
             worker.process.kill()
             return
@@ -184,38 +282,89 @@ class EnginePool:
 
     async def call(self, function: str | Callable[..., Any], *args: Any) -> Any:
         """Run ``function`` in a worker and return its result (or raise its exception)."""
+        [done] = await self.call_many([(function, args)])
+        if done.error is not None:
+            raise done.error
+        return done.value
+
+    async def call_many(
+        self, calls: Sequence[tuple[str | Callable[..., Any], Sequence[Any]]]
+    ) -> list[CallResult]:
+        """Run every call in parallel and return their results in order. The calls are
+        admitted together or not at all: PoolSaturated unless each finds a worker or a
+        queue place now, so that a group is never half run."""
         if self._closed:
             raise PoolClosed("the KZG pool is not running")
-        worker = await self._acquire()
+        if len(calls) > self.free_slots:
+            raise PoolSaturated("every KZG worker is busy and the queue is full")
+        # Claimed before the first await: no other request can take these places.
+        slots = [self._claim() for _ in calls]
+        started: set[int] = set()
+        admitted = time.perf_counter()
+
+        async def run(
+            index: int, function: str | Callable[..., Any], args: Sequence[Any]
+        ) -> CallResult:
+            started.add(index)
+            try:
+                value = await self._run(slots[index], function, args)
+            except Exception as exc:
+                return CallResult(None, exc, time.perf_counter() - admitted)
+            return CallResult(value, None, time.perf_counter() - admitted)
+
+        try:
+            return await asyncio.gather(
+                *(run(i, function, args) for i, (function, args) in enumerate(calls))
+            )
+        finally:
+            # A task cancelled before its first step never awaited its slot.
+            for index, slot in enumerate(slots):
+                if index not in started:
+                    self._abandon(slot)
+
+    def _claim(self) -> asyncio.Future[_Worker]:
+        """A worker, now if one is idle, else when one frees (a place in the queue)."""
+        assert self._loop is not None
+        slot: asyncio.Future[_Worker] = self._loop.create_future()
+        if self._idle:
+            slot.set_result(self._idle.popleft())
+        else:
+            self._waiting.append(slot)
+        return slot
+
+    def _abandon(self, slot: asyncio.Future[_Worker]) -> None:
+        """Give back a slot whose call will not run."""
+        if slot.done() and not slot.cancelled() and slot.exception() is None:
+            self._release(slot.result())
+        else:
+            slot.cancel()
+            with contextlib.suppress(ValueError):
+                self._waiting.remove(slot)
+
+    async def _run(
+        self,
+        slot: asyncio.Future[_Worker],
+        function: str | Callable[..., Any],
+        args: Sequence[Any],
+    ) -> Any:
+        try:
+            worker = await slot
+        except asyncio.CancelledError:
+            self._abandon(slot)
+            raise
         assert self._loop is not None
         future: asyncio.Future[Any] = self._loop.create_future()
         worker.future = future
         try:
-            worker.conn.send_bytes(pickle.dumps((function, args), protocol=pickle.HIGHEST_PROTOCOL))
+            worker.conn.send_bytes(
+                pickle.dumps((function, tuple(args)), protocol=pickle.HIGHEST_PROTOCOL)
+            )
         except OSError:
             self._lost(worker)
         ok, value = await future
         if ok:
             return value
         raise value
-
-    async def _acquire(self) -> _Worker:
-        if self._idle:
-            return self._idle.popleft()
-        if len(self._waiting) >= self.settings.queue_limit:
-            raise PoolSaturated("every KZG worker is busy and the queue is full")
-        assert self._loop is not None
-        waiter: asyncio.Future[_Worker] = self._loop.create_future()
-        self._waiting.append(waiter)
-        try:
-            return await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self._release(waiter.result())
-            else:
-                with contextlib.suppress(ValueError):
-                    self._waiting.remove(waiter)
-            raise
 
     def _release(self, worker: _Worker) -> None:
         while self._waiting:

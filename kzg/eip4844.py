@@ -26,6 +26,9 @@ from .field import (
 
 FIAT_SHAMIR_PROTOCOL_DOMAIN = b"FSBLOBVERIFY_V1_"
 RANDOM_CHALLENGE_KZG_BATCH_DOMAIN = b"RCKZGBATCH___V1_"
+# EIP-4844: the first byte of a blob transaction's versioned hash names the commitment scheme.
+VERSIONED_HASH_VERSION_KZG = 0x01
+BYTES_PER_COMMITMENT = 48
 
 
 @cache
@@ -58,6 +61,13 @@ def check_list(value: object, name: str) -> list:
     if not isinstance(value, list | tuple):
         raise KZGError(f"{name}: expected a list, got {type(value).__name__}")
     return list(value)
+
+
+def kzg_to_versioned_hash(commitment: bytes) -> bytes:
+    """Return the versioned hash a blob transaction carries for ``commitment`` (EIP-4844):
+    the version byte, then the SHA-256 digest of the commitment minus the digest's first byte."""
+    digest = hashlib.sha256(check_bytes(commitment, BYTES_PER_COMMITMENT, "commitment")).digest()
+    return bytes([VERSIONED_HASH_VERSION_KZG]) + digest[1:]
 
 
 def field_from_bytes(value: object, name: str) -> int:

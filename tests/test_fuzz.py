@@ -16,7 +16,7 @@ from audit.tlog import Checkpoint, TlogProof, verify_inclusion_proof
 from auth import tokens
 from auth.credentials import parse_api_key
 from gateway.errors import ApiError
-from gateway.kzg_routes import operations, parse_json_inputs
+from gateway.kzg_routes import BatchRefusal, operations, parse_batch, parse_json_inputs
 from kzg import KZGError
 from kzg.curve import g1_from_bytes
 from kzg.eip4844 import blob_to_polynomial, field_from_bytes
@@ -131,6 +131,37 @@ def test_request_bodies(name: str, document: dict[str, Any]) -> None:
             assert isinstance(value, bytes) and len(value) == field.size
         elif field.kind == "bytes_list":
             assert all(isinstance(v, bytes) and len(v) == field.size for v in value)
+
+
+@FUZZ
+@given(
+    st.lists(
+        JSON
+        | st.fixed_dictionaries(
+            {"operation": st.sampled_from(sorted(OPS)) | st.text(max_size=12)},
+            optional={
+                name: JSON | HEXISH
+                for name in ("blob", "z", "y", "commitment", "proof", "cell_indices", "cells")
+            },
+        ),
+        max_size=6,
+    )
+)
+def test_batch_bodies(items: list[Any]) -> None:
+    """A list of operations is a batch (when 1 to 4 long); each item is parsed or refused
+    on its own, with a 400 naming its place."""
+    try:
+        parsed = parse_batch(json.dumps({"operations": items}).encode(), OPS, 4)
+    except ApiError as exc:
+        assert exc.status == 400 and not 1 <= len(items) <= 4
+        return
+    assert len(parsed) == len(items)
+    for i, item in enumerate(parsed):
+        if isinstance(item, BatchRefusal):
+            assert item.error.status == 400
+            assert item.error.message.startswith(f"operations[{i}]")
+        else:
+            assert len(item.args) == len(item.op.inputs)
 
 
 @FUZZ
