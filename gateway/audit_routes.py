@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from datetime import UTC, datetime
 
 from aiohttp import web
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from audit.errors import AuditUnavailable
 from audit.events import AuditEvent, parse_timestamp
@@ -212,36 +212,30 @@ def _only(request: web.Request, *names: str) -> None:
             raise ApiError(400, "invalid_query", f"query parameter {name!r} is required")
 
 
-def _proof_error(exc: ProofUnavailable) -> ApiError:
-    return ApiError(400, f"invalid_{exc.parameter}", str(exc))
+ProofFn = Callable[[AsyncConnection, int, int], Awaitable[list[bytes]]]
 
 
-def _b64(hashes: list[bytes]) -> list[str]:
-    return [base64.b64encode(h).decode() for h in hashes]
+async def _proof(request: web.Request, first: str, lowest: int, prove: ProofFn) -> web.Response:
+    """A proof between ``first`` (index or old) and ``size``, from stored hashes; 400
+    naming the parameter when the log cannot prove it (a size never checkpointed, ...)."""
+    _only(request, first, "size")
+    value = _int(request, first, 0, lowest, 2**63 - 1)
+    size = _int(request, "size", 0, 1, 2**63 - 1)
+    try:
+        async with _engine(request).connect() as conn:
+            hashes = await prove(conn, value, size)
+    except ProofUnavailable as exc:
+        raise ApiError(400, f"invalid_{exc.parameter}", str(exc)) from None
+    encoded = [base64.b64encode(h).decode() for h in hashes]
+    return web.json_response({first: value, "size": size, "hashes": encoded})
 
 
 async def log_inclusion(request: web.Request) -> web.Response:
-    _only(request, "index", "size")
-    index = _int(request, "index", 0, 0, 2**63 - 1)
-    size = _int(request, "size", 0, 1, 2**63 - 1)
-    try:
-        async with _engine(request).connect() as conn:
-            hashes = await inclusion_proof(conn, index, size)
-    except ProofUnavailable as exc:
-        raise _proof_error(exc) from None
-    return web.json_response({"index": index, "size": size, "hashes": _b64(hashes)})
+    return await _proof(request, "index", 0, inclusion_proof)
 
 
 async def log_consistency(request: web.Request) -> web.Response:
-    _only(request, "old", "size")
-    old = _int(request, "old", 0, 1, 2**63 - 1)
-    size = _int(request, "size", 0, 1, 2**63 - 1)
-    try:
-        async with _engine(request).connect() as conn:
-            hashes = await consistency_proof(conn, old, size)
-    except ProofUnavailable as exc:
-        raise _proof_error(exc) from None
-    return web.json_response({"old": old, "size": size, "hashes": _b64(hashes)})
+    return await _proof(request, "old", 1, consistency_proof)
 
 
 async def export(request: web.Request) -> web.StreamResponse:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from typing import Any
 
 from blspy import AugSchemeMPL
 from sqlalchemy import text
@@ -55,7 +56,20 @@ class BlsSigner:
         return {self.key_id: self.public_key}
 
 
-async def tamper(store: AuditStore, *statements: str) -> None:
+AUDIT_TABLES = (
+    "audit_events",
+    "audit_tree",
+    "audit_tree_heads",
+    "audit_log_head",
+    "audit_legacy_chain",
+    "audit_checkpoints",
+    "audit_anchors",
+)
+# A statement, or one with bound parameters.
+Statement = str | tuple[str, dict[str, Any]]
+
+
+async def tamper(store: AuditStore, *statements: Statement) -> None:
     """Rewrite history as the database owner would: switch the guards off, then write."""
     engine = make_engine(store.owner_url)
     try:
@@ -67,18 +81,13 @@ async def tamper(store: AuditStore, *statements: str) -> None:
                 for (name,) in list(names):
                     await conn.execute(text(f"DROP TRIGGER {name}"))
             else:
-                for table in (
-                    "audit_events",
-                    "audit_tree",
-                    "audit_tree_heads",
-                    "audit_log_head",
-                    "audit_legacy_chain",
-                    "audit_checkpoints",
-                    "audit_anchors",
-                ):
+                for table in AUDIT_TABLES:
                     await conn.execute(text(f"ALTER TABLE {table} DISABLE TRIGGER USER"))
             for statement in statements:
-                await conn.exec_driver_sql(statement)
+                if isinstance(statement, str):
+                    await conn.exec_driver_sql(statement)
+                else:
+                    await conn.execute(text(statement[0]), statement[1])
     finally:
         await engine.dispose()
 

@@ -28,48 +28,12 @@ from audit.verify import load_log_keys, verify_database, verify_export_lines
 from audit.writer import AppendResult, AuditWriter
 from gateway.db import migrate
 from tests.audit.conftest import TEST_ORIGIN, AuditStore, make_engine, migrate_audit
-from tests.audit.helpers import BlsSigner, make_event
+from tests.audit.helpers import BlsSigner, Statement, make_event, tamper
 from tests.conftest import PgDatabase
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
 OLD = datetime(2018, 5, 1, tzinfo=UTC)
-AUDIT_TABLES = (
-    "audit_events",
-    "audit_tree",
-    "audit_tree_heads",
-    "audit_log_head",
-    "audit_anchors",
-    "audit_legacy_chain",
-    "audit_checkpoints",
-)
-
-Statement = str | tuple[str, dict[str, Any]]
-
-
 # -- helpers shared by the audit verification tests -------------------------------------
-
-
-async def tamper_as_owner(store: AuditStore, *statements: Statement) -> None:
-    """Rewrite history as the database owner would: switch the guards off, then write."""
-    engine = make_engine(store.owner_url)
-    try:
-        async with engine.begin() as conn:
-            if store.kind == "sqlite":
-                names = await conn.execute(
-                    text("SELECT name FROM sqlite_master WHERE type = 'trigger'")
-                )
-                for (name,) in list(names):
-                    await conn.execute(text(f"DROP TRIGGER {name}"))
-            else:
-                for table in AUDIT_TABLES:
-                    await conn.execute(text(f"ALTER TABLE {table} DISABLE TRIGGER USER"))
-            for statement in statements:
-                if isinstance(statement, str):
-                    await conn.exec_driver_sql(statement)
-                else:
-                    await conn.execute(text(statement[0]), statement[1])
-    finally:
-        await engine.dispose()
 
 
 async def store_log_keys(store: AuditStore, vkeys: Sequence[str]) -> None:
@@ -231,7 +195,7 @@ async def test_tampering_is_found_at_its_seq_in_the_database(
 ) -> None:
     assert (await verify_database(app_engine, [log_signer.vkey])).valid
 
-    await tamper_as_owner(audit_store, *statements)
+    await tamper(audit_store, *statements)
 
     report = await verify_database(app_engine, [log_signer.vkey])
     assert not report.valid
@@ -251,7 +215,7 @@ async def test_a_forger_without_the_key_cannot_fix_the_roots(
     tree = ten[8].batch.tree.after.copy()  # the tree at size 9
     tree.append(forged)
     root = tree.root()
-    await tamper_as_owner(
+    await tamper(
         audit_store,
         "UPDATE audit_events SET outcome = 'denied' WHERE seq = 10",
         ("UPDATE audit_tree SET hash = :h WHERE level = 0 AND idx = 9", {"h": forged}),
@@ -322,7 +286,7 @@ async def test_damaged_stored_subtree_roots_are_found(
     for start in range(0, 300, 100):
         await asyncio.gather(*(writer.append(make_event(n)) for n in range(start, start + 100)))
     assert (await verify_database(app_engine, [log_signer.vkey])).valid
-    await tamper_as_owner(
+    await tamper(
         audit_store,
         ("UPDATE audit_tree SET hash = :h WHERE level = 8 AND idx = 0", {"h": b"\x07" * 32}),
     )
@@ -557,7 +521,7 @@ async def test_sample_proves_random_entries_by_inclusion(
     assert report.valid, report.reason
     assert (report.method, report.sampled, report.checked, report.head_size) == ("sample", 4, 4, 10)
 
-    await tamper_as_owner(audit_store, "UPDATE audit_events SET actor = 'mallory' WHERE seq = 7")
+    await tamper(audit_store, "UPDATE audit_events SET actor = 'mallory' WHERE seq = 7")
     everything = await verify_database(app_engine, [log_signer.vkey], sample=50)
     assert everything.sampled == 10 and everything.checked == 9
     assert not everything.valid and everything.first_bad_seq == 7
@@ -621,7 +585,7 @@ async def test_an_altered_anchor_fails(
     assert not verify_export_lines(lines_of(items), retention_floor=floor).valid
     assert (await verify_database(app_engine, [log_signer.vkey], retention_floor=NOW)).valid
 
-    await tamper_as_owner(audit_store, "UPDATE audit_anchors SET pruned = 3")
+    await tamper(audit_store, "UPDATE audit_anchors SET pruned = 3")
     report = await verify_database(app_engine, [log_signer.vkey])
     assert not report.valid and report.first_bad_seq == 5
 
