@@ -26,8 +26,8 @@ from gateway.cli_audit import (
 )
 from gateway.receipts import result_digest
 from tests.audit.conftest import TEST_ORIGIN, AuditStore, make_engine, migrate_audit
-from tests.audit.helpers import BlsSigner, make_event
-from tests.audit.test_verify import store_log_keys, tamper_as_owner
+from tests.audit.helpers import BlsSigner, make_event, tamper
+from tests.audit.test_verify import store_log_keys
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
 
@@ -97,7 +97,7 @@ async def test_verify_database_then_export_file(
 async def test_verify_names_the_first_bad_seq(
     audit_store: AuditStore, log_signer: NoteLogSigner, seven: list[AppendResult], tmp_path: Path
 ) -> None:
-    await tamper_as_owner(audit_store, "UPDATE audit_events SET actor = 'mallory' WHERE seq = 3")
+    await tamper(audit_store, "UPDATE audit_events SET actor = 'mallory' WHERE seq = 3")
     url = _sync_url(audit_store.app_url)
 
     code, out = await _in_thread("audit", "verify", "--db-url", url, "--key", log_signer.vkey)
