@@ -8,7 +8,9 @@ Prints throughput and p50/p95/p99 for verify-proof, verify-blob-proof and
 blob-to-commitment, then the ratios the gateway is held to, then verify-proof with an
 API key against the same gateway with auth disabled (``--auth-only`` runs just that).
 ``--scale-out`` (with a PostgreSQL URL) compares one and two instances on one database
-and prints where a request's time goes.
+and prints where a request's time goes. ``--cross-check`` prints the cost of
+``[engine] cross_check``: the gateway with every result also computed by the other engine
+against the same gateway without.
 """
 
 from __future__ import annotations
@@ -148,7 +150,7 @@ def run_baseline(args: argparse.Namespace) -> None:
     async def handle(request: web.Request) -> web.Response:
         op = ops[request.path]
         inputs = await kzg_routes.parse_inputs(request, op)
-        result = await request.app[pool_key].call(op.name, *inputs)
+        result = await request.app[pool_key].call(op.call, *inputs)
         return web.json_response(op.output(result))
 
     async def pool_ctx(app: web.Application) -> Any:
@@ -314,6 +316,11 @@ def main() -> int:
         "--auth-only", action="store_true", help="only the API key vs auth disabled comparison"
     )
     parser.add_argument(
+        "--cross-check",
+        action="store_true",
+        help="only the cost of [engine] cross_check (every result computed by both engines)",
+    )
+    parser.add_argument(
         "--scale-out",
         action="store_true",
         help="one vs two instances on PostgreSQL (needs --database-url) and where time goes",
@@ -335,6 +342,10 @@ def main() -> int:
             # Room for every client in the queue: throughput, not shedding, is measured.
             "KZG_GATEWAY_POOL__MAX_QUEUE": str(args.concurrency),
             "KZG_GATEWAY_JOBS__ENABLED": "false",
+            # The client role's rate limit would answer 429 to the load: lifted, so that the
+            # middleware runs but never refuses, and every answer counted is a result.
+            "KZG_GATEWAY_AUTH__RATELIMIT__CLIENT__RATE": "1000000",
+            "KZG_GATEWAY_AUTH__RATELIMIT__CLIENT__BURST": "1000000",
         })  # fmt: skip
         if args.database_url:
             env.update({
@@ -345,6 +356,8 @@ def main() -> int:
         args.env = env
         if args.scale_out:
             return asyncio.run(scale_out(args))
+        if args.cross_check:
+            return asyncio.run(cross_check_cost(args))
         status = 0 if args.auth_only else asyncio.run(bench(args))
         return asyncio.run(auth_overhead(args)) or status
 
@@ -387,8 +400,6 @@ async def auth_overhead(args: argparse.Namespace) -> int:
     sides so that the middleware runs but never refuses."""
     from gateway.pool import warm_engine
 
-    args.env = {**args.env, "KZG_GATEWAY_AUTH__RATELIMIT__CLIENT__RATE": "1000000",
-                "KZG_GATEWAY_AUTH__RATELIMIT__CLIENT__BURST": "1000000"}  # fmt: skip
     _gateway(args, "init")
     created = json.loads(
         _gateway(args, "admin", "api-keys", "create", "--name", "auth-bench", "--role", "client").stdout
@@ -426,6 +437,58 @@ async def auth_overhead(args: argparse.Namespace) -> int:
             server.wait(timeout=30)
 
 
+async def cross_check_cost(args: argparse.Namespace) -> int:
+    """The gateway on ``--engine`` alone and with ``[engine] cross_check`` = the other
+    engine (two gateways, each on its own data directory), in alternating runs of each
+    measured operation: throughput and p50 of both and what the check costs."""
+    from gateway.pool import warm_engine
+
+    other = next(name for name in ("blspy", "ckzg") if name != args.engine)
+    sides: dict[str, tuple[argparse.Namespace, int, dict[str, str]]] = {}
+    for offset, (name, extra) in enumerate(
+        (("alone", {}), ("checked", {"KZG_GATEWAY_ENGINE__CROSS_CHECK": other}))
+    ):
+        side = argparse.Namespace(**vars(args))
+        side.data_dir = args.data_dir / name
+        side.env = {**args.env, **extra}
+        _gateway(side, "init")
+        created = json.loads(
+            _gateway(side, "admin", "api-keys", "create", "--name", "cc", "--role", "client").stdout
+        )
+        sides[name] = (side, args.port + 7 + offset, {"X-API-Key": created["api_key"]})
+    servers = [serve_gateway(side, port) for side, port, _ in sides.values()]
+    try:
+        inputs = make_inputs(warm_engine(args.engine))
+        for side, port, _ in sides.values():
+            await _wait_ready(f"https://127.0.0.1:{port}/readyz", side.data_dir / "tls" / "ca.pem")
+        print(f"cross-check: {args.engine} answers, {other} checks; {args.workers} workers, "
+              f"{os.cpu_count()} cores, {args.concurrency} clients")  # fmt: skip
+        for op in args.ops.split(","):
+            _, body = inputs[op]
+            runs: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
+            for _ in range(args.rounds):
+                for name, (side, port, headers) in sides.items():
+                    url = f"https://127.0.0.1:{port}/v1/kzg/{op}"
+                    ca = side.data_dir / "tls" / "ca.pem"
+                    seconds = args.seconds / args.rounds
+                    runs[name].append(
+                        await drive(url, body, headers, ca, args.concurrency, seconds)
+                    )
+            alone, checked = (_median(runs[name]) for name in sides)
+            ratio = checked["rps"] / alone["rps"]
+            print(f"{op}:")
+            print(_row(f"{args.engine} alone", alone) + f"  errors {alone['errors']}")
+            print(_row(f"{args.engine} + {other}", checked) + f"  errors {checked['errors']}")
+            print(f"  {'throughput checked / alone':<44} {ratio:7.2f}  "
+                  f"(cost {1 - ratio:.0%} of throughput, p50 +{checked['p50'] - alone['p50']:.1f} ms)")  # fmt: skip
+        return 0
+    finally:
+        for server in servers:
+            server.terminate()
+        for server in servers:
+            server.wait(timeout=30)
+
+
 def _metric(text: str, name: str) -> float:
     """Sum of the samples of ``name`` in a Prometheus text page."""
     total = 0.0
@@ -456,8 +519,6 @@ async def scale_out(args: argparse.Namespace) -> int:
     if not args.database_url:
         print("--scale-out needs --database-url (instances share one PostgreSQL)")
         return 2
-    args.env = {**args.env, "KZG_GATEWAY_AUTH__RATELIMIT__CLIENT__RATE": "1000000",
-                "KZG_GATEWAY_AUTH__RATELIMIT__CLIENT__BURST": "1000000"}  # fmt: skip
     _gateway(args, "init")
     created = json.loads(
         _gateway(args, "admin", "api-keys", "create", "--name", "scale", "--role", "client").stdout

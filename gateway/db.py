@@ -20,11 +20,15 @@ class SchemaNotCurrent(RuntimeError):
     """The database is not at the migrations' heads: run ``kzg-gateway init``."""
 
 
-def make_engine(url: str, busy_timeout: float = SQLITE_BUSY_TIMEOUT_SECONDS) -> AsyncEngine:
+def make_engine(
+    url: str, busy_timeout: float = SQLITE_BUSY_TIMEOUT_SECONDS, *, pre_ping: bool = True
+) -> AsyncEngine:
     """Return an async engine; SQLite runs in WAL mode with a busy timeout so several
-    connections (and processes) wait for the write lock instead of failing."""
+    connections (and processes) wait for the write lock instead of failing. ``pre_ping``
+    (PostgreSQL) tests each pooled connection before use: a round trip that the audit
+    writer, which fails a batch on a dead connection and retries with a new one, skips."""
     if not url.startswith("sqlite"):
-        return create_async_engine(url, pool_pre_ping=True)
+        return create_async_engine(url, pool_pre_ping=pre_ping)
     engine = create_async_engine(url, connect_args={"timeout": busy_timeout})
 
     @event.listens_for(engine.sync_engine, "connect")
