@@ -194,7 +194,7 @@ class AuditWriter:
 
     async def ready(self) -> bool:
         """True when the writer runs and the store answers within the commit timeout."""
-        if self._task is None or self._closing:
+        if self._task is None or self._task.done() or self._closing:
             return False
         try:
             async with asyncio.timeout(self._commit_timeout), self._engine.connect() as conn:
@@ -210,7 +210,12 @@ class AuditWriter:
             await self._wake.wait()
             self._wake.clear()
             while self._pending:
-                await self._commit()
+                try:
+                    await self._commit()
+                except Exception:
+                    # _commit fails its batch itself; whatever escapes must not end the task
+                    # that every later append waits on.
+                    log.exception("audit writer: unexpected error after a commit")
             if self._closing:
                 return
 
@@ -266,6 +271,10 @@ class AuditWriter:
     ) -> list[AppendResult]:
         """Append ``batch`` to the locked tree, sign its new head, and commit."""
         compact = head.compact_range()
+        if compact.root() != head.root:
+            # The head row is the one row the runtime role may update: never extend a
+            # compact range that is not the signed tree's, which would fork the log.
+            raise AuditUnavailable("the head's compact range does not match its root")
         before = compact.copy()
         event_rows: list[tuple[Any, ...]] = []
         tree_rows: list[tuple[Any, ...]] = []
@@ -283,6 +292,8 @@ class AuditWriter:
             leaves.append(leaf)
             event_rows.append((seq, *item.values))
         root = compact.root()
+        # The key id is read with the signature: a refresh may swap the key at any await.
+        key_id = self._signer.key_id
         checkpoint = self._sign(compact.size, root)
         await _insert_rows(conn, audit_events, _EVENT_COLUMNS, event_rows)
         await _insert_rows(conn, audit_tree, _TREE_COLUMNS, tree_rows)
@@ -291,7 +302,7 @@ class AuditWriter:
                 size=compact.size,
                 root=root,
                 issued_at=format_timestamp(datetime.now(UTC)),
-                key_id=self._signer.key_id,
+                key_id=key_id,
                 note=checkpoint,
             )
         )

@@ -23,6 +23,7 @@ branch_labels = None
 depends_on = None
 
 MESSAGE = "log_keys: key_id and vkey never change once written"
+RETIRED = "log_keys: a retired key stays retired"
 
 
 def upgrade() -> None:
@@ -47,6 +48,12 @@ def upgrade() -> None:
             f"BEGIN SELECT RAISE(ABORT, '{MESSAGE}'); END"
         )
         op.execute(
+            "CREATE TRIGGER log_keys_stay_retired BEFORE UPDATE OF status, not_after ON log_keys "
+            "WHEN OLD.status = 'retired' AND (NEW.status IS NOT 'retired' "
+            "OR NEW.not_after IS NOT OLD.not_after) "
+            f"BEGIN SELECT RAISE(ABORT, '{RETIRED}'); END"
+        )
+        op.execute(
             "CREATE TRIGGER log_keys_no_delete BEFORE DELETE ON log_keys "
             "BEGIN SELECT RAISE(ABORT, 'log_keys: keys are retired, never deleted'); END"
         )
@@ -61,6 +68,11 @@ def upgrade() -> None:
           END IF;
           IF NEW.key_id IS DISTINCT FROM OLD.key_id OR NEW.vkey IS DISTINCT FROM OLD.vkey THEN
             RAISE EXCEPTION '{MESSAGE}' USING ERRCODE = 'insufficient_privilege';
+          END IF;
+          -- Reviving a retired key would let a stolen old key sign as the current one.
+          IF OLD.status = 'retired' AND (NEW.status <> 'retired'
+              OR NEW.not_after IS DISTINCT FROM OLD.not_after) THEN
+            RAISE EXCEPTION '{RETIRED}' USING ERRCODE = 'insufficient_privilege';
           END IF;
           RETURN NEW;
         END $$

@@ -330,6 +330,29 @@ async def test_log_keys_rotate_but_never_change_their_verifier_key(
     assert after == {first.key_id: first.vkey, second.key_id: second.vkey}
 
 
+async def test_a_retired_log_key_stays_retired(
+    store: AuditStore, app: tuple[AsyncEngine, AuditWriter]
+) -> None:
+    """The runtime role retires keys (rotation), but cannot bring a retired one back: a
+    stolen old key would then sign as the current one."""
+    engine, _ = app
+    master_key = MasterKey(MasterKey.generate())
+    first = await rotate_log_key(engine, master_key, TEST_ORIGIN)
+    await rotate_log_key(engine, master_key, TEST_ORIGIN)
+    before = {k.key_id: (k.status, k.not_after) for k in await list_log_keys(engine)}
+    assert before[first.key_id][0] == "retired" and before[first.key_id][1] is not None
+    for change in ("status = 'current'", "not_after = NULL"):
+        with pytest.raises(DBAPIError, match="stays retired"):
+            async with engine.begin() as conn:
+                if change.startswith("status"):
+                    await conn.execute(text("UPDATE log_keys SET status = 'retired'"))
+                await conn.execute(
+                    text(f"UPDATE log_keys SET {change} WHERE key_id = :key_id"),
+                    {"key_id": first.key_id},
+                )
+    assert {k.key_id: (k.status, k.not_after) for k in await list_log_keys(engine)} == before
+
+
 async def test_receipt_keys_of_the_first_release_stay_as_they_were(
     store: AuditStore, app: tuple[AsyncEngine, AuditWriter]
 ) -> None:

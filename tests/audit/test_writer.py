@@ -835,3 +835,21 @@ async def test_a_refused_record_fails_alone_not_its_whole_batch(
     finally:
         await writer.stop()
         await engine.dispose()
+
+
+async def test_a_compact_range_that_is_not_the_signed_trees_is_never_extended(
+    audit_store: AuditStore, writer: AuditWriter, app_engine: AsyncEngine
+) -> None:
+    """The head row is the one row the runtime role may update. A compact range rewritten
+    at the same size and root would fork every later checkpoint: the writer refuses it."""
+    before = await writer.append(make_event(1))
+    async with app_engine.begin() as conn:
+        await conn.execute(
+            audit_log_head.update().values(compact=bytes(32 * len(before.batch.tree.after.hashes)))
+        )
+    with pytest.raises(AuditUnavailable):
+        await writer.append(make_event(2))
+    async with app_engine.connect() as conn:
+        head = await read_head(conn)
+        stored = (await conn.execute(select(func.count()).select_from(audit_events))).scalar()
+    assert (head.size, stored) == (1, 1)
