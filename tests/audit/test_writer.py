@@ -354,7 +354,8 @@ async def test_a_randomized_log_of_ten_thousand_entries_stays_one_consistent_tre
     assert entries == [r.entry for r in results], note
     heads = await assert_one_tree(app_engine, [log_signer.vkey], entries=entries, sample=60)
     assert [h.size for h in heads] == sorted({r.size for r in results}), note
-    assert len(heads) > 60, note  # enough checkpoints that the sample is a real spread
+    # Every burst waited for its own commit, so each ended with at least one signed head.
+    assert len(heads) >= len(bursts), note
     await assert_stored_hashes(app_engine, entries)
 
 
