@@ -44,11 +44,16 @@ from typing import Any
 from sqlalchemy import inspect, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from audit.chain import canonical_json, record_for
+from audit.chain import canonical_json
 from audit.checkpoints import legacy_checkpoints
 from audit.events import format_timestamp
 from audit.log import latest_tree_head
-from audit.models import audit_anchors, audit_events, audit_legacy_chain, fields_from_row
+from audit.models import (
+    audit_anchors,
+    audit_events,
+    audit_legacy_chain,
+    entry_from_row,
+)
 from audit.note import NoteError, NoteVerifier, parse_note
 from audit.tlog import parse_checkpoint
 from audit.verify import EXPORT_FORMAT, EXPORT_VERSION, begin_snapshot, load_public_keys
@@ -146,8 +151,7 @@ async def export_lines(
             count = 0
             for row in rows:
                 seq = row["seq"]
-                entry = canonical_json(record_for(seq, fields_from_row(row)))
-                yield _line("event", {"seq": seq, "entry": entry})
+                yield _line("event", {"seq": seq, "entry": entry_from_row(row)})
                 last = seq
                 count += 1
             if count < _PAGE:

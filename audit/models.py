@@ -19,7 +19,7 @@ from sqlalchemy import (
     Text,
 )
 
-from audit.chain import canonical_json
+from audit.chain import canonical_json, record_for
 from audit.events import EVENT_FIELDS, JSON_FIELDS
 
 metadata = MetaData()
@@ -125,8 +125,6 @@ audit_retention = Table(
     Column("keep_years", Integer, nullable=False),
 )
 
-HEAD_ID = 1
-
 
 def column_values(fields: Mapping[str, Any]) -> tuple[Any, ...]:
     """Return the column values that store an event's fields, in EVENT_FIELDS order."""
@@ -137,11 +135,8 @@ def column_values(fields: Mapping[str, Any]) -> tuple[Any, ...]:
 
 
 def columns_for(fields: Mapping[str, Any]) -> dict[str, Any]:
-    """Return the column values that store an event's fields."""
-    return {
-        name: canonical_json(value) if name in JSON_FIELDS else value
-        for name, value in fields.items()
-    }
+    """Return the column values that store an event's fields, by column name."""
+    return dict(zip(EVENT_FIELDS, column_values(fields), strict=True))
 
 
 def fields_from_row(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -149,3 +144,8 @@ def fields_from_row(row: Mapping[str, Any]) -> dict[str, Any]:
     return {
         name: json.loads(row[name]) if name in JSON_FIELDS else row[name] for name in EVENT_FIELDS
     }
+
+
+def entry_from_row(row: Mapping[str, Any]) -> str:
+    """Return the logged entry of a stored record: the canonical JSON its leaf hashes."""
+    return canonical_json(record_for(row["seq"], fields_from_row(row)))

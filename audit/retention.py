@@ -27,7 +27,6 @@ from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from audit.chain import canonical_bytes, record_for
 from audit.events import format_timestamp
 from audit.log import TreeHead, begin_write, latest_tree_head, read_nodes
 from audit.merkle import (
@@ -46,7 +45,7 @@ from audit.models import (
     audit_events,
     audit_retention,
     audit_tree,
-    fields_from_row,
+    entry_from_row,
 )
 from audit.signing import LogSigner, anchor_text
 
@@ -242,7 +241,7 @@ async def _verified_range(
     expected = anchored + 1
     async for row in rows.mappings():
         seq = row["seq"]
-        leaf = leaf_hash(canonical_bytes(record_for(seq, fields_from_row(row))))
+        leaf = leaf_hash(entry_from_row(row).encode("utf-8"))
         if seq != expected or row["leaf"] is None or bytes(row["leaf"]) != leaf:
             raise RetentionRefused(f"record {expected} does not match the tree: nothing pruned")
         for node, value in compact.append(leaf):

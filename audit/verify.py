@@ -43,7 +43,7 @@ from typing import Any, Literal
 from sqlalchemy import inspect, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from audit.chain import GENESIS_HASH, canonical_json, record_for
+from audit.chain import GENESIS_HASH
 from audit.checkpoints import legacy_checkpoints
 from audit.events import format_timestamp
 from audit.log import (
@@ -72,7 +72,7 @@ from audit.models import (
     audit_legacy_chain,
     audit_tree,
     audit_tree_heads,
-    fields_from_row,
+    entry_from_row,
 )
 from audit.note import NoteError, NoteVerifier, b64decode_strict, open_note
 from audit.signing import anchor_text, bls_signature_valid, key_bytes, legacy_checkpoint_message
@@ -529,7 +529,7 @@ async def _legacy_row(conn: AsyncConnection) -> tuple[int, str]:
 
 
 def _entry(row: Mapping[str, Any]) -> bytes:
-    return canonical_json(record_for(row["seq"], fields_from_row(row))).encode("utf-8")
+    return entry_from_row(row).encode("utf-8")
 
 
 @dataclass

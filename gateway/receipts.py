@@ -174,20 +174,22 @@ async def ensure_log_key(
     return info
 
 
+async def _public_rows(engine: AsyncEngine, table: Table) -> list[dict[str, Any]]:
+    """Every key of ``table`` without its sealed private key, oldest first."""
+    columns = [c for c in table.c if c.name != "sealed_private_key"]
+    async with engine.connect() as conn:
+        rows = await conn.execute(select(*columns).order_by(table.c.not_before))
+        return [dict(row._mapping) for row in rows]
+
+
 async def list_log_keys(engine: AsyncEngine) -> list[LogKeyInfo]:
     """Every log key ever used, oldest first (retired keys stay listed)."""
-    columns = [c for c in log_keys.c if c.name != "sealed_private_key"]
-    async with engine.connect() as conn:
-        rows = await conn.execute(select(*columns).order_by(log_keys.c.not_before))
-        return [LogKeyInfo(**row._mapping) for row in rows]
+    return [LogKeyInfo(**row) for row in await _public_rows(engine, log_keys)]
 
 
 async def list_receipt_keys(engine: AsyncEngine) -> list[ReceiptKeyInfo]:
     """Every BLS receipt key of the first release, oldest first."""
-    columns = [c for c in receipt_keys.c if c.name != "sealed_private_key"]
-    async with engine.connect() as conn:
-        rows = await conn.execute(select(*columns).order_by(receipt_keys.c.not_before))
-        return [ReceiptKeyInfo(**row._mapping) for row in rows]
+    return [ReceiptKeyInfo(**row) for row in await _public_rows(engine, receipt_keys)]
 
 
 def input_digest(value: bytes | list[bytes] | list[int]) -> str:
