@@ -25,6 +25,7 @@ class EventQuery:
     actor: str | None = None
     action: str | None = None
     outcome: str | None = None
+    http_status: int | None = None
     after_seq: int = 0
     limit: int = 100
 
@@ -61,6 +62,7 @@ async def query_events(engine: AsyncEngine, query: EventQuery) -> EventPage:
         (table.c.actor, query.actor),
         (table.c.action, query.action),
         (table.c.outcome, query.outcome),
+        (table.c.http_status, query.http_status),
     ):
         if value is not None:
             statement = statement.where(column == value)

@@ -2,7 +2,8 @@
 
 Middlewares, outermost first: request id (and the access log line) → TLS facts → audit
 (records every request exactly once and releases the response only after the commit) →
-the security middlewares of ``gateway.security`` (authentication, authorization, rate
+the console's pages (HTML refusals and security headers, on /console/ only) → the
+security middlewares of ``gateway.security`` (authentication, authorization, rate
 limit) → handler.
 """
 
@@ -43,6 +44,7 @@ from gateway.appkeys import (
 )
 from gateway.audit_routes import record
 from gateway.config import Config
+from gateway.console import routes as console
 from gateway.context import REQUEST_CONTEXT, RequestContext
 from gateway.db import check_schema, make_engine
 from gateway.errors import AUDIT_DOWN, ApiError, envelope
@@ -500,6 +502,7 @@ def create_app(
     app[METRICS] = GatewayMetrics.create()
     app[STATE] = ServerState()
     app.cleanup_ctx.append(_resources)
+    app.middlewares.append(console.console_pages)
     installer = security or _default_security()
     if installer is None:
         app.middlewares.append(deny_by_default)
@@ -508,4 +511,5 @@ def create_app(
     _operational_routes(app)
     audit_routes.add_routes(app, DB_ENGINE)
     kzg_routes.add_routes(app, ops)
+    console.add_routes(app)
     return app

@@ -2,7 +2,8 @@
 routes and jobs. ``install(app, config)`` is what the app factory calls.
 
 Authentication accepts ``X-API-Key`` (machines) or ``Authorization: Bearer <JWT>``
-(people, after password + TOTP). Authorization maps the route name to one permission
+(people, after password + TOTP); on ``/console/`` paths only, the same JWT in the
+console's session cookie. Authorization maps the route name to one permission
 (``policies/rbac.toml``) and denies anything not listed. Decisions are recorded by the
 audit middleware that wraps these: the principal, a keyed reference of the credential,
 and the reason of a refusal (never the credential).
@@ -38,6 +39,7 @@ from gateway import (
 )
 from gateway.appkeys import DB_ENGINE, MASTER_KEY, METRICS
 from gateway.config import Config
+from gateway.console.session import session_token
 from gateway.context import REQUEST_CONTEXT
 from gateway.errors import ApiError
 from gateway.identity import AUTH_SERVICE, policies_for, to_api_error
@@ -89,6 +91,8 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     service = request.app[AUTH_SERVICE]
     api_key = request.headers.get("X-API-Key")
     authorization = request.headers.get("Authorization")
+    # The console's session cookie counts on /console/ only: the JSON API stays cookie-free.
+    session = session_token(request)
     try:
         if api_key is not None and authorization is not None:
             raise ApiError(
@@ -108,6 +112,10 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
                     401, "invalid_credentials", "Authorization: expected Bearer <token>"
                 )
             principal = await service.authenticate_token(token.strip())
+            ctx.credential_ref = service.credential_ref("user", principal.id)
+        elif session is not None:
+            ctx.detail["console_session"] = True
+            principal = await service.authenticate_token(session)
             ctx.credential_ref = service.credential_ref("user", principal.id)
         else:
             raise AuthError(

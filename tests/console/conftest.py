@@ -1,0 +1,194 @@
+"""Console fixtures: a real gateway over TLS served from its own thread (the browser
+tests are synchronous: selenium blocks), the system's headless Chromium driven by
+selenium, people with real passwords and TOTP secrets, and screenshots as artefacts.
+
+One gateway and one browser per test module: the tests of a module run in file order
+and build on each other's log (tampering tests come last).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import shutil
+import threading
+import time
+from collections.abc import Coroutine, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pyotp
+import pytest
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from auth.crypto import MasterKey
+from gateway.app import create_app
+from gateway.identity import AUTH_SERVICE
+from gateway.server import start_server
+from gateway.tls import server_ssl_context
+from tests.conftest import REPO, missing
+from tests.gateway.conftest import CHEAP_ARGON2, gateway_config
+
+ARTIFACTS = REPO / "test-artifacts" / "console"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+# A browser is a burst of requests from one address; the limits are tested elsewhere.
+GENEROUS_LIMITS = {
+    role: {"rate": 1000, "burst": 1000} for role in ("anonymous", "auditor", "admin", "key_admin")
+}
+
+T = TypeVar("T")
+
+
+@dataclass
+class Person:
+    username: str
+    password: str
+    totp_secret: str
+    roles: list[str]
+    _last_step: int = 0
+
+    def code(self) -> str:
+        """A one-time code the gateway has not seen from this person: codes are single
+        use, so a second login within one 30-second step waits for the next."""
+        step = int(time.time()) // 30
+        if step <= self._last_step:
+            time.sleep((self._last_step + 1) * 30 - time.time() + 0.05)
+            step = int(time.time()) // 30
+        self._last_step = step
+        return pyotp.TOTP(self.totp_secret).at(step * 30)
+
+
+@dataclass
+class LiveGateway:
+    """A gateway serving HTTPS on its own event loop in a thread."""
+
+    url: str
+    data_dir: Path
+    app: web.Application
+    loop: asyncio.AbstractEventLoop
+    people: dict[str, Person] = field(default_factory=dict)
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the gateway's loop (its engines and services live there)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=60)
+
+    def person(self, username: str, roles: list[str]) -> Person:
+        if username not in self.people:
+            made = self.run(self.app[AUTH_SERVICE].create_user(username, roles))
+            self.people[username] = Person(username, made["password"], made["totp_secret"], roles)
+        return self.people[username]
+
+    def api_key(self, role: str) -> str:
+        return self.run(self.app[AUTH_SERVICE].create_api_key(f"console-{role}", role, "tests"))[
+            "api_key"
+        ]
+
+    @property
+    def ca_file(self) -> Path:
+        return self.data_dir / "tls" / "ca.pem"
+
+    def spki_pin(self) -> str:
+        """base64 SHA-256 of the server certificate's public key: what Chromium is told to
+        accept, instead of accepting any certificate."""
+        cert = x509.load_pem_x509_certificate((self.data_dir / "tls" / "server.pem").read_bytes())
+        spki = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        return base64.b64encode(hashlib.sha256(spki).digest()).decode()
+
+
+def start_live_gateway(data_dir: Path, **sections: Any) -> tuple[LiveGateway, threading.Thread]:
+    from gateway.cli import initialise
+
+    loop = asyncio.new_event_loop()
+    ready: dict[str, Any] = {}
+    started = threading.Event()
+
+    async def serve() -> None:
+        config = gateway_config(data_dir, auth={**CHEAP_ARGON2, "ratelimit": GENEROUS_LIMITS})
+        for name, values in sections.items():
+            config.data.setdefault(name, {}).update(values)
+        await initialise(config)
+        master_key = MasterKey.from_text((data_dir / "master.key").read_text())
+        app = create_app(config, master_key=master_key)
+        runner, site = await start_server(
+            app, "127.0.0.1", 0, server_ssl_context(config.section("tls"), data_dir)
+        )
+        ready.update(app=app, runner=runner, port=site.port)
+        started.set()
+
+    def main() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(serve())
+        except BaseException as exc:
+            ready["error"] = exc
+            started.set()
+            return
+        loop.run_forever()
+        loop.run_until_complete(ready["runner"].cleanup())
+        loop.close()
+
+    thread = threading.Thread(target=main, name="live-gateway", daemon=True)
+    thread.start()
+    if not started.wait(120) or "error" in ready:
+        raise RuntimeError(f"the gateway did not start: {ready.get('error')!r}")
+    gateway = LiveGateway(f"https://127.0.0.1:{ready['port']}", data_dir, ready["app"], loop)
+    return gateway, thread
+
+
+def stop_live_gateway(gateway: LiveGateway, thread: threading.Thread) -> None:
+    gateway.loop.call_soon_threadsafe(gateway.loop.stop)
+    thread.join(60)
+
+
+@pytest.fixture(scope="module")
+def live_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveGateway]:
+    gateway, thread = start_live_gateway(tmp_path_factory.mktemp("console") / "gw")
+    yield gateway
+    stop_live_gateway(gateway, thread)
+
+
+@pytest.fixture(scope="module")
+def browser(live_gateway: LiveGateway, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Headless Chromium at 1280x800 that trusts exactly the gateway's certificate."""
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        missing("selenium (pip install 'kzg-gateway[dev]')")
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        missing("chromium and chromium-driver (scripts/system-deps.sh)")
+    downloads = tmp_path_factory.mktemp("downloads")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,800",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
+        f"--ignore-certificate-errors-spki-list={live_gateway.spki_pin()}",
+    ):
+        options.add_argument(argument)
+    options.add_experimental_option(
+        "prefs",
+        {"download.default_directory": str(downloads), "download.prompt_for_download": False},
+    )
+    driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
+    driver.downloads = downloads
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    """Where the browser tests leave their screenshots (git-ignored)."""
+    shutil.rmtree(ARTIFACTS, ignore_errors=True)
+    ARTIFACTS.mkdir(parents=True)
+    return ARTIFACTS
