@@ -65,7 +65,8 @@ SECURITY_HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
+    # same-origin, not no-referrer: with no-referrer Chromium posts forms with "Origin: null".
+    "Referrer-Policy": "same-origin",
     "Cross-Origin-Opener-Policy": "same-origin",
 }
 # Pages a principal may see, in menu order: route name, path, label.
@@ -103,8 +104,6 @@ _CSRF_KEY: web.AppKey[bytes] = web.AppKey("console_csrf_key", bytes)
 
 
 def _csrf_key(app: web.Application) -> bytes:
-    if _CSRF_KEY not in app:
-        app[_CSRF_KEY] = app[MASTER_KEY].derive(CSRF_PURPOSE)
     return app[_CSRF_KEY]
 
 
@@ -231,6 +230,10 @@ async def _checked_form(request: web.Request) -> dict[str, str]:
 # -- login and logout -----------------------------------------------------------------
 
 
+def _see_other(location: str) -> web.Response:
+    return web.Response(status=303, headers={"Location": location})
+
+
 async def login_form(request: web.Request) -> web.Response:
     notice = NOTICES.get(request.query.get("notice", ""))
     return _login_page(request, 200, notice=notice)
@@ -257,16 +260,16 @@ async def login(request: web.Request) -> web.Response:
         raise to_api_error(exc) from exc
     ctx.principal = result.principal
     ctx.credential_ref = service.credential_ref("user", result.principal.id)
-    response = web.HTTPSeeOther(_safe_next(form.get("next")))
+    response = _see_other(_safe_next(form.get("next")))
     set_session(response, result.access_token)
-    raise response
+    return response
 
 
 async def logout(request: web.Request) -> web.Response:
     await _checked_form(request)
-    response = web.HTTPSeeOther(f"{PREFIX}/login?notice=logged_out")
+    response = _see_other(f"{PREFIX}/login?notice=logged_out")
     clear_session(response)
-    raise response
+    return response
 
 
 # -- pages ------------------------------------------------------------------------------
@@ -435,7 +438,7 @@ async def export_page(request: web.Request) -> web.Response:
 
 
 async def redirect_home(request: web.Request) -> web.Response:
-    raise web.HTTPFound(PREFIX + "/")
+    return _see_other(PREFIX + "/")
 
 
 _HTML = {"text/html": {"schema": {"type": "string"}}}
@@ -534,6 +537,7 @@ def add_routes(app: web.Application) -> None:
     """Register the console under /console/ and its middleware (to be placed between the
     audit middleware and authentication)."""
     _document_routes()
+    app[_CSRF_KEY] = app[MASTER_KEY].derive(CSRF_PURPOSE)
     router = app.router
     router.add_get(PREFIX, redirect_home, name="console_redirect")
     router.add_get(PREFIX + "/login", login_form, name="console_login_form")

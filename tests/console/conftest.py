@@ -21,12 +21,16 @@ from typing import Any, TypeVar
 
 import pyotp
 import pytest
+import requests
 from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from sqlalchemy import select
 
+from audit.models import audit_events
 from auth.crypto import MasterKey
 from gateway.app import create_app
+from gateway.appkeys import DB_ENGINE
 from gateway.identity import AUTH_SERVICE
 from gateway.server import start_server
 from gateway.tls import server_ssl_context
@@ -72,6 +76,7 @@ class LiveGateway:
     app: web.Application
     loop: asyncio.AbstractEventLoop
     people: dict[str, Person] = field(default_factory=dict)
+    api_keys: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the gateway's loop (its engines and services live there)."""
@@ -84,9 +89,34 @@ class LiveGateway:
         return self.people[username]
 
     def api_key(self, role: str) -> str:
-        return self.run(self.app[AUTH_SERVICE].create_api_key(f"console-{role}", role, "tests"))[
-            "api_key"
-        ]
+        """A real API key of ``role`` (made once; its id in ``api_keys[role]``)."""
+        if role not in self.api_keys:
+            service = self.app[AUTH_SERVICE]
+            self.api_keys[role] = self.run(service.create_api_key(f"console-{role}", role, "t"))
+        return self.api_keys[role]["api_key"]
+
+    def http(
+        self, method: str, path: str, session: requests.Session | None = None, **kwargs: Any
+    ) -> requests.Response:
+        """One HTTPS request, the dev CA verified (per request: the environment's
+        REQUESTS_CA_BUNDLE would otherwise win over a session's setting)."""
+        sender = session or requests
+        return sender.request(
+            method, self.url + path, verify=str(self.ca_file), timeout=30, **kwargs
+        )
+
+    def audit_record(self, request_id: str) -> dict[str, Any]:
+        """The one audit record of a request, read from the log's table."""
+
+        async def read() -> list[dict[str, Any]]:
+            async with self.app[DB_ENGINE].connect() as conn:
+                rows = await conn.execute(
+                    select(audit_events).where(audit_events.c.request_id == request_id)
+                )
+                return [dict(row._mapping) for row in rows]
+
+        (record,) = self.run(read())
+        return record
 
     @property
     def ca_file(self) -> Path:

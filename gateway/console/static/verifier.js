@@ -125,9 +125,10 @@ export async function verifyConsistency(first, second, firstRoot, secondRoot, pa
 
 // A C2SP verifier key: <name>+<8 hex digits of the key id>+<base64(0x01 ‖ public key)>.
 export async function parseVerifierKey(vkey) {
-  const parts = vkey.trim().split("+");
-  if (parts.length !== 3) throw new VerifyError("verifier key: expected name+id+key");
-  const [name, idHex, keyText] = parts;
+  // The name holds no "+"; the base64 key may.
+  const match = vkey.trim().match(/^([^+\s]+)\+([0-9a-fA-F]{8})\+(\S+)$/);
+  if (!match) throw new VerifyError("verifier key: expected name+id+key");
+  const [, name, idHex, keyText] = match;
   const raw = fromBase64(keyText);
   if (raw.length !== 33 || raw[0] !== 1) throw new VerifyError("verifier key: not an Ed25519 key");
   const publicKey = raw.slice(1);
