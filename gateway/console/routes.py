@@ -218,7 +218,11 @@ async def _form(request: web.Request) -> dict[str, str]:
 
 
 async def _checked_form(request: web.Request) -> dict[str, str]:
-    """The posted form of a session, refused (403, audited) without its CSRF token."""
+    """The posted form of a session, refused (403, audited) without its CSRF token. Only
+    the cookie is a credential a browser adds by itself: a request that carried its own
+    (an API key or bearer header) cannot be forged across sites."""
+    if not request[REQUEST_CONTEXT].detail.get("console_session"):
+        return await _form(request)
     _check_origin(request)
     form = await _form(request)
     if not csrf_matches(_csrf_key(request.app), session_token(request), form.get(CSRF_FIELD)):
@@ -316,9 +320,9 @@ async def events(request: web.Request) -> web.Response:
 
 
 def _seq(request: web.Request) -> int:
-    text = request.match_info["seq"]
+    text = request.query.get("seq", "")
     if not text.isdigit() or not 1 <= int(text) < 2**63:
-        raise ApiError(400, "invalid_seq", "seq: a positive integer")
+        raise ApiError(400, "invalid_query", "query parameter 'seq' must be a positive integer")
     return int(text)
 
 
@@ -443,7 +447,7 @@ async def redirect_home(request: web.Request) -> web.Response:
 
 _HTML = {"text/html": {"schema": {"type": "string"}}}
 _ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
-_SEQ = {"name": "seq", "in": "path", "required": True, "schema": {"type": "string"}}
+_SEQ = {"name": "seq", "in": "query", "required": True, "schema": {"type": "integer"}}
 _EVENT_FILTERS = tuple(
     {"name": name, "in": "query", "required": False, "schema": {"type": "string"}}
     for name in ("since", "until", "actor", "action", "outcome", "status", "after_seq")
@@ -545,7 +549,7 @@ def add_routes(app: web.Application) -> None:
     router.add_post(PREFIX + "/logout", logout, name="console_logout")
     router.add_get(PREFIX + "/", home, name="console_home")
     router.add_get(PREFIX + "/events", events, name="console_events")
-    router.add_get(PREFIX + "/events/{seq}", event, name="console_event")
+    router.add_get(PREFIX + "/event", event, name="console_event")
     router.add_get(PREFIX + "/verify", verify_page, name="console_verify")
     router.add_post(PREFIX + "/verify", verify_run, name="console_verify_run")
     router.add_get(PREFIX + "/checkpoints", checkpoints, name="console_checkpoints")
@@ -556,7 +560,7 @@ def add_routes(app: web.Application) -> None:
     router.add_get(PREFIX + "/keys", keys, name="console_keys")
     router.add_get(PREFIX + "/export", export_page, name="console_export")
     # The JSON the pages' scripts read: the JSON API's own handlers where one exists.
-    router.add_get(PREFIX + "/api/events/{seq}/proof", event_proof, name="console_event_proof")
+    router.add_get(PREFIX + "/api/event-proof", event_proof, name="console_event_proof")
     router.add_get(
         PREFIX + "/api/checkpoint", audit_routes.log_checkpoint, name="console_checkpoint"
     )

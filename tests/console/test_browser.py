@@ -40,8 +40,10 @@ def shot(driver: Any, artifacts: Path, name: str) -> None:
 
 def settled(driver: Any, testid: str, timeout: float = 20) -> str:
     """The text of a status element once the page's script has decided it."""
-    element = driver.find_element(By.CSS_SELECTOR, f'[data-testid="{testid}"]')
-    WebDriverWait(driver, timeout).until(lambda _: element.text.strip() not in PENDING)
+    wait = WebDriverWait(driver, timeout)
+    # Found anew each time: after a form post the old page may still be showing.
+    element = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, f'[data-testid="{testid}"]'))
+    wait.until(lambda _: element.text.strip() not in PENDING)
     return element.text.strip()
 
 
@@ -50,6 +52,13 @@ def log_in(driver: Any, person: Person) -> None:
     driver.switch_to.active_element.send_keys(person.username, Keys.TAB)
     driver.switch_to.active_element.send_keys(person.password, Keys.TAB)
     driver.switch_to.active_element.send_keys(person.code(), Keys.ENTER)
+
+
+def logged_in(driver: Any) -> None:
+    """Wait for the page after a login: it names who is logged in."""
+    WebDriverWait(driver, 10).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, '[data-testid="who"]')
+    )
 
 
 def deny_some(gateway: LiveGateway, count: int) -> None:
@@ -99,12 +108,16 @@ def test_login_with_password_and_totp_by_keyboard(
     browser.find_element(By.ID, "username").send_keys(auditor.username)
     browser.find_element(By.ID, "password").send_keys(auditor.password)
     browser.find_element(By.ID, "totp").send_keys("000000", Keys.ENTER)
-    assert browser.find_element(By.CSS_SELECTOR, '[data-testid="login-error"]').is_displayed()
+    error = WebDriverWait(browser, 10).until(
+        lambda d: d.find_element(By.CSS_SELECTOR, '[data-testid="login-error"]')
+    )
+    assert error.is_displayed()
     assert browser.get_cookies() == []
     # The right one, after a visit without a session: back to the page asked for.
     browser.get(live_gateway.url + "/console/events")
     log_in(browser, auditor)
-    WebDriverWait(browser, 10).until(lambda d: d.current_url.endswith("/console/events"))
+    logged_in(browser)
+    assert browser.current_url.endswith("/console/events")
     assert browser.find_element(By.CSS_SELECTOR, '[data-testid="who"]').text == "alice (auditor)"
     (cookie,) = browser.get_cookies()
     assert (cookie["httpOnly"], cookie["secure"], cookie["sameSite"], cookie["path"]) == (
@@ -141,6 +154,7 @@ def test_filtering_and_cursor_pages(
         assert row["actor"] == live_gateway.api_keys["client"]["id"]
     shot(browser, artifacts, "03-filtered-events")
     browser.find_element(By.CSS_SELECTOR, '[data-testid="next-page"]').click()
+    WebDriverWait(browser, 10).until(lambda d: "after_seq=" in d.current_url)
     second = rows(browser)
     assert len(second) == 5
     assert min(r["data_seq"] for r in second) > max(r["data_seq"] for r in first)
@@ -315,6 +329,7 @@ def test_pages_fit_a_narrow_screen(
 def test_logout_ends_the_session(browser: Any, live_gateway: LiveGateway, artifacts: Path) -> None:
     browser.get(live_gateway.url + "/console/keys")
     browser.find_element(By.XPATH, '//button[text()="Log out"]').click()
+    WebDriverWait(browser, 10).until(lambda d: "notice=logged_out" in d.current_url)
     notice = browser.find_element(By.CSS_SELECTOR, '[data-testid="notice"]')
     assert notice.text == "You are logged out."
     assert browser.get_cookies() == []
@@ -329,7 +344,8 @@ def test_an_admin_reviews_access_and_downloads_csv(
     admin = live_gateway.person("root", ["admin"])
     browser.get(live_gateway.url + "/console/access-review")
     log_in(browser, admin)
-    WebDriverWait(browser, 10).until(lambda d: d.current_url.endswith("/console/access-review"))
+    logged_in(browser)
+    assert browser.current_url.endswith("/console/access-review")
     nav = [a.text for a in browser.find_elements(By.CSS_SELECTOR, "nav[aria-label=Main] a")]
     assert nav == ["Access review", "Log keys"]  # admins hold no audit:read
     shot(browser, artifacts, "10-admin-access-review")
@@ -349,6 +365,7 @@ def test_an_admin_reviews_access_and_downloads_csv(
     browser.get(live_gateway.url + "/console/events")
     assert "lacks audit:read" in browser.find_element(By.CSS_SELECTOR, '[data-testid="error"]').text
     browser.find_element(By.XPATH, '//button[text()="Log out"]').click()
+    WebDriverWait(browser, 10).until(lambda d: "notice=logged_out" in d.current_url)
 
 
 def test_a_tampered_entry_is_shown_invalid(
@@ -357,6 +374,7 @@ def test_a_tampered_entry_is_shown_invalid(
     """Last: rewrites history as the database owner could, with the guards switched off."""
     browser.get(live_gateway.url + "/console/login")
     log_in(browser, live_gateway.person("bob", ["auditor"]))
+    logged_in(browser)
     browser.get(live_gateway.url + "/console/events?outcome=denied")
     victim = rows(browser)[2]["data_seq"]
     config = live_gateway.app[CONFIG]
@@ -370,7 +388,7 @@ def test_a_tampered_entry_is_shown_invalid(
             ),
         )
     )
-    browser.get(f"{live_gateway.url}/console/events/{victim}")
+    browser.get(f"{live_gateway.url}/console/event?seq={victim}")
     status = settled(browser, "proof-status")
     assert status.startswith("INVALID"), status
     assert "not the checkpoint's root" in status

@@ -25,11 +25,11 @@ from tests.console.conftest import (
 PAGES = ("/console/", "/console/events", "/console/verify", "/console/checkpoints", "/console/keys")
 AUDIT_PAGES = (
     "/console/events",
-    "/console/events/1",
+    "/console/event?seq=1",
     "/console/verify",
     "/console/checkpoints",
     "/console/export",
-    "/console/api/events/1/proof",
+    "/console/api/event-proof?seq=1",
     "/console/api/checkpoint",
     "/console/api/export",
 )
@@ -137,10 +137,10 @@ def test_every_console_answer_carries_the_csp_and_pages_need_nothing_inline(
         live_gateway.http("GET", "/console/events"),  # 401: the login page
         live_gateway.http("GET", "/console/nowhere", auditor),  # 404
         live_gateway.http("GET", "/console/static/console.js"),
-        live_gateway.http("GET", "/console/api/events/1/proof", auditor),
+        live_gateway.http("GET", "/console/api/event-proof?seq=1", auditor),
         live_gateway.http("GET", "/console/access-review", admin),
         *(live_gateway.http("GET", page, auditor) for page in PAGES),
-        live_gateway.http("GET", "/console/events/1", auditor),
+        live_gateway.http("GET", "/console/event?seq=1", auditor),
     ]
     for answer in answers:
         assert answer.headers["Content-Security-Policy"] == CSP, answer.url
