@@ -14,6 +14,7 @@ import csv
 import dataclasses
 import io
 import json
+import re
 from collections.abc import Awaitable, Callable
 from importlib.resources import files
 from pathlib import Path
@@ -101,6 +102,7 @@ _templates = jinja2.Environment(
     undefined=jinja2.StrictUndefined,
 )
 _CSRF_KEY: web.AppKey[bytes] = web.AppKey("console_csrf_key", bytes)
+_NEXT = re.compile(r"/console/[A-Za-z0-9._~!$&'()*+,;=:@%/?-]*")
 
 
 def _csrf_key(app: web.Application) -> bytes:
@@ -128,7 +130,11 @@ def render(request: web.Request, template: str, status: int = 200, **context: An
 
 
 def _login_page(
-    request: web.Request, status: int, error: str | None = None, notice: str | None = None
+    request: web.Request,
+    status: int,
+    error: str | None = None,
+    notice: str | None = None,
+    next_path: str | None = None,
 ) -> web.Response:
     return render(
         request,
@@ -136,19 +142,14 @@ def _login_page(
         status=status,
         error=error,
         notice=notice,
-        next=_safe_next(request.query.get("next") or request.path_qs),
+        next=_safe_next(next_path or request.query.get("next") or request.path_qs),
     )
 
 
-def _safe_next(target: str | None) -> str:
-    """Where to go after login: a console path of this origin, never anywhere else."""
-    if (
-        target
-        and target.startswith(PREFIX + "/")
-        and not target.startswith(PREFIX + "/login")
-        and "\\" not in target
-        and not target.startswith("//")
-    ):
+def _safe_next(target: str) -> str:
+    """Where to go after login: a console page of this origin, never anywhere else (nor a
+    header-breaking character)."""
+    if _NEXT.fullmatch(target) and not target.startswith(PREFIX + "/login"):
         return target
     return PREFIX + "/"
 
@@ -257,14 +258,14 @@ async def login(request: web.Request) -> web.Response:
     except AuthError as exc:
         ctx.detail["reason"] = exc.reason
         ctx.detail["error"] = {"code": exc.code, "message": exc.message}
-        page = _login_page(request, exc.status, error=exc.message)
+        page = _login_page(request, exc.status, error=exc.message, next_path=form.get("next"))
         page.headers.update(to_api_error(exc).headers)
         return page
     except Exception as exc:
         raise to_api_error(exc) from exc
     ctx.principal = result.principal
     ctx.credential_ref = service.credential_ref("user", result.principal.id)
-    response = _see_other(_safe_next(form.get("next")))
+    response = _see_other(_safe_next(form.get("next", "")))
     set_session(response, result.access_token)
     return response
 

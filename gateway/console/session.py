@@ -44,7 +44,10 @@ def clear_session(response: web.StreamResponse) -> None:
 def _jti(token: str) -> str | None:
     # The authentication middleware verified this token before any handler runs; only
     # its jti is read here.
-    claims: dict[str, Any] = jwt.decode(token, options={"verify_signature": False})
+    try:
+        claims: dict[str, Any] = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return None  # a stale or foreign cookie on a public page: no session, no token
     jti = claims.get("jti")
     return jti if isinstance(jti, str) and jti else None
 

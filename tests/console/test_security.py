@@ -220,3 +220,30 @@ def test_an_expired_session_returns_to_login_with_a_message(short_sessions: Live
     record = gateway.audit_record(expired.headers["X-Request-ID"])
     assert (record["outcome"], record["actor"]) == ("unauthenticated", None)
     assert "expired" in detail(record)["reason"]
+
+
+def test_a_foreign_cookie_or_a_crafted_next_breaks_nothing(live_gateway: LiveGateway) -> None:
+    garbage = {"Cookie": f"{COOKIE}=not-a-token"}
+    assert live_gateway.http("GET", "/console/login", headers=garbage).status_code == 200
+    refused = live_gateway.http("GET", "/console/events", headers=garbage)
+    assert refused.status_code == 401 and f'{COOKIE}=""' in refused.headers["Set-Cookie"]
+    record = live_gateway.audit_record(refused.headers["X-Request-ID"])
+    assert (record["outcome"], detail(record)["error"]["code"]) == (
+        "unauthenticated",
+        "invalid_credentials",
+    )
+    # A failed login keeps where the person was going; a crafted target is dropped.
+    person = live_gateway.person("judy", ["auditor"])
+    wrong = {"username": "judy", "password": "x" * 20, "totp": "000000"}
+    for target, kept in (
+        ("/console/checkpoints?before=9", "/console/checkpoints?before=9"),
+        ("/console/\r\nSet-Cookie: x=y", "/console/"),
+    ):
+        page = live_gateway.http(
+            "POST", "/console/login", data={**wrong, "next": target},
+            headers={"Origin": live_gateway.url},
+        )  # fmt: skip
+        assert page.status_code == 401
+        assert f'name="next" value="{kept}"' in page.text
+    _, answer = log_in(live_gateway, person, next="/console/\r\nSet-Cookie: x=y")
+    assert answer.status_code == 303 and answer.headers["Location"] == "/console/"
