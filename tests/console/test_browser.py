@@ -19,11 +19,13 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from audit.note import NoteSigner
+from audit.verify import verify_export_lines
 from gateway.appkeys import CONFIG
 from tests.audit import reference_tlog
 from tests.audit.conftest import AuditStore
 from tests.audit.helpers import tamper
 from tests.console.conftest import LiveGateway, Person
+from tests.gateway.helpers import foreign_vkey, vkeys_of
 
 VECTORS = Path(__file__).resolve().parents[3] / "shared" / "tlog-vectors" / "vectors.json"
 PENDING = ("checking…", "not checked", "")
@@ -52,6 +54,16 @@ def log_in(driver: Any, person: Person) -> None:
     driver.switch_to.active_element.send_keys(person.username, Keys.TAB)
     driver.switch_to.active_element.send_keys(person.password, Keys.TAB)
     driver.switch_to.active_element.send_keys(person.code(), Keys.ENTER)
+
+
+def wait_for_download(driver: Any, pattern: str) -> Path:
+    """The file the browser finished downloading (Chromium renames it when complete)."""
+    deadline = time.monotonic() + 15
+    while not (done := list(driver.downloads.glob(pattern))):
+        assert time.monotonic() < deadline, f"nothing downloaded as {pattern}"
+        time.sleep(0.1)
+    (download,) = done
+    return download
 
 
 def logged_in(driver: Any) -> None:
@@ -310,6 +322,45 @@ def test_full_verification_by_the_gateway(
     shot(browser, artifacts, "07-full-verification-valid")
 
 
+def test_pinned_log_keys_replace_the_published_ones(
+    browser: Any, live_gateway: LiveGateway, artifacts: Path
+) -> None:
+    browser.get(live_gateway.url + "/console/keys")
+    (vkey,) = [
+        b.get_attribute("data-vkey") for b in browser.find_elements(By.CSS_SELECTOR, "button.pin")
+    ]
+    browser.find_element(By.CSS_SELECTOR, "button.pin").click()
+    assert browser.find_element(By.ID, "pinned-status").text == "+".join(vkey.split("+")[:2])
+    shot(browser, artifacts, "08-log-key-pinned")
+    browser.get(live_gateway.url + "/console/event?seq=3")
+    assert settled(browser, "proof-status").startswith("valid")
+    assert "log keys pinned in this browser: 1" in browser.find_element(By.ID, "proof-steps").text
+    # Pinned to another key of the same name: the log's own signature is no longer enough.
+    browser.execute_script(
+        "localStorage.setItem('kzg-console.pinned-vkeys', JSON.stringify([arguments[0]]))",
+        foreign_vkey(vkey.split("+")[0]),
+    )
+    browser.get(live_gateway.url + "/console/event?seq=3")
+    status = settled(browser, "proof-status")
+    assert status == "INVALID: note: no signature by a known log key", status
+    browser.get(live_gateway.url + "/console/keys")
+    browser.find_element(By.ID, "unpin").click()
+    assert browser.find_element(By.ID, "pinned-status").text == "none"
+
+
+def test_the_export_downloads_and_verifies_offline(browser: Any, live_gateway: LiveGateway) -> None:
+    browser.get(live_gateway.url + "/console/export")
+    browser.find_element(By.CSS_SELECTOR, '[data-testid="export-download"]').click()
+    export = wait_for_download(browser, "audit-*.jsonl")
+    lines = export.read_text(encoding="utf-8").splitlines(keepends=True)
+    assert json.loads(lines[-1])["type"] == "checkpoint"
+    listing = live_gateway.http("GET", "/v1/log/keys").json()
+    report = verify_export_lines(lines, trusted_log_keys=vkeys_of(listing))
+    assert report.valid and report.checked == len(lines) - sum(
+        json.loads(line)["type"] != "event" for line in lines
+    )
+
+
 def test_pages_fit_a_narrow_screen(
     browser: Any, live_gateway: LiveGateway, artifacts: Path
 ) -> None:
@@ -321,7 +372,7 @@ def test_pages_fit_a_narrow_screen(
             assert browser.execute_script(
                 "return document.documentElement.scrollWidth <= window.innerWidth"
             ), page
-        shot(browser, artifacts, "08-narrow-checkpoints")
+        shot(browser, artifacts, "09-narrow-checkpoints")
     finally:
         browser.set_window_size(1280, 800)
 
@@ -335,7 +386,7 @@ def test_logout_ends_the_session(browser: Any, live_gateway: LiveGateway, artifa
     assert browser.get_cookies() == []
     browser.get(live_gateway.url + "/console/verify")
     assert browser.find_element(By.TAG_NAME, "h1").text == "Log in"
-    shot(browser, artifacts, "09-logged-out")
+    shot(browser, artifacts, "10-logged-out")
 
 
 def test_an_admin_reviews_access_and_downloads_csv(
@@ -348,13 +399,9 @@ def test_an_admin_reviews_access_and_downloads_csv(
     assert browser.current_url.endswith("/console/access-review")
     nav = [a.text for a in browser.find_elements(By.CSS_SELECTOR, "nav[aria-label=Main] a")]
     assert nav == ["Access review", "Log keys"]  # admins hold no audit:read
-    shot(browser, artifacts, "10-admin-access-review")
+    shot(browser, artifacts, "11-admin-access-review")
     browser.find_element(By.CSS_SELECTOR, '[data-testid="csv-download"]').click()
-    deadline = time.monotonic() + 15
-    while not list(browser.downloads.glob("access-review-*.csv")):
-        assert time.monotonic() < deadline, "no CSV downloaded"
-        time.sleep(0.1)
-    (download,) = browser.downloads.glob("access-review-*.csv")
+    download = wait_for_download(browser, "access-review-*.csv")
     with download.open(newline="", encoding="utf-8") as handle:
         table = list(csv.DictReader(handle))
     names = {row["name"]: row for row in table}
@@ -394,10 +441,10 @@ def test_a_tampered_entry_is_shown_invalid(
     assert "not the checkpoint's root" in status
     shown = browser.find_element(By.ID, "record")
     assert "unverified" in shown.get_attribute("class")
-    shot(browser, artifacts, "11-tampered-event-invalid")
+    shot(browser, artifacts, "12-tampered-event-invalid")
     browser.get(live_gateway.url + "/console/verify")
     browser.find_element(By.XPATH, '//button[text()="Run full verification"]').click()
     assert settled(browser, "verify-status") == (
         f"INVALID: first bad index {victim - 1} (seq {victim})"
     )
-    shot(browser, artifacts, "12-tampered-full-verification-invalid")
+    shot(browser, artifacts, "13-tampered-full-verification-invalid")
