@@ -36,7 +36,11 @@ def auditor(live_gateway: LiveGateway) -> Person:
     return live_gateway.person("alice", ["auditor"])
 
 
-def shot(driver: Any, artifacts: Path, name: str) -> None:
+def shot(driver: Any, artifacts: Path, name: str, focus: str | None = None) -> None:
+    """Save the viewport, scrolled to the element ``data-testid=focus`` if given."""
+    if focus is not None:
+        element = driver.find_element(By.CSS_SELECTOR, f'[data-testid="{focus}"]')
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
     driver.save_screenshot(str(artifacts / f"{name}.png"))
 
 
@@ -290,7 +294,7 @@ def test_consistency_with_a_saved_checkpoint(
     assert status.startswith("valid: the log at size"), status
     new_size = int(status.split("size ")[1].split()[0])
     assert new_size > old_size and status.endswith(f"your checkpoint at size {old_size}")
-    shot(browser, artifacts, "05-consistency-valid")
+    shot(browser, artifacts, "05-consistency-valid", "consistency-status")
 
     # A checkpoint whose root was altered: its signature no longer verifies.
     lines = saved.split("\n")
@@ -310,7 +314,7 @@ def test_consistency_with_a_saved_checkpoint(
             lambda d: d.find_element(By.ID, "consistency-status").text.startswith("INVALID")
         )
         assert why in browser.find_element(By.ID, "consistency-status").text
-    shot(browser, artifacts, "06-consistency-forged-invalid")
+    shot(browser, artifacts, "06-consistency-forged-invalid", "consistency-status")
 
 
 def test_full_verification_by_the_gateway(
@@ -319,7 +323,7 @@ def test_full_verification_by_the_gateway(
     browser.get(live_gateway.url + "/console/verify")
     browser.find_element(By.XPATH, '//button[text()="Run full verification"]').click()
     assert settled(browser, "verify-status") == "valid"
-    shot(browser, artifacts, "07-full-verification-valid")
+    shot(browser, artifacts, "07-full-verification-valid", "verify-status")
 
 
 def test_pinned_log_keys_replace_the_published_ones(
@@ -447,4 +451,4 @@ def test_a_tampered_entry_is_shown_invalid(
     assert settled(browser, "verify-status") == (
         f"INVALID: first bad index {victim - 1} (seq {victim})"
     )
-    shot(browser, artifacts, "13-tampered-full-verification-invalid")
+    shot(browser, artifacts, "13-tampered-full-verification-invalid", "verify-status")
