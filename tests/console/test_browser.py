@@ -445,6 +445,7 @@ def test_a_tampered_entry_is_shown_invalid(
     assert "not the checkpoint's root" in status
     shown = browser.find_element(By.ID, "record")
     assert "unverified" in shown.get_attribute("class")
+    assert browser.find_element(By.ID, "record-hint").text.startswith("NOT verified")
     shot(browser, artifacts, "12-tampered-event-invalid")
     browser.get(live_gateway.url + "/console/verify")
     browser.find_element(By.XPATH, '//button[text()="Run full verification"]').click()

@@ -75,6 +75,9 @@ function fillRecord(table, record, verified) {
   const body = table.tBodies[0];
   body.replaceChildren();
   table.classList.toggle("unverified", !verified);
+  document.getElementById("record-hint").textContent = verified
+    ? "Shown from the entry whose leaf hash the proof covers, not from anything else the server says."
+    : "NOT verified: these fields are only what the server sent.";
   for (const [name, value] of Object.entries(record)) {
     const row = body.insertRow();
     const th = document.createElement("th");
