@@ -247,3 +247,24 @@ def test_a_foreign_cookie_or_a_crafted_next_breaks_nothing(live_gateway: LiveGat
         assert f'name="next" value="{kept}"' in page.text
     _, answer = log_in(live_gateway, person, next="/console/\r\nSet-Cookie: x=y")
     assert answer.status_code == 303 and answer.headers["Location"] == "/console/"
+
+
+def test_login_attempts_spend_the_anonymous_rate_limit(tmp_path: Path) -> None:
+    """The console's login is limited per address like POST /v1/auth/login."""
+    limited = {"ratelimit": {"anonymous": {"rate": 0.01, "burst": 3}}}
+    gateway, thread = start_live_gateway(tmp_path / "gw", auth=limited)
+    try:
+        wrong = {"username": "nobody", "password": "x" * 20}
+        origin = {"Origin": gateway.url}
+        statuses = [
+            gateway.http("POST", "/console/login", data=wrong, headers=origin).status_code
+            for _ in range(3)
+        ]
+        assert statuses == [401, 401, 401]
+        limited_answer = gateway.http("POST", "/console/login", data=wrong, headers=origin)
+        assert limited_answer.status_code == 429 and int(limited_answer.headers["Retry-After"]) > 0
+        assert limited_answer.headers["Content-Type"].startswith("text/html")
+        record = gateway.audit_record(limited_answer.headers["X-Request-ID"])
+        assert (record["action"], record["outcome"]) == ("console_login", "rate_limited")
+    finally:
+        stop_live_gateway(gateway, thread)
