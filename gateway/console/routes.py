@@ -288,17 +288,14 @@ def _event_query(request: web.Request) -> tuple[EventQuery, dict[str, str]]:
     """The events page's filters: the JSON route's, with empty form fields left out and
     the HTTP status besides."""
     values = {k: v for k, v in request.query.items() if v.strip()}
-    status_text = values.pop("status", None)
+    status = _number(request, "status", 100, 599)
+    values.pop("status", None)
     values.setdefault("limit", str(PAGE_SIZE))
     query = audit_routes.parse_event_query(
         request.clone(rel_url=request.rel_url.with_query(values))
     )
-    status = None
-    if status_text is not None:
-        if not status_text.isdigit() or not 100 <= int(status_text) <= 599:
-            raise ApiError(400, "invalid_query", "query parameter 'status' must be 100 to 599")
-        status = int(status_text)
-        values["status"] = status_text
+    if status is not None:
+        values["status"] = str(status)
     return dataclasses.replace(query, http_status=status), values
 
 
@@ -320,11 +317,21 @@ async def events(request: web.Request) -> web.Response:
     )
 
 
-def _seq(request: web.Request) -> int:
-    text = request.query.get("seq", "")
-    if not text.isdigit() or not 1 <= int(text) < 2**63:
-        raise ApiError(400, "invalid_query", "query parameter 'seq' must be a positive integer")
+def _number(request: web.Request, name: str, low: int, high: int = 2**63 - 1) -> int | None:
+    """An integer query parameter within [low, high], None when absent or empty."""
+    text = request.query.get(name, "").strip()
+    if not text:
+        return None
+    if not re.fullmatch(r"[0-9]{1,19}", text) or not low <= int(text) <= high:
+        raise ApiError(400, "invalid_query", f"query parameter {name!r} must be {low} to {high}")
     return int(text)
+
+
+def _seq(request: web.Request) -> int:
+    seq = _number(request, "seq", 1)
+    if seq is None:
+        raise ApiError(400, "invalid_query", "query parameter 'seq' is required")
+    return seq
 
 
 async def event(request: web.Request) -> web.Response:
@@ -372,17 +379,15 @@ async def verify_run(request: web.Request) -> web.Response:
 
 
 async def checkpoints(request: web.Request) -> web.Response:
-    before_text = request.query.get("before", "")
-    if before_text and not before_text.isdigit():
-        raise ApiError(400, "invalid_query", "query parameter 'before' must be a tree size")
+    before = _number(request, "before", 1)
     statement = select(
         audit_tree_heads.c.size,
         audit_tree_heads.c.issued_at,
         audit_tree_heads.c.key_id,
         audit_tree_heads.c.root,
     ).order_by(audit_tree_heads.c.size.desc())
-    if before_text:
-        statement = statement.where(audit_tree_heads.c.size < int(before_text))
+    if before is not None:
+        statement = statement.where(audit_tree_heads.c.size < before)
     async with request.app[DB_ENGINE].connect() as conn:
         rows = (await conn.execute(statement.limit(CHECKPOINTS_PAGE + 1))).all()
     heads = [

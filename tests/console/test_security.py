@@ -268,3 +268,26 @@ def test_login_attempts_spend_the_anonymous_rate_limit(tmp_path: Path) -> None:
         assert (record["action"], record["outcome"]) == ("console_login", "rate_limited")
     finally:
         stop_live_gateway(gateway, thread)
+
+
+def test_bad_page_parameters_are_precise_400s(live_gateway: LiveGateway) -> None:
+    auditor = {"X-API-Key": live_gateway.api_key("auditor")}
+    for path, named in (
+        ("/console/events?status=42", "status"),
+        ("/console/events?status=²", "status"),
+        ("/console/events?since=yesterday", "since"),
+        ("/console/events?outcome=fine", "outcome"),
+        ("/console/events?colour=red", "colour"),
+        ("/console/event?seq=0", "seq"),
+        ("/console/event", "seq"),
+        ("/console/checkpoints?before=99999999999999999999", "before"),
+        ("/console/api/event-proof?seq=x", "seq"),
+    ):
+        refused = live_gateway.http("GET", path, headers=auditor)
+        assert refused.status_code == 400, path
+        assert f"&#39;{named}&#39;" in refused.text or f"'{named}'" in refused.text, path
+        record = live_gateway.audit_record(refused.headers["X-Request-ID"])
+        assert (record["outcome"], detail(record)["error"]["code"]) == ("invalid", "invalid_query")
+    # Empty fields of the filter form mean "any".
+    blank = "/console/events?since=&until=&actor=&action=&outcome=&status="
+    assert live_gateway.http("GET", blank, headers=auditor).status_code == 200
