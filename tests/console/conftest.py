@@ -34,7 +34,7 @@ from gateway.appkeys import DB_ENGINE
 from gateway.identity import AUTH_SERVICE
 from gateway.server import start_server
 from gateway.tls import server_ssl_context
-from tests.conftest import REPO, missing
+from tests.conftest import REPO, PgDatabase, missing
 from tests.gateway.conftest import CHEAP_ARGON2, gateway_config
 
 ARTIFACTS = REPO / "test-artifacts" / "console"
@@ -130,17 +130,27 @@ class LiveGateway:
         return base64.b64encode(hashlib.sha256(spki).digest()).decode()
 
 
-def start_live_gateway(data_dir: Path, **sections: Any) -> tuple[LiveGateway, threading.Thread]:
+def start_live_gateway(
+    data_dir: Path, database: PgDatabase | None = None, auth: dict[str, Any] | None = None
+) -> tuple[LiveGateway, threading.Thread]:
+    """Start a gateway (SQLite, or ``database``); ``auth`` overrides its security values."""
     from gateway.cli import initialise
 
     loop = asyncio.new_event_loop()
     ready: dict[str, Any] = {}
     started = threading.Event()
+    sections: dict[str, Any] = {
+        "auth": {**CHEAP_ARGON2, "ratelimit": GENEROUS_LIMITS, **(auth or {})}
+    }
+    if database is not None:
+        sections.update(
+            database_url=database.app_url,
+            database_owner_url=database.owner_url,
+            database_app_role=database.app_role,
+        )
 
     async def serve() -> None:
-        config = gateway_config(data_dir, auth={**CHEAP_ARGON2, "ratelimit": GENEROUS_LIMITS})
-        for name, values in sections.items():
-            config.data.setdefault(name, {}).update(values)
+        config = gateway_config(data_dir, **sections)
         await initialise(config)
         master_key = MasterKey.from_text((data_dir / "master.key").read_text())
         app = create_app(config, master_key=master_key)
