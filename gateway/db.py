@@ -92,7 +92,7 @@ def _grant_auditor(connection: Connection, role: str) -> None:
     """SELECT on the audit tables and the public key columns, nothing else. Granted after
     every upgrade, so tables a later migration adds are readable too."""
     tables = [t for t in audit_metadata.tables if inspect(connection).has_table(t)]
-    connection.exec_driver_sql(f'GRANT SELECT ON {", ".join(tables)}, alembic_version TO "{role}"')
+    connection.exec_driver_sql(f'GRANT SELECT ON {", ".join(tables)} TO "{role}"')
     for table, columns in AUDITOR_COLUMNS.items():
         if inspect(connection).has_table(table):
             connection.exec_driver_sql(f'GRANT SELECT ({columns}) ON {table} TO "{role}"')
