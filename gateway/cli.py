@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import uuid
 from datetime import UTC, datetime
@@ -173,7 +174,7 @@ def run_init(args: argparse.Namespace) -> int:
     except (SchemaNotCurrent, PolicyError, SQLAlchemyError, OSError, ValueError) as exc:
         # One line naming what failed, never a traceback (a driver message may quote
         # statement parameters, but init passes no secret as one).
-        print(f"kzg-gateway init: {_describe(exc)}", file=sys.stderr)
+        print(f"kzg-gateway init: {_describe(exc, 'database_owner_url')}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(result))
@@ -245,12 +246,15 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _describe(exc: BaseException) -> str:
-    """A one-line reason: the driver's first line for a database error."""
+def _describe(exc: BaseException, setting: str = "database_url") -> str:
+    """A one-line reason; a database that cannot be reached or refuses the login is named
+    by the setting that points at it."""
     if isinstance(exc, SQLAlchemyError):
         origin = getattr(exc, "orig", None) or exc
-        first = str(origin).strip().splitlines()[0] if str(origin).strip() else ""
-        return f"database error: {type(origin).__name__}: {first}"
+        lines = str(origin).strip().splitlines()
+        return f"database error ({setting}): {lines[0] if lines else type(origin).__name__}"
+    if isinstance(exc, ConnectionError | socket.gaierror):
+        return f"cannot reach the database ({setting}): {exc}"
     return str(exc)
 
 
@@ -289,6 +293,9 @@ def run_jobs(args: argparse.Namespace) -> int:
     except (ConfigError, MasterKeyError, SchemaNotCurrent, PolicyError) as exc:
         print(f"kzg-gateway jobs run {args.name}: {exc}", file=sys.stderr)
         return 2
+    except (SQLAlchemyError, ConnectionError, socket.gaierror) as exc:
+        print(f"kzg-gateway jobs run {args.name}: {_describe(exc)}", file=sys.stderr)
+        return 1
     except Exception as exc:
         print(f"kzg-gateway jobs run {args.name}: failed: {exc}", file=sys.stderr)
         return 1

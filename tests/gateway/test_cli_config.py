@@ -311,3 +311,30 @@ def test_errors_name_the_missing_setting_in_one_line(tmp_path: Path) -> None:
         assert result.returncode != 0, command
         assert "KZG_GATEWAY_MASTER_KEY" in result.stderr, (command, result.stderr)
         assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+def test_an_unreachable_database_is_named_by_its_setting(tmp_path: Path) -> None:
+    """Nothing listens on port 1: each command names the setting that points there."""
+    nowhere = "postgresql://kzg:x@127.0.0.1:1/kzg"
+    base = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "KZG_GATEWAY_MASTER_KEY": "00" * 32}
+    cases = [
+        (
+            ["init"],
+            {"KZG_GATEWAY_DATABASE_OWNER_URL": nowhere, "KZG_GATEWAY_DATABASE_APP_ROLE": "kzg"},
+            "database_owner_url",
+        ),
+        (["serve", "--port", "0"], {"KZG_GATEWAY_DATABASE_URL": nowhere}, "database_url"),
+        (["jobs", "run", "checkpoint"], {"KZG_GATEWAY_DATABASE_URL": nowhere}, "database_url"),
+    ]
+    for command, env, setting in cases:
+        result = subprocess.run(
+            [sys.executable, "-m", "gateway", *command, "--data-dir", str(tmp_path / "gw")],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**base, **env},
+        )
+        assert result.returncode == 1, (command, result.stderr)
+        assert f"cannot reach the database ({setting})" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
