@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -32,9 +32,8 @@ from auth.crypto import (
     load_master_key,
     write_master_key_file,
 )
-from auth.models import jwt_keys
 from auth.policy import PolicyError
-from auth.service import CURRENT, record_master_key
+from auth.service import record_master_key
 from gateway import cli_audit
 from gateway.config import Config, ConfigError, cli_actor, load_config
 from gateway.db import SchemaNotCurrent, check_schema, current_heads, make_engine, migrate
@@ -78,9 +77,8 @@ def _check_init_settings(config: Config) -> None:
 
 async def _current_jwt_kid(engine: AsyncEngine) -> str | None:
     async with engine.connect() as conn:
-        return (
-            await conn.execute(select(jwt_keys.c.kid).where(jwt_keys.c.status == CURRENT))
-        ).scalar_one_or_none()
+        kid = await conn.execute(text("SELECT kid FROM jwt_keys WHERE status = 'current'"))
+        return kid.scalar_one_or_none()
 
 
 async def _audit_init(
