@@ -170,8 +170,8 @@ def run_init(args: argparse.Namespace) -> int:
     try:
         result = asyncio.run(initialise(config))
     except (SchemaNotCurrent, PolicyError, SQLAlchemyError, OSError, ValueError) as exc:
-        # One line naming what failed, never a traceback (a driver message may quote
-        # statement parameters, but init passes no secret as one).
+        # One line naming what failed, never a traceback; of a driver's message only its
+        # first line (the details may quote row values).
         print(f"kzg-gateway init: {_describe(exc, 'database_owner_url')}", file=sys.stderr)
         return 1
     if args.json:
