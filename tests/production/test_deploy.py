@@ -269,22 +269,28 @@ def _previous_release(into: Path) -> Path:
     return code
 
 
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
 async def test_previous_release_serves_on_the_new_schema(
-    tmp_path: Path, pg_database: PgDatabase
+    store: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     previous = _previous_release(tmp_path)
     env = {
         **os.environ,
         "KZG_GATEWAY_MASTER_KEY": MasterKey.generate().hex(),
-        "KZG_GATEWAY_DATABASE_URL": pg_database.app_url,
-        "KZG_GATEWAY_DATABASE_OWNER_URL": pg_database.owner_url,
-        "KZG_GATEWAY_DATABASE_APP_ROLE": pg_database.app_role,
         "KZG_GATEWAY_ENGINE__NAME": "ckzg",
         "KZG_GATEWAY_POOL__WORKERS": "1",
         "KZG_GATEWAY_AUTH__PASSWORDS": CHEAP_ARGON2,
     }
+    data_dir = tmp_path / "new"
+    source = ["--data-dir", str(data_dir)]
+    if store == "postgresql":
+        pg: PgDatabase = request.getfixturevalue("pg_database")
+        env["KZG_GATEWAY_DATABASE_URL"] = pg.app_url
+        env["KZG_GATEWAY_DATABASE_OWNER_URL"] = pg.owner_url
+        env["KZG_GATEWAY_DATABASE_APP_ROLE"] = pg.app_role
+        source = ["--db-url", pg.owner_url]
     # This release migrates the database (as the migration Job does) and serves.
-    new = Instance("new", tmp_path / "new", free_port(), env)
+    new = Instance("new", data_dir, free_port(), env)
     new.cli("init", "--json")
     key = new.cli("admin", "api-keys", "create", "--name", "ci", "--role", "client")["api_key"]
     # The previous release's code, alone on its import path, shares the data (TLS files,
@@ -312,15 +318,19 @@ async def test_previous_release_serves_on_the_new_schema(
     finally:
         old.stop()
         new.stop()
-    # The code that served was the previous release's: it lacks this release's check.
-    assert not (previous / "migrations" / "versions" / "gateway_0004_schema_revisions.py").exists()
     # Both releases wrote one log that this release verifies.
-    verified = _run(
-        [sys.executable, "-m", "gateway", "audit", "verify", "--db-url", pg_database.owner_url],
-        env,
-        REPO,
-    )
+    cli = [sys.executable, "-m", "gateway", "audit"]
+    verified = _run([*cli, "verify", *source], env, REPO)
     assert "audit log valid" in verified.stdout
+    # The old server was the previous release's code: only this release signs a
+    # checkpoint (a job:checkpoint record) at start.
+    export = tmp_path / "audit.jsonl"
+    _run([*cli, "export", *source, "--output", str(export)], env, REPO)
+    lines = [json.loads(line) for line in export.read_text().splitlines()]
+    entries = [json.loads(line["entry"]) for line in lines if line["type"] == "event"]
+    starts = [e for e in entries if (e["action"], e["actor"]) == ("job:checkpoint", "system:jobs")]
+    assert len(starts) == 1
+    assert sum(e["action"] == "verify_kzg_proof" for e in entries) == 2, entries
 
 
 async def test_a_schema_migrated_by_the_previous_release_upgrades_in_place(
