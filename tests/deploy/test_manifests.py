@@ -143,6 +143,10 @@ def test_pods_and_the_migration_job_read_the_shipped_config_map(
     for pod in (deployment_pod, job_pod):
         (container,) = pod["containers"]
         assert _pod_config_path(pod, container) == name
+        # Every command run in the pod reads the file the container was started with.
+        env = {item["name"]: item.get("value") for item in container["env"]}
+        args = container["args"]
+        assert env["KZG_GATEWAY_CONFIG"] == args[args.index("--config") + 1]
     # The file is a configuration the gateway accepts (policies as the image ships them).
     (tmp_path / "config.toml").write_text(_config_toml(manifests))
     config = load_config(
