@@ -38,7 +38,7 @@ from gateway import cli_audit
 from gateway.config import Config, ConfigError, cli_actor, load_config
 from gateway.db import SchemaNotCurrent, check_schema, current_heads, make_engine, migrate
 from gateway.receipts import SEALED_SECRETS, ensure_log_key, load_log_signer
-from gateway.tls import DEV_TLS_DIR, ensure_dev_tls, server_ssl_context
+from gateway.tls import DEV_TLS_DIR, ensure_dev_tls, server_ssl_context, tls_files
 
 log = logging.getLogger("kzg_gateway")
 
@@ -199,6 +199,7 @@ async def serve(config: Config) -> None:
 
     master_key = load_master_key(config.data_dir)
     await _check_master_key(config, master_key)
+    _check_tls_files(config)
     app = create_app(config, master_key=master_key)
     ssl_context = server_ssl_context(config.section("tls"), config.data_dir)
     runner, _ = await start_server(app, config.host, config.port, ssl_context)
@@ -212,6 +213,25 @@ async def serve(config: Config) -> None:
     await asyncio.sleep(float(config.get("server", "drain_seconds", 0)))
     log.info("draining %d in-flight requests", app[STATE].inflight)
     await runner.cleanup()
+
+
+def _check_tls_files(config: Config) -> None:
+    """Name the TLS setting whose file is missing before anything starts (the ssl
+    module's error names neither the file nor the setting)."""
+    tls = config.section("tls")
+    cert_file, key_file = tls_files(tls, config.data_dir)
+    files = {"cert_file": cert_file, "key_file": key_file}
+    if tls.get("client_ca_file"):
+        files["client_ca_file"] = Path(tls["client_ca_file"])
+    for key, path in files.items():
+        if path.is_file():
+            continue
+        if key in tls:
+            raise ConfigError(f"[tls] {key} {path} does not exist (KZG_GATEWAY_TLS__{key.upper()})")
+        raise ConfigError(
+            f"no TLS certificate: set [tls] cert_file and key_file, or run 'kzg-gateway "
+            f"init' in this data directory for the development certificate ({path})"
+        )
 
 
 async def _check_master_key(config: Config, master_key: MasterKey) -> None:

@@ -338,3 +338,24 @@ def test_an_unreachable_database_is_named_by_its_setting(tmp_path: Path) -> None
         assert result.returncode == 1, (command, result.stderr)
         assert f"cannot reach the database ({setting})" in result.stderr, result.stderr
         assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+def test_serve_names_the_tls_file_it_lacks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("KZG_GATEWAY_MASTER_KEY", raising=False)
+    monkeypatch.setenv("KZG_GATEWAY_AUTH__PASSWORDS__TIME_COST", "1")
+    data_dir = tmp_path / "gw"
+    _init(data_dir, capsys)
+    serve = ["serve", "--data-dir", str(data_dir), "--port", "0"]
+    monkeypatch.setenv("KZG_GATEWAY_TLS__CERT_FILE", str(tmp_path / "absent.pem"))
+    monkeypatch.setenv("KZG_GATEWAY_TLS__KEY_FILE", str(data_dir / "tls" / "server.key"))
+    assert main(serve) == 1
+    err = capsys.readouterr().err
+    assert f"[tls] cert_file {tmp_path / 'absent.pem'} does not exist" in err, err
+    # An instance whose data directory never saw init has no development certificate.
+    monkeypatch.delenv("KZG_GATEWAY_TLS__CERT_FILE")
+    monkeypatch.delenv("KZG_GATEWAY_TLS__KEY_FILE")
+    shutil.rmtree(data_dir / "tls")
+    assert main(serve) == 1
+    assert "no TLS certificate: set [tls] cert_file and key_file" in capsys.readouterr().err
