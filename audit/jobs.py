@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import uuid
+from contextvars import ContextVar
 from datetime import datetime
 from typing import Any
 
@@ -18,15 +19,19 @@ from audit.retention import RetentionPolicy, RetentionRefused, run_retention
 from audit.writer import AuditWriter
 
 JOB_ACTOR = "system:jobs"
+# Who runs the job in this task: the scheduler (JOB_ACTOR) or, run by hand, the CLI's
+# ``cli:<os user>``. A context variable, so every job's records carry it unasked.
+job_actor: ContextVar[str] = ContextVar("job_actor", default=JOB_ACTOR)
 
 
 def job_event(name: str, outcome: str, now: datetime, detail: dict[str, Any]) -> AuditEvent:
-    """Return the audit record of one job run."""
+    """Return the audit record of one job run, attributed to whoever runs it."""
+    actor = job_actor.get()
     return AuditEvent(
         request_id=f"job-{uuid.uuid4().hex}",
         occurred_at=now,
-        actor=JOB_ACTOR,
-        role="system",
+        actor=actor,
+        role="system" if actor == JOB_ACTOR else "operator",
         action=f"job:{name}",
         outcome=outcome,
         detail=detail,

@@ -48,7 +48,7 @@ from gateway.console import routes as console
 from gateway.context import REQUEST_CONTEXT, RequestContext
 from gateway.db import check_schema, make_engine
 from gateway.errors import AUDIT_DOWN, ApiError, envelope
-from gateway.jobs import JobContext, Scheduler
+from gateway.jobs import JobContext, Scheduler, run_job
 from gateway.limits import SERVER_LIMITS, ServerLimits
 from gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from gateway.openapi import RouteDoc, document_route, openapi_document
@@ -451,7 +451,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             app[METRICS].audit.checkpoint_time.set(parse_timestamp(head.issued_at).timestamp())
         await writer.start()
         app[AUDIT_WRITER] = writer
-        scheduler = Scheduler(JobContext(config, engine, writer, app[MASTER_KEY], signer))
+        jobs = JobContext(config, engine, writer, app[MASTER_KEY], signer)
+        # A checkpoint signed at every start: verifiers see a fresh head from minute one.
+        await run_job("checkpoint", jobs)
+        scheduler = Scheduler(jobs)
         if config.get("jobs", "enabled", True):
             scheduler.start()
         refresher = asyncio.create_task(_refresh_log_key(signer, config))

@@ -9,12 +9,21 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from audit.events import AuditEvent
 from audit.retention import store_retention_policy
 from audit.settings import AuditSettings
+from audit.writer import AuditWriter
 from auth.crypto import (
     MASTER_KEY_ENV,
     MASTER_KEY_FILE,
@@ -26,10 +35,10 @@ from auth.crypto import (
 from auth.policy import PolicyError
 from auth.service import record_master_key
 from gateway import cli_audit
-from gateway.config import Config, ConfigError, load_config
-from gateway.db import SchemaNotCurrent, check_schema, make_engine, migrate
-from gateway.receipts import SEALED_SECRETS, ensure_log_key
-from gateway.tls import DEV_TLS_DIR, ensure_dev_tls, server_ssl_context
+from gateway.config import Config, ConfigError, cli_actor, load_config
+from gateway.db import SchemaNotCurrent, check_schema, current_heads, make_engine, migrate
+from gateway.receipts import SEALED_SECRETS, ensure_log_key, load_log_signer
+from gateway.tls import DEV_TLS_DIR, ensure_dev_tls, server_ssl_context, tls_files
 
 log = logging.getLogger("kzg_gateway")
 
@@ -53,34 +62,100 @@ async def _store_retention_floor(config: Config) -> None:
         await owner.dispose()
 
 
+def _check_init_settings(config: Config) -> None:
+    """On PostgreSQL the gateway runs as a role the migrations grant; without it the
+    servers could read nothing."""
+    owner = config.database_owner_url
+    if not owner.startswith("postgresql") or config.database_app_role:
+        return
+    if not config.data.get("database_url") or config.database_url != owner:
+        raise ConfigError(
+            "database_app_role is not set (KZG_GATEWAY_DATABASE_APP_ROLE): on PostgreSQL "
+            "the migrations grant that role what the servers need"
+        )
+
+
+async def _current_jwt_kid(engine: AsyncEngine) -> str | None:
+    async with engine.connect() as conn:
+        kid = await conn.execute(text("SELECT kid FROM jwt_keys WHERE status = 'current'"))
+        return kid.scalar_one_or_none()
+
+
+async def _audit_init(
+    engine: AsyncEngine, config: Config, master_key: MasterKey, acts: list[tuple[str, dict]]
+) -> None:
+    """Commit one audit record per act of ``init`` (schema, first admin, first keys),
+    attributed to the OS account that ran it; init fails unless they are committed."""
+    settings = AuditSettings.from_mapping(config.section("audit"))
+    signer = await load_log_signer(engine, master_key, settings.origin)
+    writer = AuditWriter(engine, signer, commit_timeout=settings.commit_timeout_seconds)
+    await writer.start()
+    try:
+        for action, detail in acts:
+            await writer.append(
+                AuditEvent(
+                    request_id=f"cli-{uuid.uuid4().hex}",
+                    occurred_at=datetime.now(UTC),
+                    actor=cli_actor(),
+                    role="operator",
+                    action=f"cli:init_{action}",
+                    outcome="success",
+                    detail=detail,
+                )
+            )
+    finally:
+        await writer.stop()
+
+
 async def initialise(config: Config) -> dict[str, Any]:
     """Idempotent set-up of a data directory: dirs, master key, schema, dev TLS, log
-    key, first admin. Returns what ``init --json`` prints (admin only when created)."""
+    key, first admin, each act audited. Returns what ``init --json`` prints (admin only
+    when created)."""
+    _check_init_settings(config)
     data_dir = config.data_dir
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     if not os.environ.get(MASTER_KEY_ENV):
         write_master_key_file(data_dir / MASTER_KEY_FILE)
     master_key = load_master_key(data_dir)
-    await migrate(config.database_owner_url, config.database_app_role)
+    before = await current_heads(config.database_owner_url)
+    await migrate(
+        config.database_owner_url,
+        config.database_app_role,
+        auditor_role=config.database_auditor_role,
+    )
+    acts: list[tuple[str, dict]] = [
+        ("schema", {"from": before, "to": await current_heads(config.database_owner_url)})
+    ]
     await _store_retention_floor(config)
-    database_file = config.database_url.partition(":///")[2]
-    if config.database_url.startswith("sqlite") and Path(database_file).is_file():
+    database_file = config.init_database_url.partition(":///")[2]
+    if config.init_database_url.startswith("sqlite") and Path(database_file).is_file():
         os.chmod(database_file, 0o600)
     tls = config.section("tls")
     ca_cert: Path | None = Path(tls["ca_file"]) if tls.get("ca_file") else None
     if not tls.get("cert_file"):
         ca_cert = ensure_dev_tls(data_dir / DEV_TLS_DIR).ca_cert
-    engine = make_engine(config.database_url)
+    # The documented PostgreSQL init names the owner URL only: seed through it then.
+    engine = make_engine(config.init_database_url)
     admin = None
     try:
         # Before anything is sealed: refuse a key other than the recorded one, and record
         # it for a database that held secrets before the record existed.
         await record_master_key(engine, master_key, SEALED_SECRETS)
         origin = AuditSettings.from_mapping(config.section("audit")).origin
-        await ensure_log_key(engine, master_key, origin)
+        log_key = await ensure_log_key(engine, master_key, origin)
+        if log_key is not None:
+            acts.append(("log_key", {"key_id": log_key.key_id}))
         ensure_first_admin = _first_admin_function()
         if ensure_first_admin is not None:
-            admin = await ensure_first_admin(engine, master_key)
+            kid = await _current_jwt_kid(engine)
+            admin = await ensure_first_admin(engine, master_key, policy_dir=str(config.policy_dir))
+            new_kid = await _current_jwt_kid(engine)
+            if new_kid != kid:
+                acts.append(("jwt_key", {"kid": new_kid}))
+            if admin is not None:
+                # Who, never the password or TOTP secret.
+                acts.append(("first_admin", {"username": admin["username"], "roles": ["admin"]}))
+        await _audit_init(engine, config, master_key, acts)
     finally:
         await engine.dispose()
     return {
@@ -92,7 +167,13 @@ async def initialise(config: Config) -> dict[str, Any]:
 
 def run_init(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.data_dir)
-    result = asyncio.run(initialise(config))
+    try:
+        result = asyncio.run(initialise(config))
+    except (SchemaNotCurrent, PolicyError, SQLAlchemyError, OSError, ValueError) as exc:
+        # One line naming what failed, never a traceback; of a driver's message only its
+        # first line (the details may quote row values).
+        print(f"kzg-gateway init: {_describe(exc, 'database_owner_url')}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(result))
         return 0
@@ -118,6 +199,7 @@ async def serve(config: Config) -> None:
 
     master_key = load_master_key(config.data_dir)
     await _check_master_key(config, master_key)
+    _check_tls_files(config)
     app = create_app(config, master_key=master_key)
     ssl_context = server_ssl_context(config.section("tls"), config.data_dir)
     runner, _ = await start_server(app, config.host, config.port, ssl_context)
@@ -131,6 +213,25 @@ async def serve(config: Config) -> None:
     await asyncio.sleep(float(config.get("server", "drain_seconds", 0)))
     log.info("draining %d in-flight requests", app[STATE].inflight)
     await runner.cleanup()
+
+
+def _check_tls_files(config: Config) -> None:
+    """Name the TLS setting whose file is missing before anything starts (the ssl
+    module's error names neither the file nor the setting)."""
+    tls = config.section("tls")
+    cert_file, key_file = tls_files(tls, config.data_dir)
+    files = {"cert_file": cert_file, "key_file": key_file}
+    if tls.get("client_ca_file"):
+        files["client_ca_file"] = Path(tls["client_ca_file"])
+    for key, path in files.items():
+        if path.is_file():
+            continue
+        if key in tls:
+            raise ConfigError(f"[tls] {key} {path} does not exist (KZG_GATEWAY_TLS__{key.upper()})")
+        raise ConfigError(
+            f"no TLS certificate: set [tls] cert_file and key_file, or run 'kzg-gateway "
+            f"init' in this data directory for the development certificate ({path})"
+        )
 
 
 async def _check_master_key(config: Config, master_key: MasterKey) -> None:
@@ -150,10 +251,29 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     try:
         asyncio.run(serve(config))
-    except (SchemaNotCurrent, MasterKeyError, ConfigError, PolicyError, OSError) as exc:
-        print(f"kzg-gateway serve: {exc}", file=sys.stderr)
+    except (
+        SchemaNotCurrent,
+        MasterKeyError,
+        ConfigError,
+        PolicyError,
+        OSError,
+        SQLAlchemyError,
+    ) as exc:
+        print(f"kzg-gateway serve: {_describe(exc)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _describe(exc: BaseException, setting: str = "database_url") -> str:
+    """A one-line reason; a database that cannot be reached or refuses the login is named
+    by the setting that points at it."""
+    if isinstance(exc, SQLAlchemyError):
+        origin = getattr(exc, "orig", None) or exc
+        lines = str(origin).strip().splitlines()
+        return f"database error ({setting}): {lines[0] if lines else type(origin).__name__}"
+    if isinstance(exc, ConnectionError | socket.gaierror):
+        return f"cannot reach the database ({setting}): {exc}"
+    return str(exc)
 
 
 async def _run_job(config: Config, name: str) -> dict[str, Any]:
@@ -172,7 +292,8 @@ async def _run_job(config: Config, name: str) -> dict[str, Any]:
         signer = await load_log_signer(engine, master_key, settings.origin)
         writer = AuditWriter(engine, signer, commit_timeout=settings.commit_timeout_seconds)
         await writer.start()
-        return await run_job(name, JobContext(config, engine, writer, master_key, signer))
+        ctx = JobContext(config, engine, writer, master_key, signer, actor=cli_actor())
+        return await run_job(name, ctx)
     finally:
         if writer is not None:
             await writer.stop()
@@ -187,6 +308,12 @@ def run_jobs(args: argparse.Namespace) -> int:
     except KeyError as exc:
         print(f"kzg-gateway jobs run: {exc.args[0]}", file=sys.stderr)
         return 2
+    except (ConfigError, MasterKeyError, SchemaNotCurrent, PolicyError) as exc:
+        print(f"kzg-gateway jobs run {args.name}: {exc}", file=sys.stderr)
+        return 2
+    except (SQLAlchemyError, ConnectionError, socket.gaierror) as exc:
+        print(f"kzg-gateway jobs run {args.name}: {_describe(exc)}", file=sys.stderr)
+        return 1
     except Exception as exc:
         print(f"kzg-gateway jobs run {args.name}: failed: {exc}", file=sys.stderr)
         return 1
@@ -241,6 +368,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, MasterKeyError) as exc:
+    except (ConfigError, MasterKeyError, PolicyError) as exc:
         print(f"kzg-gateway: {exc}", file=sys.stderr)
         return 2

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
-import getpass
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ from auth.crypto import MASTER_KEY_ENV, MASTER_KEY_FILE, MasterKey, MasterKeyErr
 from auth.policy import PolicyError
 from auth.rewrap import rewrap_columns
 from auth.service import AuthError, AuthService, replace_master_key
-from gateway.config import Config, load_config
+from gateway.config import Config, cli_actor, load_config
 from gateway.db import check_schema, make_engine
 from gateway.identity import policies_for
 from gateway.receipts import SEALED_SECRETS, load_log_signer, rotate_log_key
@@ -144,10 +143,7 @@ async def _master_rotate(service: AuthService, args: argparse.Namespace) -> dict
 
 
 def _actor() -> str:
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (KeyError, OSError):
-        return f"cli:uid-{os.getuid()}"
+    return cli_actor()
 
 
 async def _execute(config: Config, args: argparse.Namespace, command: Command) -> dict[str, Any]:

@@ -13,9 +13,7 @@ import argparse
 import asyncio
 import hashlib
 import json
-import os
 import sys
-import tomllib
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -147,20 +145,16 @@ def async_url(url: str) -> str:
 
 
 def data_dir_database_url(data_dir: Path) -> str:
-    """Return the database URL a gateway with this data directory uses:
-    ``KZG_GATEWAY_DATABASE_URL``, else ``database_url`` in ``<data dir>/config.toml``,
-    else the embedded default, the SQLite file ``<data dir>/gateway.db``."""
-    url = os.environ.get(DATABASE_URL_ENV)
-    config = data_dir / "config.toml"
-    if not url and config.is_file():
-        with config.open("rb") as handle:
-            url = tomllib.load(handle).get("database_url")
-    if url:
-        return async_url(url)
+    """Return the database URL a gateway with this data directory uses, read as ``serve``
+    reads it (``$KZG_GATEWAY_CONFIG`` or ``<data dir>/config.toml``, then the
+    environment); the embedded SQLite file ``<data dir>/gateway.db`` must exist."""
+    from gateway.config import load_config  # gateway.config imports this module
+
+    url = load_config(None, data_dir).database_url
     database = data_dir / DEFAULT_DATABASE_FILE
-    if not database.is_file():
+    if url.endswith(f":///{database.resolve()}") and not database.is_file():
         raise ValueError(f"no gateway database in {data_dir} (expected {database})")
-    return f"sqlite+aiosqlite:///{database.resolve()}"
+    return url
 
 
 def _database_url(args: argparse.Namespace) -> str:

@@ -5,12 +5,16 @@ way: ``KZG_GATEWAY_AUTH__PASSWORDS__TIME_COST``); ``KZG_GATEWAY_<KEY>`` sets a
 top-level key (``KZG_GATEWAY_DATABASE_URL`` → ``database_url``). Values are read as TOML
 literals when they parse as one (``8443``, ``true``, ``["a"]``), else as plain strings.
 The master key is never copied into the configuration: ``auth.crypto`` reads it itself.
+
+Every command (``init``, ``serve``, ``jobs``, ``admin``, ``audit --data-dir``) reads the
+configuration through ``load_config``, so they all see the same database and policies.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import pwd
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from auth.crypto import MASTER_KEY_ENV
+from auth.policy import policy_dir
 from gateway.cli_audit import DEFAULT_DATABASE_FILE, async_url
 
 ENV_PREFIX = "KZG_GATEWAY_"
@@ -65,21 +70,37 @@ class Config:
     data_dir: Path = DEFAULT_DATA_DIR
 
     def section(self, name: str) -> dict[str, Any]:
-        """Return a copy of ``[name]`` (empty when absent)."""
+        """Return a copy of ``[name]`` (empty when absent). ``[audit] retention_policy``
+        defaults to ``retention.toml`` in the policy directory, never the working one."""
         value = self.data.get(name, {})
         if not isinstance(value, dict):
             raise ConfigError(f"[{name}] must be a table")
+        if name == "audit" and "retention_policy" not in value:
+            return {**value, "retention_policy": str(self.policy_dir / "retention.toml")}
         return dict(value)
 
     def get(self, section: str, key: str, default: Any = None) -> Any:
         return self.section(section).get(key, default)
 
     @property
+    def policy_dir(self) -> Path:
+        """``policy_dir`` (``KZG_GATEWAY_POLICY_DIR``), else the shipped ``policies/``."""
+        return policy_dir(self.data.get("policy_dir"))
+
+    @property
     def database_url(self) -> str:
-        """The runtime (app role) async URL; default the embedded SQLite file."""
+        """The runtime (app role) async URL; default the embedded SQLite file, but only
+        for a deployment that names no server database at all."""
         url = self.data.get("database_url")
         if url:
             return async_url(str(url))
+        if self.data.get("database_owner_url"):
+            # A PostgreSQL deployment without the runtime URL: falling back to an empty
+            # SQLite file would answer from the wrong database.
+            raise ConfigError(
+                "database_url is not set (KZG_GATEWAY_DATABASE_URL): database_owner_url "
+                "is for migrations only, commands run as the app role"
+            )
         return f"sqlite+aiosqlite:///{(self.data_dir / DEFAULT_DATABASE_FILE).resolve()}"
 
     @property
@@ -89,10 +110,35 @@ class Config:
         return async_url(str(url)) if url else self.database_url
 
     @property
+    def init_database_url(self) -> str:
+        """The URL ``init`` seeds the first admin and keys with: ``database_url`` when
+        set, else the owner's (the documented ``init`` names only the owner URL)."""
+        if self.data.get("database_url") or not self.data.get("database_owner_url"):
+            return self.database_url
+        return self.database_owner_url
+
+    @property
     def database_app_role(self) -> str | None:
         """The PostgreSQL role the gateway runs as, granted least privilege by migrations."""
         role = self.data.get("database_app_role")
         return str(role) if role else None
+
+    @property
+    def database_auditor_role(self) -> str | None:
+        """A PostgreSQL role migrations grant SELECT on the audit tables only."""
+        role = self.data.get("database_auditor_role")
+        return str(role) if role else None
+
+    def check_policy_files(self) -> None:
+        """Raise ConfigError naming the first policy file that is missing."""
+        audit = self.section("audit")
+        for path in (
+            self.policy_dir / "rbac.toml",
+            self.policy_dir / "security.toml",
+            Path(audit["retention_policy"]),
+        ):
+            if not path.is_file():
+                raise ConfigError(f"policy file {path} is missing (policy_dir: {self.policy_dir})")
 
     @property
     def host(self) -> str:
@@ -145,4 +191,16 @@ def load_config(
     for name in SECTIONS:
         if name in data and not isinstance(data[name], dict):
             raise ConfigError(f"[{name}] must be a table")
-    return Config(data, chosen_dir)
+    config = Config(data, chosen_dir)
+    config.check_policy_files()
+    return config
+
+
+def cli_actor() -> str:
+    """The audit actor of a command run by hand: the real OS account of the process
+    (``$USER`` and ``$LOGNAME`` are whatever the caller set)."""
+    uid = os.getuid()
+    try:
+        return f"cli:{pwd.getpwuid(uid).pw_name}"
+    except KeyError:
+        return f"cli:uid-{uid}"

@@ -13,7 +13,8 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from audit.jobs import checkpoint_job, job_event, retention_job
+from audit.checkpoints import sign_head
+from audit.jobs import JOB_ACTOR, checkpoint_job, job_actor, job_event, retention_job
 from audit.retention import RetentionRefused
 from audit.settings import AuditSettings
 from audit.writer import AuditWriter
@@ -26,7 +27,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class JobContext:
-    """What a job may use; ``now`` is the (injectable) clock."""
+    """What a job may use; ``now`` is the (injectable) clock, ``actor`` whom its audit
+    records name (``cli:<os user>`` when run by hand)."""
 
     config: Config
     engine: AsyncEngine
@@ -34,6 +36,7 @@ class JobContext:
     master_key: MasterKey
     signer: LogKeySigner
     now: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    actor: str = JOB_ACTOR
 
 
 JobFn = Callable[[JobContext], Awaitable[dict[str, Any]]]
@@ -67,19 +70,36 @@ def register_job(
 
 
 async def run_job(name: str, ctx: JobContext) -> dict[str, Any]:
-    """Run one job. Jobs audit their own runs; a failure they did not audit is audited here."""
+    """Run one job. Jobs audit their own runs; a failure they did not audit is audited here.
+    Afterwards the tree head is signed (a no-op when the job's own record signed it), so a
+    verifier never waits for the next request to see what a job did."""
     job = JOBS.get(name)
     if job is None:
         raise KeyError(f"unknown job {name!r}; known: {', '.join(sorted(JOBS))}")
+    token = job_actor.set(ctx.actor)
     try:
-        return await job.run(ctx)
+        result = await job.run(ctx)
     except RetentionRefused:
+        await _sign_after_failure(ctx)
         raise
     except Exception as exc:
         await ctx.writer.append(
             job_event(name, "failure", ctx.now(), {"error": type(exc).__name__})
         )
+        await _sign_after_failure(ctx)
         raise
+    finally:
+        job_actor.reset(token)
+    await sign_head(ctx.engine, ctx.signer, ctx.now())
+    return result
+
+
+async def _sign_after_failure(ctx: JobContext) -> None:
+    """Sign the head after a failed run too, without hiding the job's own error."""
+    try:
+        await sign_head(ctx.engine, ctx.signer, ctx.now())
+    except Exception:
+        log.exception("signing the tree head after a failed job")
 
 
 def _audit_settings(config: Config) -> AuditSettings:

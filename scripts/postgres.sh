@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs and starts a local PostgreSQL for the tests and benchmarks, creates the
-# migration-owner role (kzg_owner) and the runtime role (kzg_app), and writes the
-# connection settings to .pg-test-env. Idempotent.
+# migration-owner role (kzg_owner), the runtime role (kzg_app) and the read-only auditor
+# role (kzg_auditor), and writes the connection settings to .pg-test-env. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,6 +30,7 @@ done
 
 owner_pw=kzg_owner_test_pw
 app_pw=kzg_app_test_pw
+auditor_pw=kzg_auditor_test_pw
 as_pg psql -q -v ON_ERROR_STOP=1 <<SQL
 DO \$\$
 BEGIN
@@ -38,6 +39,9 @@ BEGIN
   END IF;
   IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'kzg_app') THEN
     CREATE ROLE kzg_app LOGIN PASSWORD '$app_pw';
+  END IF;
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'kzg_auditor') THEN
+    CREATE ROLE kzg_auditor LOGIN PASSWORD '$auditor_pw';
   END IF;
 END
 \$\$;
@@ -52,5 +56,7 @@ export KZG_TEST_PG_OWNER=kzg_owner
 export KZG_TEST_PG_OWNER_PASSWORD=$owner_pw
 export KZG_TEST_PG_APP=kzg_app
 export KZG_TEST_PG_APP_PASSWORD=$app_pw
+export KZG_TEST_PG_AUDITOR=kzg_auditor
+export KZG_TEST_PG_AUDITOR_PASSWORD=$auditor_pw
 ENV
 echo "PostgreSQL $version ready on port $port"

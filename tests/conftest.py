@@ -51,18 +51,29 @@ def spec_tests_dir() -> Path:
 
 @dataclass(frozen=True)
 class PgDatabase:
-    """A fresh PostgreSQL database: the owner runs migrations, the app role runs the gateway."""
+    """A fresh PostgreSQL database: the owner runs migrations, the app role runs the
+    gateway, the auditor role may only read the audit tables (once migrations grant it)."""
 
     name: str
     owner_url: str
     app_url: str
     app_role: str
+    auditor_url: str = ""
+    auditor_role: str = ""
+
+
+# The auditor role scripts/postgres.sh creates, for an environment file written before it.
+_AUDITOR_DEFAULTS = {"AUDITOR": "kzg_auditor", "AUDITOR_PASSWORD": "kzg_auditor_test_pw"}
 
 
 def _pg_env() -> dict[str, str] | None:
     keys = ("HOST", "PORT", "OWNER", "OWNER_PASSWORD", "APP", "APP_PASSWORD")
     env = {k: os.environ.get(f"KZG_TEST_PG_{k}", "") for k in keys}
-    return env if all(env.values()) else None
+    if not all(env.values()):
+        return None
+    for key, default in _AUDITOR_DEFAULTS.items():
+        env[key] = os.environ.get(f"KZG_TEST_PG_{key}") or default
+    return env
 
 
 def _pg_url(user: str, password: str, env: dict[str, str], db: str) -> str:
@@ -102,7 +113,8 @@ def pg_database() -> Iterator[PgDatabase]:
     _psql(env, f"CREATE DATABASE {name} OWNER {env['OWNER']}")
     _psql(
         env,
-        f"REVOKE ALL ON DATABASE {name} FROM PUBLIC; GRANT CONNECT ON DATABASE {name} TO {env['APP']}",
+        f"REVOKE ALL ON DATABASE {name} FROM PUBLIC; "
+        f"GRANT CONNECT ON DATABASE {name} TO {env['APP']}, {env['AUDITOR']}",
     )
     try:
         yield PgDatabase(
@@ -110,6 +122,8 @@ def pg_database() -> Iterator[PgDatabase]:
             owner_url=_pg_url(env["OWNER"], env["OWNER_PASSWORD"], env, name),
             app_url=_pg_url(env["APP"], env["APP_PASSWORD"], env, name),
             app_role=env["APP"],
+            auditor_url=_pg_url(env["AUDITOR"], env["AUDITOR_PASSWORD"], env, name),
+            auditor_role=env["AUDITOR"],
         )
     finally:
         # A backend of a just-closed runtime-role connection may still be exiting, and

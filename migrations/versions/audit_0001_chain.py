@@ -19,6 +19,8 @@ revision = "audit_0001"
 down_revision = None
 branch_labels = ("audit",)
 depends_on = None
+# Adds tables only: nothing the previous code used changes.
+backward_compatible = True
 
 GENESIS_HASH = "00" * 32
 FROZEN_TABLES = ("audit_events", "audit_checkpoints", "audit_anchors")

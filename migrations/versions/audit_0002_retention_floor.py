@@ -30,6 +30,8 @@ revision = "audit_0002"
 down_revision = "audit_0001"
 branch_labels = None
 depends_on = None
+# The runtime role loses INSERT on audit_anchors and audit_prune changes signature.
+backward_compatible = False
 
 DEFAULT_KEEP_YEARS = 7
 # Same id as audit.retention._PRUNE_LOCK: retention runs and direct calls serialise.

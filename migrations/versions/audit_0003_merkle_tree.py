@@ -34,6 +34,8 @@ revision = "audit_0003"
 down_revision = "audit_0002"
 branch_labels = None
 depends_on = None
+# The chain columns leave audit_events, which the previous code writes.
+backward_compatible = False
 
 TILE_HEIGHT = 8
 PRUNE_LOCK = 0x6B7A6761

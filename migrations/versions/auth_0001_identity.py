@@ -19,6 +19,8 @@ revision = "auth_0001"
 down_revision = None
 branch_labels = ("auth",)
 depends_on = None
+# Adds tables only.
+backward_compatible = True
 
 _TS = 27  # canonical UTC timestamps, as in the audit log
 _TABLES = ("users", "api_keys", "jwt_keys", "auth_revision")

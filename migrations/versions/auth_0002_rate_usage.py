@@ -19,6 +19,8 @@ revision = "auth_0002"
 down_revision = "auth_0001"
 branch_labels = None
 depends_on = None
+# Adds a table only.
+backward_compatible = True
 
 
 def upgrade() -> None:

@@ -31,6 +31,8 @@ down_revision = "auth_0002"
 branch_labels = None
 # The sealed receipt keys must exist to tell a fresh database from one holding secrets.
 depends_on = "gateway_0001"
+# Adds a table the previous code does not read.
+backward_compatible = True
 
 _SEALED_TABLES = ("users", "jwt_keys", "receipt_keys")
 

@@ -18,6 +18,8 @@ revision = "gateway_0001"
 down_revision = None
 branch_labels = ("gateway",)
 depends_on = None
+# Adds a table only.
+backward_compatible = True
 
 
 def upgrade() -> None:

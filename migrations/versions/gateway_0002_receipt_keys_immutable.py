@@ -22,6 +22,8 @@ revision = "gateway_0002"
 down_revision = "gateway_0001"
 branch_labels = None
 depends_on = None
+# Refuses only changes the previous code never makes.
+backward_compatible = True
 
 RUNTIME_UPDATABLE = "status, not_after, sealed_private_key"
 MESSAGE = "receipt_keys: key_id and public_key never change once written"

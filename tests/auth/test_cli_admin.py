@@ -72,6 +72,10 @@ def test_admin_commands_and_master_key_rotation(
     # init, two creates, the refused create, the list and the rotation: each audited.
     assert main(["audit", "verify", "--data-dir", data]) == 0
     assert asyncio.run(_cli_actions(tmp_path / "d")) == [
+        "cli:init_schema",
+        "cli:init_log_key",
+        "cli:init_jwt_key",
+        "cli:init_first_admin",
         "cli:admin_users_create",
         "cli:admin_api_keys_create",
         "cli:admin_api_keys_list",

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from audit.settings import AuditSettings
+from gateway.config import load_config
 from tests.conftest import REPO, missing
 
 DEPLOY = REPO / "deploy"
@@ -38,6 +39,8 @@ def _container(manifests: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def test_every_object_is_present(manifests: dict[str, dict[str, Any]]) -> None:
     assert set(manifests) == {
+        "ConfigMap",
+        "Job",
         "Deployment",
         "Service",
         "PodDisruptionBudget",
@@ -115,6 +118,88 @@ def test_service_pdb_and_hpa_select_the_deployment(manifests: dict[str, dict[str
     pdb = manifests["PodDisruptionBudget"]["spec"]
     assert hpa["minReplicas"] > pdb["minAvailable"], "a voluntary eviction must stay possible"
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+
+
+def _config_toml(manifests: dict[str, dict[str, Any]]) -> str:
+    return manifests["ConfigMap"]["data"]["config.toml"]
+
+
+def _pod_config_path(pod: dict[str, Any], container: dict[str, Any]) -> str:
+    """The config file a pod's container reads: its --config, on a ConfigMap volume."""
+    args = container["args"]
+    path = args[args.index("--config") + 1]
+    configmaps = {v["name"]: v["configMap"]["name"] for v in pod["volumes"] if "configMap" in v}
+    [mount] = [m for m in container["volumeMounts"] if m["name"] in configmaps]
+    assert path.startswith(mount["mountPath"] + "/")
+    return configmaps[mount["name"]]
+
+
+def test_pods_and_the_migration_job_read_the_shipped_config_map(
+    manifests: dict[str, dict[str, Any]], tmp_path: Any
+) -> None:
+    name = manifests["ConfigMap"]["metadata"]["name"]
+    deployment_pod = manifests["Deployment"]["spec"]["template"]["spec"]
+    job_pod = manifests["Job"]["spec"]["template"]["spec"]
+    for pod in (deployment_pod, job_pod):
+        (container,) = pod["containers"]
+        assert _pod_config_path(pod, container) == name
+        # Every command run in the pod reads the file the container was started with.
+        env = {item["name"]: item.get("value") for item in container["env"]}
+        args = container["args"]
+        assert env["KZG_GATEWAY_CONFIG"] == args[args.index("--config") + 1]
+    # The file is a configuration the gateway accepts (policies as the image ships them).
+    (tmp_path / "config.toml").write_text(_config_toml(manifests))
+    config = load_config(
+        tmp_path / "config.toml", environ={"KZG_GATEWAY_POLICY_DIR": str(REPO / "policies")}
+    )
+    assert config.database_app_role == "kzg_app"
+    assert config.database_auditor_role == "kzg_auditor"
+    assert config.get("tls", "cert_file").startswith("/etc/kzg-gateway/tls/")
+    assert AuditSettings.from_mapping(config.section("audit")).origin
+    assert "database_url" not in config.data, "the runtime URL comes from a Secret"
+
+
+def test_migration_job_runs_init_as_the_owner(manifests: dict[str, dict[str, Any]]) -> None:
+    job = manifests["Job"]["spec"]
+    pod = job["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["args"][0] == "init"
+    assert pod["restartPolicy"] == "Never"
+    assert container["image"] == _container(manifests)["image"], "the release it migrates for"
+    env = {item["name"]: item for item in container["env"]}
+    owner = env["KZG_GATEWAY_DATABASE_OWNER_URL"]["valueFrom"]["secretKeyRef"]
+    assert owner["name"] == "kzg-gateway-owner"
+    assert "KZG_GATEWAY_DATABASE_URL" not in env, "init seeds through the owner URL"
+    assert "value" not in env["KZG_GATEWAY_MASTER_KEY"]
+    # Only the Job holds the owner's credentials; the servers run as the app role.
+    served = {item["name"] for item in _container(manifests)["env"]}
+    assert "KZG_GATEWAY_DATABASE_OWNER_URL" not in served
+    context = container["securityContext"]
+    assert context["readOnlyRootFilesystem"] is True and context["capabilities"]["drop"] == ["ALL"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["automountServiceAccountToken"] is False
+    # init writes into its data directory: a volume on a read-only root filesystem.
+    data_dir = env["KZG_GATEWAY_DATA_DIR"]["value"]
+    assert data_dir in {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
+
+
+def test_drain_outlasts_the_readiness_probe(manifests: dict[str, dict[str, Any]]) -> None:
+    server = tomllib.loads(_config_toml(manifests))["server"]
+    readiness = _container(manifests)["readinessProbe"]
+    # The pod is marked unready (and leaves the Service) before its listener closes...
+    assert server["drain_seconds"] > readiness["periodSeconds"] * readiness["failureThreshold"]
+    # ...and it finishes its requests before Kubernetes kills it.
+    grace = manifests["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert server["drain_seconds"] + server["shutdown_timeout_seconds"] < grace
+
+
+def test_image_reads_every_policy_from_its_policy_dir() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    policy_dir = re.search(r"KZG_GATEWAY_POLICY_DIR=(\S+)", text)
+    assert policy_dir, "the image names its policy directory"
+    assert re.search(rf"cp -r policies {re.escape(policy_dir.group(1))}\b", text)
+    for name in ("rbac.toml", "security.toml", "retention.toml"):
+        assert (REPO / "policies" / name).is_file(), name
 
 
 def _final_stage(dockerfile: str) -> list[str]:
