@@ -28,8 +28,8 @@ from audit.events import AuditEvent
 from audit.settings import AuditSettings
 from audit.writer import AuditWriter, begin_write
 from auth.crypto import MASTER_KEY_ENV, MASTER_KEY_FILE, MasterKey, MasterKeyError, load_master_key
+from auth.master_key import rewrap_columns
 from auth.policy import PolicyError
-from auth.rewrap import rewrap_columns
 from auth.service import AuthError, AuthService, replace_master_key
 from gateway.config import Config, load_config
 from gateway.db import check_schema, make_engine
@@ -110,7 +110,7 @@ async def _access_review(service: AuthService, args: argparse.Namespace) -> dict
 async def rewrap_secrets(engine: AsyncEngine, old: MasterKey, new: MasterKey) -> int:
     """Re-seal every secret of the database (identity, log and receipt keys) under ``new`` and
     record ``new`` as the master key, in one transaction; returns how many. Processes
-    still holding ``old`` can then seal nothing more (auth.service.claim_master_key)."""
+    still holding ``old`` can then seal nothing more (auth.master_key.claim_master_key)."""
     async with engine.connect() as conn:
         await begin_write(conn)
         await replace_master_key(conn, old, new)

@@ -29,8 +29,7 @@ from audit.log import begin_write
 from audit.note import NoteSigner
 from audit.writer import AppendResult
 from auth.crypto import MasterKey
-from auth.rewrap import IDENTITY_SEALED, SealedColumn
-from auth.service import claim_master_key
+from auth.master_key import LOG_SEALED, RECEIPT_SEALED, SEALED_SECRETS, claim_master_key
 from gateway.context import RequestContext
 
 CURRENT, RETIRED = "current", "retired"
@@ -58,13 +57,8 @@ log_keys = Table(
     Column("status", String(16), nullable=False),
 )
 
-RECEIPT_SEALED = SealedColumn(
-    receipt_keys, receipt_keys.c.key_id, receipt_keys.c.sealed_private_key, "receipt-key"
-)
-LOG_SEALED = SealedColumn(log_keys, log_keys.c.key_id, log_keys.c.sealed_private_key, "log-key")
-# Every sealed secret of the database: what rotation re-seals and what a key must open
-# before it is recorded (auth.service.record_master_key).
-SEALED_SECRETS = (*IDENTITY_SEALED, RECEIPT_SEALED, LOG_SEALED)
+# What rotation re-seals and what a key must open before it is recorded.
+__all__ = ["LOG_SEALED", "RECEIPT_SEALED", "SEALED_SECRETS"]
 
 
 class NoLogKey(RuntimeError):

@@ -28,8 +28,8 @@ from auth.crypto import (
     MasterKeyError,
     MasterKeyMismatch,
 )
+from auth.master_key import rewrap_columns
 from auth.models import jwt_keys, master_key_check, users
-from auth.rewrap import rewrap_columns
 from auth.service import (
     AuthService,
     claim_master_key,

@@ -14,9 +14,9 @@ from sqlalchemy.exc import DBAPIError
 
 from auth.credentials import parse_api_key
 from auth.crypto import MasterKey, MasterKeyError
+from auth.master_key import IDENTITY_SEALED, rewrap_columns
 from auth.models import api_keys, users
 from auth.policy import PolicyError, load_policies
-from auth.rewrap import IDENTITY_SEALED, rewrap_columns
 from auth.service import AuthError, AuthService
 from gateway.db import make_engine, migrate
 from tests.auth.conftest import CHEAP_ARGON2, Store, tokens_to_refuse
