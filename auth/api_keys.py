@@ -13,10 +13,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from audit.events import format_timestamp, parse_timestamp
 from auth import credentials
-from auth.core import ServiceCore
+from auth.core import Committer, ServiceCore
 from auth.errors import AuthError, invalid_key
 from auth.models import api_keys, users
 from auth.policy import PolicyError
@@ -52,17 +53,23 @@ class ApiKeysMixin(ServiceCore):
         created_by: str,
         expires_in_days: object = None,
         allowed_cidrs: object = None,
-        rotated_from: str | None = None,
+        commit: Committer | None = None,
     ) -> dict[str, Any]:
         """A new machine identity; the key is returned once and stored only hashed."""
         if not isinstance(name, str) or not 1 <= len(name) <= 128:
             raise PolicyError("name: 1-128 characters")
         await self._check_issuable(role, created_by)
-        return await self._insert_api_key(
-            name, role, created_by, expires_in_days, allowed_cidrs, rotated_from
+        created, row = await self._new_api_key(
+            name, role, created_by, expires_in_days, allowed_cidrs, None
         )
 
-    async def _insert_api_key(
+        async def change(conn: AsyncConnection) -> None:
+            await conn.execute(insert(api_keys).values(**row))
+
+        await self._commit(change, {"target": created["id"], "role": role}, commit)
+        return created
+
+    async def _new_api_key(
         self,
         name: str,
         role: str,
@@ -70,7 +77,9 @@ class ApiKeysMixin(ServiceCore):
         expires_in_days: object,
         allowed_cidrs: object,
         rotated_from: str | None,
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A new key (what its creator is shown once) and its row, hashed already: argon2
+        runs before any transaction, never inside one."""
         default_days = int(self.policy.get("api_keys", "default_expiry_days"))
         max_days = int(self.policy.get("api_keys", "max_expiry_days"))
         days = default_days if expires_in_days is None else expires_in_days
@@ -80,21 +89,18 @@ class ApiKeysMixin(ServiceCore):
         presented, parts = credentials.new_api_key()
         now = self.now()
         expires_at = format_timestamp(now + timedelta(days=days))
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                insert(api_keys).values(
-                    id=parts.key_id,
-                    name=name,
-                    role=role,
-                    secret_hash=await self.hashing.hash(parts.secret),
-                    created_at=format_timestamp(now),
-                    created_by=created_by,
-                    expires_at=expires_at,
-                    allowed_cidrs=json.dumps(networks),
-                    rotated_from=rotated_from,
-                )
-            )
-        return {
+        row = {
+            "id": parts.key_id,
+            "name": name,
+            "role": role,
+            "secret_hash": await self.hashing.hash(parts.secret),
+            "created_at": format_timestamp(now),
+            "created_by": created_by,
+            "expires_at": expires_at,
+            "allowed_cidrs": json.dumps(networks),
+            "rotated_from": rotated_from,
+        }
+        created = {
             "id": parts.key_id,
             "api_key": presented,
             "name": name,
@@ -102,6 +108,7 @@ class ApiKeysMixin(ServiceCore):
             "expires_at": expires_at,
             "allowed_cidrs": networks,
         }
+        return created, row
 
     async def _check_issuable(self, role: str, created_by: str) -> None:
         """Refuse an API key for ``role`` that the policy or its creator may not issue."""
@@ -148,30 +155,45 @@ class ApiKeysMixin(ServiceCore):
             for r in rows
         ]
 
-    async def revoke_api_key(self, key_id: str) -> None:
-        async with self.engine.begin() as conn:
-            result = await conn.execute(
-                update(api_keys)
-                .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
-                .values(revoked_at=format_timestamp(self.now()))
-            )
-            if result.rowcount != 1:
-                raise LookupError(f"no active API key {key_id!r}")
-            await self._bump_revision(conn)
+    async def _revoke(self, conn: AsyncConnection, key_id: str) -> None:
+        result = await conn.execute(
+            update(api_keys)
+            .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+            .values(revoked_at=format_timestamp(self.now()))
+        )
+        if result.rowcount != 1:
+            raise LookupError(f"no active API key {key_id!r}")
+        await self._bump_revision(conn)
+
+    async def revoke_api_key(self, key_id: str, commit: Committer | None = None) -> None:
+        async def change(conn: AsyncConnection) -> None:
+            await self._revoke(conn, key_id)
+
+        await self._commit(change, {"target": key_id}, commit)
         self._forget()
 
-    async def rotate_api_key(self, key_id: str, actor: str) -> dict[str, Any]:
-        """Revoke ``key_id`` and issue its replacement (same name, role, networks)."""
+    async def rotate_api_key(
+        self, key_id: str, actor: str, commit: Committer | None = None
+    ) -> dict[str, Any]:
+        """Revoke ``key_id`` and issue its replacement (same name, role, networks): the
+        new secret is hashed first, then the revocation and the insertion commit in one
+        transaction, so the old key works until its replacement does."""
         async with self.engine.connect() as conn:
             row = (await conn.execute(select(api_keys).where(api_keys.c.id == key_id))).first()
         if row is None or row.revoked_at is not None:
             raise LookupError(f"no active API key {key_id!r}")
-        # Before revoking: a refused rotation leaves the old key working.
         await self._check_issuable(row.role, actor)
-        await self.revoke_api_key(key_id)
-        return await self._insert_api_key(
+        created, new_row = await self._new_api_key(
             row.name, row.role, actor, None, json.loads(row.allowed_cidrs), key_id
         )
+
+        async def change(conn: AsyncConnection) -> None:
+            await self._revoke(conn, key_id)
+            await conn.execute(insert(api_keys).values(**new_row))
+
+        await self._commit(change, {"target": key_id, "replacement": created["id"]}, commit)
+        self._forget()
+        return created
 
     async def authenticate_api_key(
         self,
@@ -227,12 +249,19 @@ class ApiKeysMixin(ServiceCore):
             # every key and of the admin listing), so answering at once tells nothing
             # secret, and a flood of made-up keys costs a database lookup each.
             raise invalid_key("unknown API key")
-        if before_hashing is not None:
-            before_hashing()
-        if not await self.hashing.verify(row.secret_hash, parts.secret, "api_key"):
-            raise invalid_key("wrong API key secret")
+        # Refused before argon2: a key that could not be accepted whatever its secret
+        # costs a lookup, not ~200 ms of hashing (its id is public).
         if row.revoked_at is not None:
             raise invalid_key("revoked API key")
+        if parse_timestamp(row.expires_at) <= self.now():
+            raise invalid_key("expired API key")
+        if not self.rbac.allows_api_key(row.role):
+            raise invalid_key("the policy no longer allows API keys for this role")
+        if before_hashing is not None:
+            before_hashing()
+        generation = self._cache_generation
+        if not await self.hashing.verify(row.secret_hash, parts.secret, "api_key"):
+            raise invalid_key("wrong API key secret")
         entry = _CachedKey(
             digest,
             Principal(row.id, "api_key", row.name, (row.role,), mfa=False),
@@ -240,30 +269,39 @@ class ApiKeysMixin(ServiceCore):
             tuple(ipaddress.ip_network(c) for c in json.loads(row.allowed_cidrs)),
             self._clock(),
         )
-        self._key_cache[digest] = entry
+        # Not cached when the caches were dropped meanwhile (a revocation seen while
+        # argon2 ran): the next request reads the key again.
+        if generation == self._cache_generation:
+            self._key_cache[digest] = entry
         return entry
 
-    async def expire_api_keys(self) -> list[str]:
+    async def expire_api_keys(self, commit: Committer | None = None) -> list[str]:
         """Mark keys past their expiry as revoked (they were already refused)."""
         now = format_timestamp(self.now())
-        async with self.engine.begin() as conn:
-            ids = (
+        async with self.engine.connect() as conn:
+            ids = list(
                 (
                     await conn.execute(
                         select(api_keys.c.id).where(
                             api_keys.c.revoked_at.is_(None), api_keys.c.expires_at <= now
                         )
                     )
-                )
-                .scalars()
-                .all()
+                ).scalars()
             )
-            if ids:
-                await conn.execute(
-                    update(api_keys).where(api_keys.c.id.in_(ids)).values(revoked_at=now)
-                )
-                await self._bump_revision(conn)
-        return list(ids)
+        if not ids:
+            return []
+
+        async def change(conn: AsyncConnection) -> None:
+            await conn.execute(
+                update(api_keys)
+                .where(api_keys.c.id.in_(ids), api_keys.c.revoked_at.is_(None))
+                .values(revoked_at=now)
+            )
+            await self._bump_revision(conn)
+
+        await self._commit(change, {"targets": ids}, commit)
+        self._forget()
+        return ids
 
 
 def _address_in(addr: str | None, networks: tuple[Any, ...]) -> bool:

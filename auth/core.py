@@ -18,9 +18,9 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -32,6 +32,18 @@ from auth.models import auth_revision
 from auth.policy import RbacPolicy, SecurityPolicy
 
 CURRENT, RETIRED = "current", "retired"
+T = TypeVar("T")
+
+
+class Committer(Protocol):
+    """Commits an identity change (a function of the open transaction) and returns what
+    it returned. ``detail`` names what changes (targets, roles, never a secret) for the
+    audit record that the gateway commits in the same transaction: the change and its
+    record are stored together or not at all."""
+
+    def __call__(
+        self, change: Callable[[AsyncConnection], Awaitable[T]], detail: Mapping[str, Any]
+    ) -> Awaitable[T]: ...
 
 
 class ServiceCore:
@@ -60,6 +72,9 @@ class ServiceCore:
         self._key_cache: dict[bytes, Any] = {}
         self._user_cache: dict[str, tuple[float, Any]] = {}
         self._jwt_public: dict[str, Any] = {}
+        # Bumped whenever the caches are dropped: a read that began under an older
+        # generation must not re-cache what a revocation meanwhile invalidated.
+        self._cache_generation = 0
         self._revision: int | None = None
         self._revision_checked = 0.0
         self._revision_lock = asyncio.Lock()
@@ -78,6 +93,19 @@ class ServiceCore:
     def close(self) -> None:
         self.hashing.close()
 
+    async def _commit(
+        self,
+        change: Callable[[AsyncConnection], Awaitable[T]],
+        detail: Mapping[str, Any],
+        commit: Committer | None,
+    ) -> T:
+        """Run ``change`` through ``commit``; without one (a library caller that audits
+        nothing), in a transaction of its own."""
+        if commit is not None:
+            return await commit(change, detail)
+        async with self.engine.begin() as conn:
+            return await change(conn)
+
     async def _bump_revision(self, conn: AsyncConnection) -> None:
         await conn.execute(
             update(auth_revision)
@@ -86,6 +114,7 @@ class ServiceCore:
         )
 
     def _forget(self) -> None:
+        self._cache_generation += 1
         self._key_cache.clear()
         self._user_cache.clear()
         self._jwt_public.clear()

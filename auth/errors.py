@@ -6,17 +6,26 @@ from __future__ import annotations
 
 class AuthError(Exception):
     """A refused credential or request: HTTP status, stable code, message for the caller
-    and, for the audit record only, the reason."""
+    and, for the audit record only, the reason; ``retry_after`` (seconds) when waiting
+    helps."""
 
-    def __init__(self, status: int, code: str, message: str, reason: str = "") -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        reason: str = "",
+        retry_after: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
         self.reason = reason or code
+        self.retry_after = retry_after
 
 
 def invalid_login(reason: str) -> AuthError:
-    # One answer for unknown user, wrong password, wrong or replayed code, locked or
-    # disabled account: the reason goes to the audit log only.
+    # One answer for unknown user, wrong password, wrong or replayed code, disabled
+    # or not yet enrolled account: the reason goes to the audit log only.
     return AuthError(
         401,
         "invalid_credentials",

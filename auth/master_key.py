@@ -40,6 +40,10 @@ class SealedColumn:
         clause = sa.table(table, sa.column(key, sa.String), sa.column(sealed, sa.LargeBinary))
         return cls(clause, clause.c[key], clause.c[sealed], purpose)
 
+    def select_sealed(self) -> sa.Select[tuple[str, bytes]]:
+        """(key, sealed) of every row holding a secret (a person not yet enrolled has none)."""
+        return select(self.key, self.sealed).where(self.sealed.is_not(None))
+
     def aad(self, ident: object) -> str:
         """The associated data a row's secret is sealed under."""
         return f"{self.purpose}:{ident}"
@@ -64,7 +68,7 @@ async def rewrap_columns(
     transaction; returns how many. A value that does not open under ``old`` raises."""
     count = 0
     for column in columns:
-        for key, sealed in (await conn.execute(select(column.key, column.sealed))).all():
+        for key, sealed in (await conn.execute(column.select_sealed())).all():
             rewrapped = old.rewrap(sealed, column.aad(key), new)
             await conn.execute(
                 update(column.table)
@@ -168,7 +172,7 @@ async def record_master_key(
         if row is not None and row.check_value is not None:
             raise await _mismatch(conn)
         for column in sealed:
-            for ident, value in (await conn.execute(select(column.key, column.sealed))).all():
+            for ident, value in (await conn.execute(column.select_sealed())).all():
                 key.open(value, column.aad(ident))
         values = {"check_value": mine, "recorded_at": _record_stamp()}
         try:

@@ -1,11 +1,18 @@
-"""People: their accounts and roles, and their login with password and TOTP."""
+"""People: their accounts and roles, and their enrolment.
+
+An admin never learns a person's secrets: creating (or resetting) a person issues a
+single-use enrolment token, kept only as its SHA-256; the person redeems it, choosing the
+password, and alone receives the TOTP secret. ``create_user`` (the operator's ``init``)
+is the one path that generates both and shows them, once, to the first admin.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
 import secrets
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import insert, select, update
@@ -13,25 +20,31 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from audit.events import format_timestamp, parse_timestamp
 from auth import credentials
-from auth.errors import AuthError, invalid_login
+from auth.core import Committer
+from auth.errors import AuthError
 from auth.jwt_keys import TokensMixin
 from auth.master_key import TOTP_SEALED, claim_master_key
 from auth.models import users
 from auth.policy import PolicyError
-from auth.principal import Principal
 
 _USERNAME = r"^[a-z][a-z0-9_.-]{2,63}$"
 
 
-@dataclass(frozen=True)
-class LoginResult:
-    access_token: str
-    expires_in: int
-    principal: Principal
+def _token_hash(token: str) -> str:
+    # The token is 256 random bits: a plain hash suffices, and costs a guesser nothing
+    # the gateway pays for.
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _invalid_enrolment(reason: str) -> AuthError:
+    # One answer for unknown user, wrong, used or expired token: the reason is audited.
+    return AuthError(
+        401, "invalid_enrollment", "username or enrollment_token is wrong or expired", reason
+    )
 
 
 class PeopleMixin(TokensMixin):
-    """Creating and changing people, and their login."""
+    """Creating, enrolling and changing people."""
 
     def _check_username(self, username: object) -> str:
         if not isinstance(username, str) or not re.fullmatch(_USERNAME, username):
@@ -41,34 +54,40 @@ class PeopleMixin(TokensMixin):
             )
         return username
 
+    def check_password(self, username: str, password: object, field: str = "password") -> str:
+        """The password policy: at least ``min_length`` characters, not the username."""
+        min_length = int(self.policy.get("passwords", "min_length"))
+        if not isinstance(password, str) or len(password) < min_length:
+            raise PolicyError(f"{field}: at least {min_length} characters")
+        if password.strip().lower() == username.lower():
+            raise PolicyError(f"{field}: must not be the username")
+        return password
+
+    def _new_enrolment(self) -> tuple[str, str, str]:
+        """A fresh token, its hash and its expiry."""
+        hours = float(self.policy.get("enrollment", "token_hours"))
+        token = secrets.token_urlsafe(32)
+        return token, _token_hash(token), format_timestamp(self.now() + timedelta(hours=hours))
+
     async def create_user(self, username: str, roles: list[str]) -> dict[str, str]:
-        """Create a person; returns the generated password and TOTP secret, shown once."""
+        """Create a person with a generated password and TOTP secret, returned once: for
+        the operator who is that person (``init``'s first admin)."""
         self._check_username(username)
         self.rbac.check_roles(roles)
         password = credentials.new_password(int(self.policy.get("passwords", "min_length")))
         secret = credentials.new_totp_secret()
         user_id = f"usr_{secrets.token_hex(8)}"
-        stamp = format_timestamp(self.now())
         values = {
-            "id": user_id,
-            "username": username,
+            **self._new_row(user_id, username, roles),
             "password_hash": await self.hashing.hash(password),
             "sealed_totp_secret": self._master_key.seal(secret.encode(), TOTP_SEALED.aad(user_id)),
-            "roles": ",".join(roles),
-            "disabled": False,
-            "failed_logins": 0,
-            "last_totp_step": 0,
-            "created_at": stamp,
-            "password_changed_at": stamp,
         }
-        async with self.engine.begin() as conn:
+
+        async def change(conn: AsyncConnection) -> None:
             await claim_master_key(conn, self._master_key)
-            exists = (
-                await conn.execute(select(users.c.id).where(users.c.username == username))
-            ).first()
-            if exists is not None:
-                raise PolicyError(f"username: {username!r} already exists")
-            await conn.execute(insert(users).values(**values))
+            await self._insert_user(conn, values)
+
+        await self._commit(change, {"target": user_id, "roles": roles}, None)
         return {
             "id": user_id,
             "username": username,
@@ -77,15 +96,173 @@ class PeopleMixin(TokensMixin):
             "totp_uri": credentials.totp_uri(secret, username),
         }
 
+    async def invite_user(
+        self, username: object, roles: list[str], commit: Committer | None = None
+    ) -> dict[str, Any]:
+        """Create a person who enrols themselves: {username, roles, enrollment_token,
+        expires_at}. No password or TOTP secret exists until they enrol."""
+        name = self._check_username(username)
+        self.rbac.check_roles(roles)
+        token, token_hash, expires_at = self._new_enrolment()
+        user_id = f"usr_{secrets.token_hex(8)}"
+        values = {
+            **self._new_row(user_id, name, roles),
+            "enrollment_token_hash": token_hash,
+            "enrollment_expires_at": expires_at,
+        }
+
+        async def change(conn: AsyncConnection) -> None:
+            await self._insert_user(conn, values)
+
+        await self._commit(
+            change, {"target": user_id, "target_username": name, "roles": roles}, commit
+        )
+        return {
+            "id": user_id,
+            "username": name,
+            "roles": roles,
+            "enrollment_token": token,
+            "expires_at": expires_at,
+        }
+
+    def _new_row(self, user_id: str, username: str, roles: list[str]) -> dict[str, Any]:
+        stamp = format_timestamp(self.now())
+        return {
+            "id": user_id,
+            "username": username,
+            "roles": ",".join(roles),
+            "disabled": False,
+            "failed_logins": 0,
+            "last_totp_step": 0,
+            "created_at": stamp,
+            "password_changed_at": stamp,
+        }
+
+    async def _insert_user(self, conn: AsyncConnection, values: dict[str, Any]) -> None:
+        exists = (
+            await conn.execute(select(users.c.id).where(users.c.username == values["username"]))
+        ).first()
+        if exists is not None:
+            raise PolicyError(f"username: {values['username']!r} already exists")
+        await conn.execute(insert(users).values(**values))
+
+    async def reset_user(self, username: str, commit: Committer | None = None) -> dict[str, Any]:
+        """Revoke the person's password and TOTP at once (their tokens stop working
+        within the revocation bound) and issue a new enrolment token."""
+        token, token_hash, expires_at = self._new_enrolment()
+
+        async def change(conn: AsyncConnection) -> str:
+            row = await self._user_row(conn, username)
+            await conn.execute(
+                update(users)
+                .where(users.c.id == row.id)
+                .values(
+                    password_hash=None,
+                    sealed_totp_secret=None,
+                    last_totp_step=0,
+                    enrollment_token_hash=token_hash,
+                    enrollment_expires_at=expires_at,
+                    password_changed_at=format_timestamp(self.now()),
+                )
+            )
+            await self._bump_revision(conn)
+            return str(row.id)
+
+        await self._commit(change, {"target_username": username}, commit)
+        self._forget()
+        return {"username": username, "enrollment_token": token, "expires_at": expires_at}
+
+    async def enroll(
+        self, username: object, token: object, password: object, commit: Committer | None = None
+    ) -> dict[str, str]:
+        """Redeem an enrolment token: set the chosen password, seal a new TOTP secret,
+        return its URI (shown only to the person). The token works once."""
+        if not isinstance(username, str) or not isinstance(token, str):
+            raise PolicyError("username and enrollment_token: expected strings")
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(users).where(users.c.username == username))).first()
+        if row is None or row.enrollment_token_hash is None:
+            raise _invalid_enrolment("no enrolment pending")
+        if not hmac.compare_digest(row.enrollment_token_hash, _token_hash(token)):
+            raise _invalid_enrolment("wrong enrolment token")
+        if parse_timestamp(row.enrollment_expires_at) <= self.now():
+            raise _invalid_enrolment("expired enrolment token")
+        self.check_password(username, password)
+        assert isinstance(password, str)
+        secret = credentials.new_totp_secret()
+        password_hash = await self.hashing.hash(password)
+
+        async def change(conn: AsyncConnection) -> None:
+            await claim_master_key(conn, self._master_key)
+            # Guarded by the token's hash: of two racing redemptions one wins.
+            result = await conn.execute(
+                update(users)
+                .where(users.c.id == row.id, users.c.enrollment_token_hash == _token_hash(token))
+                .values(
+                    password_hash=password_hash,
+                    sealed_totp_secret=self._master_key.seal(
+                        secret.encode(), TOTP_SEALED.aad(row.id)
+                    ),
+                    last_totp_step=0,
+                    failed_logins=0,
+                    enrollment_token_hash=None,
+                    enrollment_expires_at=None,
+                    password_changed_at=format_timestamp(self.now()),
+                )
+            )
+            if result.rowcount != 1:
+                raise _invalid_enrolment("enrolment token used concurrently")
+            await self._bump_revision(conn)
+
+        await self._commit(change, {"target": row.id}, commit)
+        self._forget()
+        return {"totp_uri": credentials.totp_uri(secret, username)}
+
+    async def change_password(
+        self,
+        user_id: str,
+        current: object,
+        new: object,
+        commit: Committer | None = None,
+    ) -> None:
+        """The person's own change, proving the current password."""
+        if not isinstance(current, str):
+            raise PolicyError("current_password: expected a string")
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(users).where(users.c.id == user_id))).first()
+        if row is None or row.password_hash is None:
+            raise AuthError(403, "forbidden", "only an enrolled person may change a password")
+        if not await self.hashing.verify(row.password_hash, current, "password"):
+            raise AuthError(
+                403, "wrong_password", "current_password is wrong", "wrong current password"
+            )
+        self.check_password(row.username, new, "new_password")
+        assert isinstance(new, str)
+        if await self.hashing.verify(row.password_hash, new, "password"):
+            raise PolicyError("new_password: must differ from the current one")
+        new_hash = await self.hashing.hash(new)
+
+        async def change(conn: AsyncConnection) -> None:
+            await conn.execute(
+                update(users)
+                .where(users.c.id == user_id, users.c.password_hash == row.password_hash)
+                .values(password_hash=new_hash, password_changed_at=format_timestamp(self.now()))
+            )
+
+        await self._commit(change, {"target": user_id}, commit)
+
     async def _user_row(self, conn: AsyncConnection, username: str) -> Any:
         row = (await conn.execute(select(users).where(users.c.username == username))).first()
         if row is None:
             raise LookupError(f"no user {username!r}")
         return row
 
-    async def set_roles(self, username: str, roles: list[str]) -> None:
+    async def set_roles(
+        self, username: str, roles: list[str], commit: Committer | None = None
+    ) -> None:
         self.rbac.check_roles(roles)
-        async with self.engine.begin() as conn:
+
+        async def change(conn: AsyncConnection) -> None:
             row = await self._user_row(conn, username)
             await conn.execute(
                 update(users).where(users.c.id == row.id).values(roles=",".join(roles))
@@ -93,37 +270,18 @@ class PeopleMixin(TokensMixin):
             await self._keep_an_admin(conn, row)
             await self._bump_revision(conn)
 
-    async def reset_mfa(self, username: str) -> dict[str, str]:
-        secret = credentials.new_totp_secret()
-        async with self.engine.begin() as conn:
-            await claim_master_key(conn, self._master_key)
-            row = await self._user_row(conn, username)
-            await conn.execute(
-                update(users)
-                .where(users.c.id == row.id)
-                .values(
-                    sealed_totp_secret=self._master_key.seal(
-                        secret.encode(), TOTP_SEALED.aad(row.id)
-                    ),
-                    last_totp_step=0,
-                )
-            )
-            await self._bump_revision(conn)
-        return {
-            "username": username,
-            "totp_secret": secret,
-            "totp_uri": credentials.totp_uri(secret, username),
-        }
+        await self._commit(change, {"target_username": username, "roles": roles}, commit)
+        self._forget()
 
-    async def disable_user(self, username: str) -> None:
-        await self._set_disabled(username, True)
+    async def disable_user(self, username: str, commit: Committer | None = None) -> None:
+        await self._set_disabled(username, True, commit)
 
-    async def enable_user(self, username: str) -> None:
-        """Undo a disable; the lockout counter starts again from zero."""
-        await self._set_disabled(username, False)
+    async def enable_user(self, username: str, commit: Committer | None = None) -> None:
+        """Undo a disable; the failure counter starts again from zero."""
+        await self._set_disabled(username, False, commit)
 
-    async def _set_disabled(self, username: str, disabled: bool) -> None:
-        async with self.engine.begin() as conn:
+    async def _set_disabled(self, username: str, disabled: bool, commit: Committer | None) -> None:
+        async def change(conn: AsyncConnection) -> None:
             row = await self._user_row(conn, username)
             values: dict[str, Any] = {"disabled": disabled}
             if not disabled:
@@ -133,104 +291,24 @@ class PeopleMixin(TokensMixin):
                 await self._keep_an_admin(conn, row)
             await self._bump_revision(conn)
 
+        await self._commit(change, {"target_username": username}, commit)
+        self._forget()
+
     async def _keep_an_admin(self, conn: AsyncConnection, before: Any) -> None:
         """Refuse a change to ``before`` (the user's row as it was) that took away the
-        last enabled person able to manage people: nobody could undo it through the API.
-        The rows are locked (FOR UPDATE, on PostgreSQL) so two admins demoting each
-        other at once cannot both succeed."""
+        last enabled, enrolled person able to manage people: nobody could undo it through
+        the API. The rows are locked (FOR UPDATE, on PostgreSQL) so two admins demoting
+        each other at once cannot both succeed."""
         if before.disabled or not self.rbac.manages_people(before.roles.split(",")):
             return
-        query = select(users.c.roles).where(users.c.disabled.is_(False)).with_for_update()
+        query = (
+            select(users.c.roles)
+            .where(users.c.disabled.is_(False), users.c.password_hash.is_not(None))
+            .with_for_update()
+        )
         for (roles,) in await conn.execute(query):
             if self.rbac.manages_people(roles.split(",")):
                 return
         raise AuthError(
             409, "last_admin", "refused: no enabled user would be left who can manage users"
         )
-
-    async def login(self, username: object, password: object, totp: object) -> LoginResult:
-        """Password, then TOTP for roles that need it; a short-lived JWT on success."""
-        if not isinstance(username, str) or not isinstance(password, str):
-            raise AuthError(400, "invalid_request", "username and password must be strings")
-        if totp is not None and not isinstance(totp, str):
-            raise AuthError(400, "invalid_request", "totp: must be a string of 6 digits")
-        now = self.now()
-        async with self.engine.connect() as conn:
-            row = (await conn.execute(select(users).where(users.c.username == username))).first()
-        if row is None:
-            await self.hashing.verify(self._dummy_hash, password, "password")
-            # The write a known user's failure costs, matching no row: same timing.
-            async with self.engine.begin() as conn:
-                await conn.execute(
-                    update(users)
-                    .where(users.c.username == username)
-                    .values(failed_logins=users.c.failed_logins)
-                )
-            raise invalid_login("unknown user")
-        password_ok = await self.hashing.verify(row.password_hash, password, "password")
-        roles = tuple(r for r in row.roles.split(",") if r)
-        step = None
-        if totp:
-            secret = self._master_key.open(row.sealed_totp_secret, TOTP_SEALED.aad(row.id)).decode()
-            step = credentials.totp_step(secret, totp, self._clock(), int(row.last_totp_step))
-        reason = None
-        if row.disabled:
-            reason = "disabled"
-        elif row.locked_until and parse_timestamp(row.locked_until) > now:
-            reason = "locked"
-        elif not password_ok:
-            reason = "wrong password"
-        elif totp and step is None:
-            reason = "wrong or replayed one-time code"
-        elif self.rbac.needs_mfa(roles) and step is None:
-            reason = "one-time code required"
-        if reason is not None:
-            await self._record_failure(row, now)
-            raise invalid_login(reason)
-        async with self.engine.begin() as conn:
-            values: dict[str, Any] = {
-                "failed_logins": 0,
-                "locked_until": None,
-                "last_login_at": format_timestamp(now),
-            }
-            if step is not None:
-                values["last_totp_step"] = step
-            # The step guard makes a code single-use even across racing logins.
-            result = await conn.execute(
-                update(users)
-                .where(users.c.id == row.id, users.c.last_totp_step == row.last_totp_step)
-                .values(**values)
-            )
-            if result.rowcount != 1:
-                raise invalid_login("one-time code replayed concurrently")
-        amr = ["pwd", "otp"] if step is not None else ["pwd"]
-        principal = Principal(row.id, "user", row.username, roles, mfa=step is not None)
-        token, ttl = await self._issue_token(principal, amr, now)
-        return LoginResult(token, ttl, principal)
-
-    async def _record_failure(self, row: Any, now: datetime) -> None:
-        """Count the failure in the database itself (concurrent failures each count) and
-        lock the account when the count reaches the policy, unless it is locked already."""
-        max_failures = int(self.policy.get("lockout", "max_failures"))
-        lock_seconds = int(self.policy.get("lockout", "lock_seconds"))
-        async with self.engine.begin() as conn:
-            # The increment holds the row's write lock until commit, so the lock
-            # decision below is made on the current count, not on ``row``'s old one.
-            failures, locked_until = (
-                await conn.execute(
-                    update(users)
-                    .where(users.c.id == row.id)
-                    .values(failed_logins=users.c.failed_logins + 1)
-                    .returning(users.c.failed_logins, users.c.locked_until)
-                )
-            ).one()
-            locked = locked_until is not None and parse_timestamp(locked_until) > now
-            if failures >= max_failures and not locked:
-                await conn.execute(
-                    update(users)
-                    .where(users.c.id == row.id)
-                    .values(
-                        locked_until=format_timestamp(now + timedelta(seconds=lock_seconds)),
-                        failed_logins=0,
-                    )
-                )

@@ -19,6 +19,7 @@ class AccessReviewMixin(ServiceCore):
         """Every principal with its roles, last use, age and what needs attention."""
         now = self.now()
         stale = timedelta(days=float(self.policy.get("access_review", "stale_after_days")))
+        alert_failures = int(self.policy.get("login_throttle", "account_alert_failures"))
         soon = timedelta(days=float(self.policy.get("access_review", "expiring_within_days")))
         async with self.engine.connect() as conn:
             people = (await conn.execute(select(users).order_by(users.c.username))).all()
@@ -36,8 +37,10 @@ class AccessReviewMixin(ServiceCore):
             flags = []
             if u.disabled:
                 flags.append("disabled")
-            if u.locked_until and parse_timestamp(u.locked_until) > now:
-                flags.append("locked")
+            if u.failed_logins >= alert_failures:
+                flags.append("failed_logins")  # being guessed, or forgotten: ask them
+            if u.password_hash is None:
+                flags.append("not_enrolled")
             if u.last_login_at is None:
                 flags.append("never_used")
             if not u.disabled and stale_since(u.created_at, u.last_login_at):
@@ -51,7 +54,8 @@ class AccessReviewMixin(ServiceCore):
                     "created_at": u.created_at,
                     "age_days": age_days(u.created_at),
                     "last_used_at": u.last_login_at,
-                    "mfa_enrolled": True,
+                    "mfa_enrolled": u.sealed_totp_secret is not None,
+                    "failed_logins": u.failed_logins,
                     "flags": flags,
                 }
             )

@@ -38,7 +38,9 @@ def test_admin_commands_and_master_key_rotation(
     code, user = _run(
         capsys, "admin", "users", "create", "bob", "--role", "auditor", "--data-dir", data
     )
-    assert code == 0 and user["username"] == "bob"
+    # An admin never learns a person's secrets: an enrolment token, nothing else.
+    assert code == 0 and user["username"] == "bob" and user["roles"] == ["auditor"]
+    assert set(user) == {"id", "username", "roles", "enrollment_token", "expires_at"}
     code, key = _run(
         capsys,
         "admin",
@@ -62,10 +64,15 @@ def test_admin_commands_and_master_key_rotation(
 
     old_key = (tmp_path / "d" / "master.key").read_text()
     code, rotated = _run(capsys, "admin", "master-key", "rotate", "--data-dir", data)
-    # Two people's TOTP secrets, the JWT key and the log key; no BLS receipt key exists.
-    assert code == 0 and rotated["rewrapped"] == 4
+    # The admin's TOTP secret, the JWT key and the log key (bob has not enrolled: no
+    # secret yet); no BLS receipt key exists.
+    assert code == 0 and rotated["rewrapped"] == 3
     assert (tmp_path / "d" / "master.key").read_text() != old_key
     assert (tmp_path / "d" / "master.key").stat().st_mode & 0o077 == 0
+    # The old key is kept, dated and 0600: backups sealed under it need it.
+    retired = Path(rotated["retired_master_key_file"])
+    assert retired.parent == tmp_path / "d" and retired.name.startswith("master.key.2")
+    assert retired.read_text() == old_key and retired.stat().st_mode & 0o777 == 0o600
 
     asyncio.run(_sealed_secrets_open(tmp_path / "d", admin))
 

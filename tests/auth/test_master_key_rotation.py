@@ -119,7 +119,7 @@ async def _open_all(engine: AsyncEngine, key: MasterKey) -> int:
     opened = 0
     async with engine.connect() as conn:
         for column in SEALED_SECRETS:
-            for ident, sealed in (await conn.execute(select(column.key, column.sealed))).all():
+            for ident, sealed in (await conn.execute(column.select_sealed())).all():
                 key.open(sealed, f"{column.purpose}:{ident}")
                 opened += 1
     return opened
@@ -191,7 +191,7 @@ async def test_a_gateway_left_on_the_old_key_refuses_until_restarted_with_the_ne
         with pytest.raises(MasterKeyMismatch):
             await service.create_user("late", ["client"])
         with pytest.raises(MasterKeyMismatch):
-            await service.reset_mfa("mira")
+            await service.rotate_jwt_key()
         assert await _stored(engine) == before
         # Nothing sealed under K1 remains: K2 opens every secret.
         assert await _open_all(engine, new_key) == _sealed_total(before)
