@@ -81,49 +81,65 @@ class TokensMixin(ServiceCore):
         key = tokens.SigningKey.generate(now)
 
         async def change(conn: AsyncConnection) -> None:
-            await claim_master_key(conn, self._master_key)
-            await conn.execute(
-                update(jwt_keys)
-                .where(jwt_keys.c.status == CURRENT)
-                .values(status=RETIRED, retired_at=format_timestamp(now))
-            )
-            await conn.execute(
-                insert(jwt_keys).values(
-                    kid=key.kid,
-                    alg=tokens.ALGORITHM,
-                    public_key=key.public_pem(),
-                    sealed_private_key=self._master_key.seal(
-                        key.private_bytes(), JWT_SEALED.aad(key.kid)
-                    ),
-                    created_at=format_timestamp(now),
-                    status=CURRENT,
-                )
-            )
-            await self._bump_revision(conn)
+            await self._make_current(conn, key, now)
 
         await self._commit(change, {"new_key": key.kid}, commit)
         self._forget()
         return key.kid
 
+    async def _make_current(
+        self, conn: AsyncConnection, key: tokens.SigningKey, now: datetime
+    ) -> None:
+        await claim_master_key(conn, self._master_key)
+        await conn.execute(
+            update(jwt_keys)
+            .where(jwt_keys.c.status == CURRENT)
+            .values(status=RETIRED, retired_at=format_timestamp(now))
+        )
+        await conn.execute(
+            insert(jwt_keys).values(
+                kid=key.kid,
+                alg=tokens.ALGORITHM,
+                public_key=key.public_pem(),
+                sealed_private_key=self._master_key.seal(
+                    key.private_bytes(), JWT_SEALED.aad(key.kid)
+                ),
+                created_at=format_timestamp(now),
+                status=CURRENT,
+            )
+        )
+        await self._bump_revision(conn)
+
     async def revoke_jwt_key(self, kid: str, commit: Committer | None = None) -> dict[str, Any]:
         """Mark a JWT key ``revoked``: every token it signed is refused at once here and
         within ``revocation_check_seconds`` everywhere, and it leaves the JWKS. Revoking
-        the current key makes the next login sign with a new one."""
-        now = format_timestamp(self.now())
+        the current key puts a new one in its place, in the same transaction."""
+        now = self.now()
+        replacement = tokens.SigningKey.generate(now)
+        replaced: list[str] = []
 
         async def change(conn: AsyncConnection) -> None:
-            result = await conn.execute(
-                update(jwt_keys)
-                .where(jwt_keys.c.kid == kid, jwt_keys.c.status != REVOKED)
-                .values(status=REVOKED, retired_at=func.coalesce(jwt_keys.c.retired_at, now))
-            )
-            if result.rowcount != 1:
+            status = (
+                await conn.execute(select(jwt_keys.c.status).where(jwt_keys.c.kid == kid))
+            ).scalar()
+            if status is None or status == REVOKED:
                 raise LookupError(f"no unrevoked JWT key {kid!r}")
+            if status == CURRENT:
+                await self._make_current(conn, replacement, now)
+                replaced.append(replacement.kid)
+            await conn.execute(
+                update(jwt_keys)
+                .where(jwt_keys.c.kid == kid)
+                .values(
+                    status=REVOKED,
+                    retired_at=func.coalesce(jwt_keys.c.retired_at, format_timestamp(now)),
+                )
+            )
             await self._bump_revision(conn)
 
-        await self._commit(change, {"target": kid}, commit)
+        await self._commit(change, {"target": kid, "replacement": replacement.kid}, commit)
         self._forget()
-        return {"kid": kid, "status": REVOKED}
+        return {"kid": kid, "status": REVOKED, "current": replaced[0] if replaced else None}
 
     def _still_valid(self, key: _JwtKey) -> bool:
         """Checked on every use, cached or not: a retired key only within its window."""

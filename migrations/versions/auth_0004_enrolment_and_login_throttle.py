@@ -12,7 +12,8 @@ Create Date: 2026-11-27
   /64): the failing source waits growing delays, other sources are not held back. The
   account is a keyed reference, never the typed name (it may be a mistyped password).
 - The former hard lock (``locked_until``) is lifted: strangers can no longer lock anyone out.
-- ``jwt_keys.status`` may now be ``revoked`` (no schema change).
+- ``jwt_keys.status`` may now be ``revoked``: an admin revokes a key, and every token it
+  signed is refused at once (its check constraint widens).
 
 On PostgreSQL the runtime role may SELECT, INSERT, UPDATE and DELETE ``login_throttle``
 rows (a success forgets its source's failures); nothing else changes.
@@ -27,8 +28,9 @@ revision = "auth_0004"
 down_revision = "auth_0003"
 branch_labels = None
 depends_on = None
-# Previous code runs on it: only added nullable columns and a table; it merely cannot log
-# in people who have not enrolled yet (who could not log in anyway).
+# Previous code runs on it: added nullable columns, a table and a wider status; it merely
+# cannot log in people not yet enrolled (who could not anyway) and sees a revoked JWT key
+# as retired-like (unknown status, its tokens refused once past the retain window).
 backward_compatible = True
 
 _TS = 27
@@ -41,6 +43,11 @@ def upgrade() -> None:
         batch.alter_column("password_hash", existing_type=sa.String(256), nullable=True)
         batch.alter_column("sealed_totp_secret", existing_type=sa.LargeBinary, nullable=True)
     op.execute("UPDATE users SET locked_until = NULL")
+    with op.batch_alter_table("jwt_keys") as batch:
+        batch.drop_constraint("ck_jwt_keys_status", type_="check")
+        batch.create_check_constraint(
+            "ck_jwt_keys_status", "status IN ('current', 'retired', 'revoked')"
+        )
     op.create_table(
         "login_throttle",
         sa.Column("account", sa.String(64), primary_key=True),
@@ -55,6 +62,10 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("login_throttle")
+    op.execute("UPDATE jwt_keys SET status = 'retired' WHERE status = 'revoked'")
+    with op.batch_alter_table("jwt_keys") as batch:
+        batch.drop_constraint("ck_jwt_keys_status", type_="check")
+        batch.create_check_constraint("ck_jwt_keys_status", "status IN ('current', 'retired')")
     with op.batch_alter_table("users") as batch:
         batch.drop_column("enrollment_expires_at")
         batch.drop_column("enrollment_token_hash")
