@@ -13,6 +13,7 @@ from sqlalchemy import select
 
 from audit.models import audit_events
 from auth.crypto import MasterKey, load_master_key
+from auth.models import jwt_keys
 from auth.policy import load_policies
 from auth.service import AuthService
 from gateway.cli import main
@@ -41,6 +42,8 @@ def test_admin_commands_and_master_key_rotation(
     # An admin never learns a person's secrets: an enrolment token, nothing else.
     assert code == 0 and user["username"] == "bob" and user["roles"] == ["auditor"]
     assert set(user) == {"id", "username", "roles", "enrollment_token", "expires_at"}
+    code, reset = _run(capsys, "admin", "users", "reset", "bob", "--data-dir", data)
+    assert code == 0 and reset["enrollment_token"] != user["enrollment_token"]
     code, key = _run(
         capsys,
         "admin",
@@ -76,15 +79,31 @@ def test_admin_commands_and_master_key_rotation(
 
     asyncio.run(_sealed_secrets_open(tmp_path / "d", admin))
 
-    # init, two creates, the refused create, the list and the rotation: each audited.
+    kid = asyncio.run(_current_jwt_kid(tmp_path / "d"))
+    code, revoked = _run(capsys, "admin", "jwt-keys", "revoke", kid, "--data-dir", data)
+    assert code == 0 and revoked["status"] == "revoked" and revoked["current"] != kid
+
+    # Each command audited; the changes with their record, in one transaction.
     assert main(["audit", "verify", "--data-dir", data]) == 0
     assert asyncio.run(_cli_actions(tmp_path / "d")) == [
         "cli:admin_users_create",
+        "cli:admin_users_reset",
         "cli:admin_api_keys_create",
         "cli:admin_api_keys_list",
         "cli:admin_api_keys_create",
         "cli:admin_master_key_rotate",
+        "cli:admin_jwt_keys_revoke",
     ]
+
+
+async def _current_jwt_kid(data_dir: Path) -> str:
+    engine = make_engine(f"sqlite+aiosqlite:///{data_dir / 'gateway.db'}")
+    try:
+        async with engine.connect() as conn:
+            query = select(jwt_keys.c.kid).where(jwt_keys.c.status == "current")
+            return str((await conn.execute(query)).scalar_one())
+    finally:
+        await engine.dispose()
 
 
 async def _sealed_secrets_open(data_dir: Path, admin: dict) -> None:
