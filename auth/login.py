@@ -179,3 +179,13 @@ class LoginMixin(PeopleMixin):
             },
         )
         await conn.execute(statement)
+
+    async def forget_login_failures(self) -> int:
+        """Delete the throttle rows of sources quiet for ``forget_after_seconds`` (they
+        no longer count); returns how many."""
+        cutoff = self._clock() - self._setting("forget_after_seconds")
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                delete(login_throttle).where(login_throttle.c.last_failure_at < cutoff)
+            )
+        return int(result.rowcount or 0)

@@ -243,13 +243,18 @@ class PeopleMixin(TokensMixin):
         new_hash = await self.hashing.hash(new)
 
         async def change(conn: AsyncConnection) -> None:
-            await conn.execute(
+            # Guarded by the hash that was verified: a reset or another change meanwhile wins.
+            result = await conn.execute(
                 update(users)
                 .where(users.c.id == user_id, users.c.password_hash == row.password_hash)
                 .values(password_hash=new_hash, password_changed_at=format_timestamp(self.now()))
             )
+            if result.rowcount != 1:
+                raise AuthError(409, "conflict", "the password changed meanwhile: try again")
+            await self._bump_revision(conn)
 
         await self._commit(change, {"target": user_id}, commit)
+        self._forget()
 
     async def _user_row(self, conn: AsyncConnection, username: str) -> Any:
         row = (await conn.execute(select(users).where(users.c.username == username))).first()

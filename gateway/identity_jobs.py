@@ -1,5 +1,6 @@
 """The identity jobs: ``rotate-keys`` (JWT and receipt keys past their policy age, API
-keys past their expiry) and ``access-review``. Each audits its own run, and each change
+keys past their expiry, login-throttle rows past ``forget_after_seconds``) and
+``access-review``. Each audits its own run, and each change
 it makes commits together with its own record (``job:rotate-keys:<what>``)."""
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ async def rotate_keys(ctx: JobContext) -> dict[str, Any]:
         )
         summary["log_key_rotated"] = rotated.key_id
         await ctx.signer.refresh()
+    summary["login_throttle_forgotten"] = await service.forget_login_failures()
     summary["api_keys_expired"] = await service.expire_api_keys(
         job_commit(ctx, "rotate-keys", "api_keys_expired")
     )

@@ -102,7 +102,13 @@ async def test_failures_hold_back_their_source_only_with_growing_delays(store: S
     ok = await service.login("erin", created["password"], None, "2001:db8::1")
     assert ok.principal.name == "erin"
     store.clock.advance(delay)
+    with pytest.raises(AuthError):
+        await service.login("erin", "not-the-password-again", None, "198.51.100.1")
     assert (await service.login("erin", created["password"], None, "192.0.2.7")).principal
+    # A success forgets its source's failures; the rotate-keys job forgets quiet sources.
+    assert await service.forget_login_failures() == 0
+    store.clock.advance(float(service.policy.get("login_throttle", "forget_after_seconds")))
+    assert await service.forget_login_failures() == 1
 
 
 async def test_tokens_that_must_be_refused(store: Store) -> None:
