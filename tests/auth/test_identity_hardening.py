@@ -303,8 +303,10 @@ async def test_a_revoked_jwt_key_is_refused_at_once_here_and_within_2_s_elsewher
     """Given a person's token accepted by two instances on one database, when an admin
     revokes the token's key on one, then that one refuses the token at once, the other
     within revocation_check_seconds, the key leaves the JWKS and a new login works."""
-    here = await start_gateway(database, auth=CHEAP_ARGON2)
-    there = await start_gateway(database, auth=CHEAP_ARGON2)
+    # The admin's rate limit lifted: the test polls faster than an admin would.
+    auth = {**CHEAP_ARGON2, "ratelimit": {"admin": {"rate": 1000, "burst": 1000}}}
+    here = await start_gateway(database, auth=auth)
+    there = await start_gateway(database, auth=auth)
     admin = await _person(here, "boss", "admin")
     kid = jwt.get_unverified_header(admin["Authorization"].split()[1])["kid"]
     for gw in (here, there):
@@ -462,6 +464,8 @@ async def test_a_signature_and_its_key_id_come_from_one_key(gw: Gateway) -> None
     assert signer.current().key_id != pinned.key_id
 
     admin = await _person(gw, "boss", "admin")
+    # The client key verified once (argon2) before the burst, which then hits the cache.
+    assert (await gw.post("/v1/kzg/verify-proof", IDENTITY_PROOF))[0].status == 200
 
     async def rotations() -> list[int]:
         statuses = []
@@ -472,9 +476,11 @@ async def test_a_signature_and_its_key_id_come_from_one_key(gw: Gateway) -> None
             statuses.append(response.status)
         return statuses
 
-    traffic = [gw.post("/v1/kzg/verify-proof", IDENTITY_PROOF) for _ in range(30)]
+    traffic = [gw.post("/v1/kzg/verify-proof", IDENTITY_PROOF) for _ in range(12)]
     *answers, rotated = await asyncio.gather(*traffic, rotations())
-    assert all(response.status == 200 for response, _ in answers) and rotated == [200] * 3
+    assert rotated == [200] * 3
+    # Served, or shed by the bounded pool (2 workers here): never a signing error.
+    assert {r.status for r, _ in answers} <= {200, 503} and 200 in {r.status for r, _ in answers}
     vkeys = {k.key_id: k.vkey for k in await list_log_keys(app[DB_ENGINE])}
     heads = await _rows(gw, select(audit_tree_heads))
     assert len({h.key_id for h in heads}) >= 3
