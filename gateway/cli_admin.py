@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from audit.errors import AuditUnavailable
 from audit.events import AuditEvent
 from audit.settings import AuditSettings
 from audit.writer import AuditWriter, begin_write
@@ -256,7 +257,7 @@ def run(args: argparse.Namespace, command: Command) -> int:
     except (AuthError, PolicyError, LookupError) as exc:
         print(f"kzg-gateway admin: {exc}", file=sys.stderr)
         return 1
-    except (SQLAlchemyError, MasterKeyError, OSError) as exc:
+    except (SQLAlchemyError, MasterKeyError, OSError, AuditUnavailable) as exc:
         print(f"kzg-gateway admin: cannot reach the gateway's data: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2, default=str))

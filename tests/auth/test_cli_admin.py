@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from pathlib import Path
 
 import pyotp
@@ -199,3 +200,34 @@ def test_a_command_under_another_master_key_is_refused_before_it_runs(
     assert (data / "master.key").read_text() == other
     assert not (data / "master.new").exists()
     assert _events(data) == before
+
+
+def test_a_master_key_rotation_whose_audit_record_fails_reseals_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The audit store refuses the CLI's records (fault injected by a trigger): the
+    # rotation's re-sealing and its record share one transaction, so neither is stored;
+    # the command exits 2 saying why, and the key in use stays the key on record.
+    monkeypatch.delenv("KZG_GATEWAY_MASTER_KEY", raising=False)
+    data = tmp_path / "d"
+    assert main(["init", "--data-dir", str(data), "--json"]) == 0
+    capsys.readouterr()
+    key_before = (data / "master.key").read_text()
+    database = sqlite3.connect(data / "gateway.db")
+    try:
+        sealed_before = database.execute("SELECT sealed_private_key FROM jwt_keys").fetchall()
+        database.execute(
+            "CREATE TRIGGER test_refuse_cli BEFORE INSERT ON audit_events "
+            "WHEN NEW.action LIKE 'cli:%' BEGIN SELECT RAISE(ABORT, 'injected'); END"
+        )
+        database.commit()
+        assert main(["admin", "master-key", "rotate", "--data-dir", str(data)]) == 2
+        assert "audit" in capsys.readouterr().err
+        assert (data / "master.key").read_text() == key_before
+        assert database.execute("SELECT sealed_private_key FROM jwt_keys").fetchall() == (
+            sealed_before
+        )
+        (check,) = database.execute("SELECT check_value FROM master_key_check").fetchone()
+        assert check == MasterKey.from_text(key_before).check_value()
+    finally:
+        database.close()
