@@ -187,10 +187,9 @@ class PeopleMixin(TokensMixin):
             raise _invalid_enrolment("wrong enrolment token")
         if parse_timestamp(row.enrollment_expires_at) <= self.now():
             raise _invalid_enrolment("expired enrolment token")
-        self.check_password(username, password)
-        assert isinstance(password, str)
+        chosen = self.check_password(username, password)
         secret = credentials.new_totp_secret()
-        password_hash = await self.hashing.hash(password)
+        password_hash = await self.hashing.hash(chosen)
 
         async def change(conn: AsyncConnection) -> None:
             await claim_master_key(conn, self._master_key)
@@ -236,11 +235,10 @@ class PeopleMixin(TokensMixin):
             raise AuthError(
                 403, "wrong_password", "current_password is wrong", "wrong current password"
             )
-        self.check_password(row.username, new, "new_password")
-        assert isinstance(new, str)
-        if await self.hashing.verify(row.password_hash, new, "password"):
+        chosen = self.check_password(row.username, new, "new_password")
+        if await self.hashing.verify(row.password_hash, chosen, "password"):
             raise PolicyError("new_password: must differ from the current one")
-        new_hash = await self.hashing.hash(new)
+        new_hash = await self.hashing.hash(chosen)
 
         async def change(conn: AsyncConnection) -> None:
             # Guarded by the hash that was verified: a reset or another change meanwhile wins.
