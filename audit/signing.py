@@ -28,6 +28,14 @@ class LogSigner(Protocol):
     def sign_note(self, text: str) -> str: ...
 
 
+def pin(signer: LogSigner) -> LogSigner:
+    """One immutable (key id, key) pair of ``signer``: a signer whose key a rotation may
+    swap offers ``current()``, the pair in use now, so that a signature and the key id
+    stored beside it always come from the same key."""
+    current = getattr(signer, "current", None)
+    return current() if callable(current) else signer
+
+
 @dataclass(frozen=True)
 class NoteLogSigner:
     """A LogSigner over one Ed25519 note key."""

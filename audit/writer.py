@@ -3,6 +3,11 @@ appends every waiting record in a single transaction under the head lock, extend
 Merkle tree and signs the new tree head (a C2SP checkpoint) in that same transaction, so
 no answer leaves before the checkpoint that proves it is stored.
 
+A record may carry a change (``append(event, change)``): the change runs in the batch's
+transaction under a SAVEPOINT, so it commits together with its record or not at all. A
+change that raises is rolled back to its savepoint and fails its caller alone; its record
+leaves the batch.
+
 The head lock lives in the database (``SELECT ... FOR UPDATE`` on PostgreSQL, a write
 transaction taken up front on SQLite), so several processes and instances sharing one
 database still build one gapless tree.
@@ -14,14 +19,14 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Table, insert, select, update
 from sqlalchemy.engine import Dialect
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from audit.chain import EntryTemplate
@@ -38,14 +43,18 @@ from audit.models import (
     audit_tree_heads,
     column_values,
 )
-from audit.signing import LogSigner
+from audit.signing import LogSigner, pin
 from audit.tlog import Checkpoint, TlogProof
 
 log = logging.getLogger(__name__)
 
 _EVENT_COLUMNS = ("seq", *EVENT_FIELDS)
 _TREE_COLUMNS = ("level", "idx", "hash")
-__all__ = ["AppendResult", "AuditWriter", "begin_write", "lock_head"]
+__all__ = ["AppendResult", "AuditWriter", "Change", "begin_write", "lock_head"]
+# A database change that commits with its audit record: it runs inside the writer's
+# transaction and must not open another connection to the database.
+Change = Callable[[AsyncConnection], Awaitable[None]]
+T = TypeVar("T")
 
 
 def _values_refused(exc: BaseException) -> bool:
@@ -89,6 +98,27 @@ async def _insert_rows(
         await conn.exec_driver_sql(sql, rows)
 
 
+async def _apply_changes(conn: AsyncConnection, batch: list[_Pending]) -> list[_Pending]:
+    """Run each record's change under its own SAVEPOINT; return the records to append
+    (those without a change, or whose change succeeded). A failed change fails its caller
+    with its own exception."""
+    kept: list[_Pending] = []
+    for item in batch:
+        if item.future.done():
+            continue  # failed earlier (a batch retried record by record)
+        if item.change is not None:
+            try:
+                async with conn.begin_nested():
+                    await item.change(conn)
+            except Exception as exc:
+                if isinstance(exc, DBAPIError) and not isinstance(exc, IntegrityError):
+                    raise  # the store itself failed: the whole batch is unavailable
+                item.future.set_exception(exc)
+                continue
+        kept.append(item)
+    return kept
+
+
 @dataclass(frozen=True)
 class SignedBatch:
     """What one group commit produced: its signed checkpoint and the tree to prove its
@@ -124,6 +154,7 @@ class _Pending:
     template: EntryTemplate
     values: tuple[Any, ...]  # the event's column values in EVENT_FIELDS order
     future: asyncio.Future[AppendResult]
+    change: Change | None = None
 
 
 class AuditWriter:
@@ -175,10 +206,12 @@ class AuditWriter:
     def signer(self) -> LogSigner:
         return self._signer
 
-    async def append(self, event: AuditEvent) -> AppendResult:
+    async def append(self, event: AuditEvent, change: Change | None = None) -> AppendResult:
         """Return the committed record once it and its signed checkpoint are durable.
 
-        Raises AuditUnavailable when the store cannot commit it.
+        ``change`` commits in the same transaction as the record, or neither does.
+        Raises AuditUnavailable when the store cannot commit it, and whatever ``change``
+        raised when it failed (then nothing of it, nor the record, is stored).
         """
         fields = event.fields()
         if self._task is None or self._closing:
@@ -186,11 +219,23 @@ class AuditWriter:
         future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
         # Prepared here, while the background task waits on the database, so the work
         # done under the head lock stays small.
-        self._pending.append(_Pending(EntryTemplate(fields), column_values(fields), future))
+        self._pending.append(_Pending(EntryTemplate(fields), column_values(fields), future, change))
         self._set_queue_depth()
         self._wake.set()
         # A cancelled caller does not withdraw its record: it is committed all the same.
         return await future
+
+    async def commit_change(
+        self, event: AuditEvent, change: Callable[[AsyncConnection], Awaitable[T]]
+    ) -> tuple[AppendResult, T]:
+        """``append(event, change)``, returning also what ``change`` returned."""
+        results: list[T] = []
+
+        async def apply(conn: AsyncConnection) -> None:
+            results.append(await change(conn))
+
+        appended = await self.append(event, apply)
+        return appended, results[0]
 
     async def ready(self) -> bool:
         """True when the writer runs and the store answers within the commit timeout."""
@@ -235,7 +280,7 @@ class AuditWriter:
                 if batch is None:
                     # Taken only now: records that arrived while the lock was on its way join in.
                     taken = self._take_batch()
-                results = await self._append(conn, head, taken)
+                results = await self._append(conn, head, await _apply_changes(conn, taken))
         except Exception as exc:
             taken = taken or self._take_batch()
             if len(taken) > 1 and _values_refused(exc):
@@ -253,23 +298,28 @@ class AuditWriter:
                 if not item.future.done():
                     item.future.set_exception(AuditUnavailable("the audit store is unavailable"))
             return
+        if not results:
+            return  # every record's change failed: nothing was appended
         if not self._healthy:
-            log.info("audit store available; head at seq %d", results[-1].seq)
+            log.info("audit store available; head at seq %d", results[-1][1].seq)
             self._healthy = True
         if self._metrics:
             self._metrics.batch_size.observe(len(taken))
             self._metrics.commit_latency.observe(self._clock() - started)
-            self._metrics.head_seq.set(results[-1].seq)
-            self._metrics.tree_size.set(results[-1].size)
+            self._metrics.head_seq.set(results[-1][1].seq)
+            self._metrics.tree_size.set(results[-1][1].size)
             self._metrics.checkpoint_time.set(time.time())
-        for item, result in zip(taken, results, strict=True):
+        for item, result in results:
             if not item.future.done():
                 item.future.set_result(result)
 
     async def _append(
         self, conn: AsyncConnection, head: LogHead, batch: list[_Pending]
-    ) -> list[AppendResult]:
+    ) -> list[tuple[_Pending, AppendResult]]:
         """Append ``batch`` to the locked tree, sign its new head, and commit."""
+        if not batch:
+            await conn.rollback()
+            return []
         compact = head.compact_range()
         if compact.root() != head.root:
             # The head row is the one row the runtime role may update: never extend a
@@ -292,9 +342,10 @@ class AuditWriter:
             leaves.append(leaf)
             event_rows.append((seq, *item.values))
         root = compact.root()
-        # The key id is read with the signature: a refresh may swap the key at any await.
-        key_id = self._signer.key_id
-        checkpoint = self._sign(compact.size, root)
+        # One (key id, key) pair for the signature and the id stored with it.
+        key = pin(self._signer)
+        key_id = key.key_id
+        checkpoint = self._sign(key, compact.size, root)
         await _insert_rows(conn, audit_events, _EVENT_COLUMNS, event_rows)
         await _insert_rows(conn, audit_tree, _TREE_COLUMNS, tree_rows)
         await conn.execute(
@@ -314,11 +365,14 @@ class AuditWriter:
         await conn.commit()
         signed = SignedBatch(checkpoint, BatchTree(before, leaves))
         first = head.size + 1
-        return [AppendResult(first + i, entry, signed) for i, entry in enumerate(entries)]
+        return [
+            (item, AppendResult(first + i, entry, signed))
+            for i, (item, entry) in enumerate(zip(batch, entries, strict=True))
+        ]
 
-    def _sign(self, size: int, root: bytes) -> str:
+    def _sign(self, key: LogSigner, size: int, root: bytes) -> str:
         try:
-            return self._signer.sign_note(Checkpoint(self._signer.origin, size, root).text())
+            return key.sign_note(Checkpoint(key.origin, size, root).text())
         except Exception:
             if self._metrics:
                 self._metrics.signing_failures.inc()

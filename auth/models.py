@@ -11,8 +11,9 @@ users = sa.Table(
     metadata,
     sa.Column("id", sa.String(40), primary_key=True),
     sa.Column("username", sa.String(64), nullable=False, unique=True),
-    sa.Column("password_hash", sa.String(256), nullable=False),
-    sa.Column("sealed_totp_secret", sa.LargeBinary, nullable=False),
+    # NULL until the person enrols (migration auth_0004).
+    sa.Column("password_hash", sa.String(256)),
+    sa.Column("sealed_totp_secret", sa.LargeBinary),
     sa.Column("roles", sa.String(256), nullable=False),
     sa.Column("disabled", sa.Boolean, nullable=False),
     sa.Column("failed_logins", sa.Integer, nullable=False),
@@ -21,6 +22,19 @@ users = sa.Table(
     sa.Column("created_at", sa.String(27), nullable=False),
     sa.Column("last_login_at", sa.String(27)),
     sa.Column("password_changed_at", sa.String(27), nullable=False),
+    sa.Column("enrollment_token_hash", sa.String(256)),
+    sa.Column("enrollment_expires_at", sa.String(27)),
+)
+
+# Failed logins per (account reference, source address or IPv6 /64), for growing delays
+# that hold back the failing source only (migration auth_0004).
+login_throttle = sa.Table(
+    "login_throttle",
+    metadata,
+    sa.Column("account", sa.String(64), primary_key=True),
+    sa.Column("source", sa.String(64), primary_key=True),
+    sa.Column("failures", sa.Integer, nullable=False),
+    sa.Column("last_failure_at", sa.Float, nullable=False, index=True),
 )
 
 api_keys = sa.Table(

@@ -1,5 +1,6 @@
-"""Admin routes: users, API keys, signing keys, access review. Each records what it did
-in the request's audit detail (targets and roles, never a secret)."""
+"""Admin routes: users, API keys, signing keys, access review. Each change commits in the
+same transaction as the request's audit record (``gateway.identity.audited``), whose
+detail names its targets and roles, never a secret."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from auth.service import AuthService
 from gateway.appkeys import DB_ENGINE, LOG_SIGNER, MASTER_KEY
 from gateway.context import REQUEST_CONTEXT
 from gateway.errors import ApiError
-from gateway.identity import AUTH_SERVICE, json_body, to_api_error
+from gateway.identity import AUTH_SERVICE, audited, json_body, to_api_error
 from gateway.openapi import DEFAULT_ERRORS, RouteDoc, document_route
 from gateway.receipts import rotate_log_key
 
@@ -55,36 +56,27 @@ def _roles(body: dict[str, Any]) -> list[str]:
 async def create_user(request: web.Request) -> dict[str, Any]:
     body = await json_body(request, BODY_LIMIT)
     roles = _roles(body)
-    created = await _service(request).create_user(body.get("username"), roles)
-    request[REQUEST_CONTEXT].detail.update(target=created["id"], roles=roles)
-    return {
-        "username": created["username"],
-        "password": created["password"],
-        "totp_uri": created["totp_uri"],
-    }
+    created = await _service(request).invite_user(body.get("username"), roles, audited(request))
+    return {k: created[k] for k in ("username", "roles", "enrollment_token", "expires_at")}
 
 
 async def set_user_roles(request: web.Request) -> dict[str, Any]:
     body = await json_body(request, BODY_LIMIT)
     roles = _roles(body)
     username = request.match_info["username"]
-    await _service(request).set_roles(username, roles)
-    request[REQUEST_CONTEXT].detail.update(target_username=username, roles=roles)
+    await _service(request).set_roles(username, roles, audited(request))
     return {"username": username, "roles": roles}
 
 
-async def reset_user_mfa(request: web.Request) -> dict[str, Any]:
+async def reset_user(request: web.Request) -> dict[str, Any]:
     username = request.match_info["username"]
-    result = await _service(request).reset_mfa(username)
-    request[REQUEST_CONTEXT].detail.update(target_username=username)
-    return {"username": username, "totp_uri": result["totp_uri"]}
+    return await _service(request).reset_user(username, audited(request))
 
 
 async def _set_disabled(request: web.Request, disabled: bool) -> dict[str, Any]:
     username = request.match_info["username"]
     service = _service(request)
-    await (service.disable_user if disabled else service.enable_user)(username)
-    request[REQUEST_CONTEXT].detail.update(target_username=username)
+    await (service.disable_user if disabled else service.enable_user)(username, audited(request))
     return {"username": username, "disabled": disabled}
 
 
@@ -98,15 +90,14 @@ async def enable_user(request: web.Request) -> dict[str, Any]:
 
 async def create_api_key(request: web.Request) -> dict[str, Any]:
     body = await json_body(request, BODY_LIMIT)
-    created = await _service(request).create_api_key(
+    return await _service(request).create_api_key(
         body.get("name"),
         body.get("role"),
         _actor(request),
         body.get("expires_in_days"),
         body.get("allowed_cidrs"),
+        audited(request),
     )
-    request[REQUEST_CONTEXT].detail.update(target=created["id"], role=created["role"])
-    return created
 
 
 async def list_api_keys(request: web.Request) -> dict[str, Any]:
@@ -115,30 +106,33 @@ async def list_api_keys(request: web.Request) -> dict[str, Any]:
 
 async def revoke_api_key(request: web.Request) -> dict[str, Any]:
     key_id = request.match_info["key_id"]
-    await _service(request).revoke_api_key(key_id)
-    request[REQUEST_CONTEXT].detail.update(target=key_id)
+    await _service(request).revoke_api_key(key_id, audited(request))
     return {"id": key_id, "revoked": True}
 
 
 async def rotate_api_key(request: web.Request) -> dict[str, Any]:
     key_id = request.match_info["key_id"]
-    created = await _service(request).rotate_api_key(key_id, _actor(request))
-    request[REQUEST_CONTEXT].detail.update(target=key_id, replacement=created["id"])
-    return created
+    return await _service(request).rotate_api_key(key_id, _actor(request), audited(request))
 
 
 async def rotate_signing_key(request: web.Request) -> dict[str, Any]:
     signer = request.app[LOG_SIGNER]
-    info = await rotate_log_key(request.app[DB_ENGINE], request.app[MASTER_KEY], signer.origin)
+    info = await rotate_log_key(
+        request.app[DB_ENGINE],
+        request.app[MASTER_KEY],
+        signer.origin,
+        commit=audited(request),
+    )
     await signer.refresh()
-    request[REQUEST_CONTEXT].detail.update(new_key=info.key_id)
     return info.to_dict()
 
 
 async def rotate_jwt_key(request: web.Request) -> dict[str, Any]:
-    kid = await _service(request).rotate_jwt_key()
-    request[REQUEST_CONTEXT].detail.update(new_key=kid)
-    return {"kid": kid}
+    return {"kid": await _service(request).rotate_jwt_key(audited(request))}
+
+
+async def revoke_jwt_key(request: web.Request) -> dict[str, Any]:
+    return await _service(request).revoke_jwt_key(request.match_info["kid"], audited(request))
 
 
 async def access_review(request: web.Request) -> dict[str, Any]:
@@ -154,7 +148,7 @@ _ROUTES: tuple[tuple[str, str, str, Callable[[web.Request], Awaitable[Any]], Rou
         "admin_create_user",
         create_user,
         RouteDoc(
-            "Create a person; the password and TOTP URI are shown once",
+            "Create a person who enrols themselves: a single-use enrolment token, once",
             ("admin",),
             request_schema={"type": "object", "required": ["username", "roles"]},
         ),
@@ -174,10 +168,14 @@ _ROUTES: tuple[tuple[str, str, str, Callable[[web.Request], Awaitable[Any]], Rou
     ),
     (
         "POST",
-        "/v1/admin/users/{username}/reset-mfa",
-        "admin_reset_user_mfa",
-        reset_user_mfa,
-        RouteDoc("Issue a new TOTP secret (shown once)", ("admin",), parameters=(_USER,)),
+        "/v1/admin/users/{username}/reset",
+        "admin_reset_user",
+        reset_user,
+        RouteDoc(
+            "Revoke a person's password and TOTP at once; a new enrolment token, once",
+            ("admin",),
+            parameters=(_USER,),
+        ),
     ),
     (
         "POST",
@@ -247,6 +245,19 @@ _ROUTES: tuple[tuple[str, str, str, Callable[[web.Request], Awaitable[Any]], Rou
         rotate_jwt_key,
         RouteDoc(
             "New JWT signing key; the old one stays in the JWKS until its tokens expire", ("admin",)
+        ),
+    ),
+    (
+        "POST",
+        "/v1/admin/jwt-keys/{kid}/revoke",
+        "admin_revoke_jwt_key",
+        revoke_jwt_key,
+        RouteDoc(
+            "Revoke a JWT key: every token it signed is refused at once, it leaves the JWKS",
+            ("admin",),
+            parameters=(
+                {"name": "kid", "in": "path", "required": True, "schema": {"type": "string"}},
+            ),
         ),
     ),
     (

@@ -242,11 +242,12 @@ async def readyz(request: web.Request) -> web.Response:
         "audit_writer": await app[AUDIT_WRITER].ready(),
         "pool": app[KZG_POOL].ready,
         "keys": app[LOG_SIGNER].ready,
-        # False once the master key was rotated under this process: it can open and seal
-        # nothing until restarted with the new key, so no traffic should reach it.
+        # False once the master key was rotated under this process. Reported, not gating:
+        # it still serves all that needs no secret (KZG, tokens, API keys) and answers 503
+        # only to what does, so a rolling restart has no outage.
         "master_key": await _probe(master_key_is_current(app[DB_ENGINE], app[MASTER_KEY])),
     }
-    ready = all(checks.values())
+    ready = all(value for name, value in checks.items() if name != "master_key")
     return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
 
 

@@ -15,20 +15,22 @@ import logging
 import os
 import sys
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from audit.errors import AuditUnavailable
 from audit.events import AuditEvent
 from audit.settings import AuditSettings
 from audit.writer import AuditWriter, begin_write
+from auth.core import Committer
 from auth.crypto import MASTER_KEY_ENV, MASTER_KEY_FILE, MasterKey, MasterKeyError, load_master_key
+from auth.master_key import rewrap_columns
 from auth.policy import PolicyError
-from auth.rewrap import rewrap_columns
 from auth.service import AuthError, AuthService, replace_master_key
 from gateway.config import Config, cli_actor, load_config
 from gateway.db import check_schema, make_engine
@@ -36,6 +38,7 @@ from gateway.identity import policies_for
 from gateway.receipts import SEALED_SECRETS, load_log_signer, rotate_log_key
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 Command = Callable[[AuthService, argparse.Namespace], Awaitable[dict[str, Any]]]
 
 
@@ -52,29 +55,28 @@ def _add(group: Any, name: str, help_text: str, command: Command) -> argparse.Ar
 
 
 async def _user_create(service: AuthService, args: argparse.Namespace) -> dict[str, Any]:
-    created = await service.create_user(args.username, args.role)
-    return {**created, "roles": args.role}
+    return await service.invite_user(args.username, args.role, args.commit)
 
 
 async def _user_roles(service: AuthService, args: argparse.Namespace) -> dict[str, Any]:
-    await service.set_roles(args.username, args.role)
+    await service.set_roles(args.username, args.role, args.commit)
     return {"username": args.username, "roles": args.role}
 
 
-async def _user_reset_mfa(service: AuthService, args: argparse.Namespace) -> dict[str, Any]:
-    return await service.reset_mfa(args.username)
+async def _user_reset(service: AuthService, args: argparse.Namespace) -> dict[str, Any]:
+    return await service.reset_user(args.username, args.commit)
 
 
 async def _user_set_disabled(
     service: AuthService, args: argparse.Namespace, disabled: bool
 ) -> dict[str, Any]:
-    await (service.disable_user if disabled else service.enable_user)(args.username)
+    await (service.disable_user if disabled else service.enable_user)(args.username, args.commit)
     return {"username": args.username, "disabled": disabled}
 
 
 async def _key_create(service: AuthService, args: argparse.Namespace) -> dict[str, Any]:
     return await service.create_api_key(
-        args.name, args.role, _actor(), args.expires_in_days, args.allow_cidr or None
+        args.name, args.role, _actor(), args.expires_in_days, args.allow_cidr or None, args.commit
     )
 
 
@@ -83,39 +85,62 @@ async def _key_list(service: AuthService, args: argparse.Namespace) -> dict[str,
 
 
 async def _key_revoke(service: AuthService, args: argparse.Namespace) -> dict[str, Any]:
-    await service.revoke_api_key(args.key_id)
+    await service.revoke_api_key(args.key_id, args.commit)
     return {"id": args.key_id, "revoked": True}
 
 
 async def _key_rotate(service: AuthService, args: argparse.Namespace) -> dict[str, Any]:
-    return await service.rotate_api_key(args.key_id, _actor())
+    return await service.rotate_api_key(args.key_id, _actor(), args.commit)
 
 
 async def _signing_rotate(service: AuthService, args: argparse.Namespace) -> dict[str, Any]:
     signer = args.log_signer
-    info = await rotate_log_key(service.engine, args.master_key, signer.origin)
+    info = await rotate_log_key(service.engine, args.master_key, signer.origin, commit=args.commit)
     await signer.refresh()
     return info.to_dict()
 
 
 async def _jwt_rotate(service: AuthService, args: argparse.Namespace) -> dict[str, Any]:
-    return {"kid": await service.rotate_jwt_key()}
+    return {"kid": await service.rotate_jwt_key(args.commit)}
+
+
+async def _jwt_revoke(service: AuthService, args: argparse.Namespace) -> dict[str, Any]:
+    return await service.revoke_jwt_key(args.kid, args.commit)
 
 
 async def _access_review(service: AuthService, args: argparse.Namespace) -> dict[str, Any]:
     return await service.access_review()
 
 
-async def rewrap_secrets(engine: AsyncEngine, old: MasterKey, new: MasterKey) -> int:
+async def rewrap_secrets(
+    engine: AsyncEngine, old: MasterKey, new: MasterKey, commit: Committer | None = None
+) -> int:
     """Re-seal every secret of the database (identity, log and receipt keys) under ``new`` and
-    record ``new`` as the master key, in one transaction; returns how many. Processes
-    still holding ``old`` can then seal nothing more (auth.service.claim_master_key)."""
+    record ``new`` as the master key, in one transaction (with its audit record, given
+    ``commit``); returns how many. Processes still holding ``old`` can then seal nothing
+    more (auth.master_key.claim_master_key)."""
+
+    async def change(conn: AsyncConnection) -> int:
+        await replace_master_key(conn, old, new)
+        return await rewrap_columns(conn, old, new, SEALED_SECRETS)
+
+    if commit is not None:
+        return await commit(change, {})
     async with engine.connect() as conn:
         await begin_write(conn)
-        await replace_master_key(conn, old, new)
-        count = await rewrap_columns(conn, old, new, SEALED_SECRETS)
+        count = await change(conn)
         await conn.commit()
     return count
+
+
+def keep_retired_key(path: Path, now: datetime) -> Path:
+    """Copy the master key file about to be replaced to ``master.key.<UTC time>.retired``
+    (0600): backups sealed under it still need it, or a re-seal."""
+    retired = path.with_name(f"{path.name}.{now:%Y%m%dT%H%M%SZ}.retired")
+    fd = os.open(retired, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(path.read_text())
+    return retired
 
 
 async def _master_rotate(service: AuthService, args: argparse.Namespace) -> dict[str, Any]:
@@ -131,14 +156,19 @@ async def _master_rotate(service: AuthService, args: argparse.Namespace) -> dict
         fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(new_raw.hex() + "\n")
-    count = await rewrap_secrets(service.engine, args.master_key, new)
+    count = await rewrap_secrets(service.engine, args.master_key, new, args.commit)
     result: dict[str, Any] = {"rewrapped": count}
     if from_env:
         result["new_master_key"] = new_raw.hex()
         result["note"] = f"set {MASTER_KEY_ENV} to new_master_key on every instance now"
     else:
+        result["retired_master_key_file"] = str(keep_retired_key(path, datetime.now(UTC)))
         os.replace(staged, path)
         result["master_key_file"] = str(path)
+    result["next"] = (
+        "restart every instance with the new key, one at a time: until then old-key "
+        "instances answer 503 only to what needs a secret"
+    )
     return result
 
 
@@ -167,6 +197,29 @@ async def _execute(config: Config, args: argparse.Namespace, command: Command) -
         service = AuthService(engine, master_key, rbac, policy)
         action = f"cli:admin_{args.admin_command}_{args.admin_action}".replace("-", "_")
         outcome, detail = "success", {}
+        recorded = False
+
+        def event(outcome: str, detail: dict[str, Any]) -> AuditEvent:
+            return AuditEvent(
+                request_id=f"cli-{uuid.uuid4().hex}",
+                occurred_at=datetime.now(UTC),
+                actor=_actor(),
+                role="operator",
+                action=action,
+                outcome=outcome,
+                detail={**detail, **_audit_detail(args)},
+            )
+
+        async def commit(
+            change: Callable[[AsyncConnection], Awaitable[T]], changed: Mapping[str, Any]
+        ) -> T:
+            # The change commits with its success record, or neither does.
+            nonlocal recorded
+            _, result = await writer.commit_change(event("success", dict(changed)), change)
+            recorded = True
+            return result
+
+        args.commit = commit
         try:
             result = await command(service, args)
         except (AuthError, PolicyError, LookupError) as exc:
@@ -178,17 +231,8 @@ async def _execute(config: Config, args: argparse.Namespace, command: Command) -
             outcome, detail = "error", {"error": type(exc).__name__}
             raise
         finally:
-            await writer.append(
-                AuditEvent(
-                    request_id=f"cli-{uuid.uuid4().hex}",
-                    occurred_at=datetime.now(UTC),
-                    actor=_actor(),
-                    role="operator",
-                    action=action,
-                    outcome=outcome,
-                    detail={**detail, **_audit_detail(args)},
-                )
-            )
+            if not recorded:
+                await writer.append(event(outcome, detail))
         return result
     finally:
         if writer is not None:
@@ -198,7 +242,7 @@ async def _execute(config: Config, args: argparse.Namespace, command: Command) -
 
 def _audit_detail(args: argparse.Namespace) -> dict[str, Any]:
     """The non-secret arguments of the command."""
-    keep = ("username", "role", "name", "key_id", "expires_in_days", "allow_cidr")
+    keep = ("username", "role", "name", "key_id", "kid", "expires_in_days", "allow_cidr")
     return {k: getattr(args, k) for k in keep if getattr(args, k, None) is not None}
 
 
@@ -209,7 +253,7 @@ def run(args: argparse.Namespace, command: Command) -> int:
     except (AuthError, PolicyError, LookupError) as exc:
         print(f"kzg-gateway admin: {exc}", file=sys.stderr)
         return 1
-    except (SQLAlchemyError, MasterKeyError, OSError) as exc:
+    except (SQLAlchemyError, MasterKeyError, OSError, AuditUnavailable) as exc:
         print(f"kzg-gateway admin: cannot reach the gateway's data: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2, default=str))
@@ -225,16 +269,22 @@ def register(subparsers: Any) -> None:
         dest="admin_action", required=True
     )
     create = _add(
-        user_cmds, "create", "create a person (password and TOTP shown once)", _user_create
+        user_cmds,
+        "create",
+        "create a person who enrols themselves (enrolment token shown once)",
+        _user_create,
     )
     create.add_argument("username")
     create.add_argument("--role", action="append", required=True, help="repeatable")
     roles = _add(user_cmds, "set-roles", "replace a person's roles", _user_roles)
     roles.add_argument("username")
     roles.add_argument("--role", action="append", required=True, help="repeatable")
-    _add(user_cmds, "reset-mfa", "new TOTP secret (shown once)", _user_reset_mfa).add_argument(
-        "username"
-    )
+    _add(
+        user_cmds,
+        "reset",
+        "revoke password and TOTP; new enrolment token (shown once)",
+        _user_reset,
+    ).add_argument("username")
     for action, help_text, disabled in (
         ("disable", "disable a person", True),
         ("enable", "enable a disabled person again", False),
@@ -256,6 +306,7 @@ def register(subparsers: Any) -> None:
         "key_id"
     )
 
+    rotating: dict[str, Any] = {}
     for group, help_text, command in (
         ("signing-keys", "log signing keys (they sign every checkpoint)", _signing_rotate),
         ("jwt-keys", "JWT signing keys", _jwt_rotate),
@@ -265,6 +316,13 @@ def register(subparsers: Any) -> None:
             dest="admin_action", required=True
         )
         _add(sub, "rotate", f"rotate the {help_text}", command)
+        rotating[group] = sub
+    _add(
+        rotating["jwt-keys"],
+        "revoke",
+        "revoke a JWT key: its tokens are refused at once",
+        _jwt_revoke,
+    ).add_argument("kid")
     review = groups.add_parser("access-review", help="who can do what").add_subparsers(
         dest="admin_action", required=True
     )

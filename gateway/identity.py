@@ -5,15 +5,22 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
+from auth.core import Committer
 from auth.crypto import MasterKeyError
 from auth.policy import PolicyError, RbacPolicy, SecurityPolicy, load_policies
 from auth.service import AuthError, AuthService
+from gateway.appkeys import AUDIT_WRITER
+from gateway.audit_routes import event_from_context
 from gateway.config import Config
+from gateway.context import REQUEST_CONTEXT
 from gateway.errors import ApiError
 from gateway.limits import read_body
 
@@ -23,6 +30,7 @@ AUTH_SERVICE: web.AppKey[AuthService] = web.AppKey("auth_service", AuthService)
 MASTER_KEY_RETRY_AFTER = "30"
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def policies_for(config: Config) -> tuple[RbacPolicy, SecurityPolicy]:
@@ -33,10 +41,33 @@ def policies_for(config: Config) -> tuple[RbacPolicy, SecurityPolicy]:
     return load_policies(config.data.get("policy_dir"), override)
 
 
+def count_logins(service: AuthService, registry: CollectorRegistry) -> None:
+    """Export the service's login counters: failures (``failed``, ``throttled``) and the
+    account alerts that ``KzgLoginAccountGuessed`` watches."""
+    failures = Counter(
+        "kzg_login_failures",
+        "Failed logins (failed) and logins refused while their source waits (throttled)",
+        ["outcome"],
+        registry=registry,
+    )
+    alerts = Counter(
+        "kzg_login_account_alerts",
+        "Times one account reached another [login_throttle] account_alert_failures "
+        "consecutive failed logins",
+        registry=registry,
+    )
+    for outcome in ("failed", "throttled"):
+        failures.labels(outcome)
+    service.on_login_failure = lambda outcome: failures.labels(outcome).inc()
+    service.on_account_alert = alerts.inc
+
+
 def to_api_error(exc: Exception) -> ApiError:
     """Map identity errors to the error envelope."""
     if isinstance(exc, AuthError):
         headers = {"WWW-Authenticate": 'Bearer realm="kzg-gateway"'} if exc.status == 401 else {}
+        if exc.retry_after is not None:
+            headers["Retry-After"] = str(exc.retry_after)
         return ApiError(exc.status, exc.code, exc.message, headers)
     if isinstance(exc, PolicyError):
         return ApiError(400, "invalid_request", str(exc))
@@ -73,3 +104,23 @@ async def json_body(request: web.Request, limit: int) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_json", "body: expected a JSON object")
     return body
+
+
+def audited(request: web.Request, status: int = 200) -> Committer:
+    """Commit an identity change in the same transaction as this request's audit record
+    (answered ``status``): both are stored or neither. The audit writer runs the change
+    under a SAVEPOINT in its batch; the store down means AuditUnavailable (503) with
+    nothing changed, and a change that fails raises its own error, recorded as usual."""
+
+    async def commit(
+        change: Callable[[AsyncConnection], Awaitable[T]], detail: Mapping[str, Any]
+    ) -> T:
+        ctx = request[REQUEST_CONTEXT]
+        ctx.detail.update(detail)
+        writer = request.app[AUDIT_WRITER]
+        appended, result = await writer.commit_change(event_from_context(ctx, status), change)
+        # Recorded: the audit middleware releases the answer without a second record.
+        ctx.audit_seq = appended.seq
+        return result
+
+    return commit

@@ -27,10 +27,11 @@ from audit.chain import canonical_json
 from audit.events import format_timestamp
 from audit.log import begin_write
 from audit.note import NoteSigner
+from audit.signing import NoteLogSigner
 from audit.writer import AppendResult
+from auth.core import Committer
 from auth.crypto import MasterKey
-from auth.rewrap import IDENTITY_SEALED, SealedColumn
-from auth.service import claim_master_key
+from auth.master_key import LOG_SEALED, RECEIPT_SEALED, SEALED_SECRETS, claim_master_key
 from gateway.context import RequestContext
 
 CURRENT, RETIRED = "current", "retired"
@@ -58,13 +59,8 @@ log_keys = Table(
     Column("status", String(16), nullable=False),
 )
 
-RECEIPT_SEALED = SealedColumn(
-    receipt_keys, receipt_keys.c.key_id, receipt_keys.c.sealed_private_key, "receipt-key"
-)
-LOG_SEALED = SealedColumn(log_keys, log_keys.c.key_id, log_keys.c.sealed_private_key, "log-key")
-# Every sealed secret of the database: what rotation re-seals and what a key must open
-# before it is recorded (auth.service.record_master_key).
-SEALED_SECRETS = (*IDENTITY_SEALED, RECEIPT_SEALED, LOG_SEALED)
+# What rotation re-seals and what a key must open before it is recorded.
+__all__ = ["LOG_SEALED", "RECEIPT_SEALED", "SEALED_SECRETS"]
 
 
 class NoLogKey(RuntimeError):
@@ -115,12 +111,15 @@ class LogKeyInfo:
         }
 
 
+def _new_log_key_id(now: datetime) -> str:
+    return f"log-{now:%Y%m%d}-{secrets.token_hex(4)}"
+
+
 async def _insert_log_key(
-    conn: AsyncConnection, master_key: MasterKey, origin: str, now: datetime
+    conn: AsyncConnection, master_key: MasterKey, origin: str, now: datetime, key_id: str
 ) -> LogKeyInfo:
     seed = secrets.token_bytes(32)
     signer = NoteSigner(origin, seed)
-    key_id = f"log-{now:%Y%m%d}-{secrets.token_hex(4)}"
     info = LogKeyInfo(key_id, signer.vkey, format_timestamp(now), None, CURRENT)
     await conn.execute(
         insert(log_keys).values(
@@ -136,13 +135,20 @@ async def _insert_log_key(
 
 
 async def rotate_log_key(
-    engine: AsyncEngine, master_key: MasterKey, origin: str, now: datetime | None = None
+    engine: AsyncEngine,
+    master_key: MasterKey,
+    origin: str,
+    now: datetime | None = None,
+    commit: Committer | None = None,
 ) -> LogKeyInfo:
     """Make a new current log key; the previous one is retired (kept, so everything it
-    signed stays verifiable). Returns the new key."""
+    signed stays verifiable). Returns the new key. ``commit`` commits it with its audit
+    record (``gateway.identity.audited``); without one, in a transaction of its own."""
     now = now or datetime.now(UTC)
-    async with engine.connect() as conn:
-        await begin_write(conn)
+    key_id = _new_log_key_id(now)
+    created: list[LogKeyInfo] = []
+
+    async def change(conn: AsyncConnection) -> None:
         # First, as every sealing does: the master-key record is always locked before
         # any secret's row, so rotation and sealing cannot deadlock.
         await claim_master_key(conn, master_key)
@@ -151,9 +157,16 @@ async def rotate_log_key(
             .where(log_keys.c.status == CURRENT)
             .values(status=RETIRED, not_after=format_timestamp(now))
         )
-        info = await _insert_log_key(conn, master_key, origin, now)
-        await conn.commit()
-    return info
+        created.append(await _insert_log_key(conn, master_key, origin, now, key_id))
+
+    if commit is not None:
+        await commit(change, {"new_key": key_id})
+    else:
+        async with engine.connect() as conn:
+            await begin_write(conn)
+            await change(conn)
+            await conn.commit()
+    return created[-1]
 
 
 async def ensure_log_key(
@@ -169,7 +182,8 @@ async def ensure_log_key(
             await conn.rollback()
             return None
         await claim_master_key(conn, master_key)
-        info = await _insert_log_key(conn, master_key, origin, datetime.now(UTC))
+        now = datetime.now(UTC)
+        info = await _insert_log_key(conn, master_key, origin, now, _new_log_key_id(now))
         await conn.commit()
     return info
 
@@ -217,20 +231,29 @@ class LogKeySigner:
     def __init__(self, engine: AsyncEngine, master_key: MasterKey, origin: str) -> None:
         self._engine = engine
         self._master_key = master_key
-        self._signer: NoteSigner | None = None
+        # The key and its id change together, as one immutable pair: a signature and
+        # the id recorded with it always come from the same key.
+        self._current: NoteLogSigner | None = None
         self.origin = origin
-        self.key_id = ""
         self._lock = asyncio.Lock()
 
     @property
     def ready(self) -> bool:
-        return self._signer is not None
+        return self._current is not None
+
+    def current(self) -> NoteLogSigner:
+        """The (key id, key) pair in use now; a later refresh does not change it."""
+        if self._current is None:
+            raise NoLogKey("the log key is not loaded")
+        return self._current
+
+    @property
+    def key_id(self) -> str:
+        return self._current.key_id if self._current is not None else ""
 
     @property
     def vkey(self) -> str:
-        if self._signer is None:
-            raise NoLogKey("the log key is not loaded")
-        return self._signer.vkey
+        return self.current().vkey
 
     async def refresh(self) -> bool:
         """Load the current key if it changed; True when it did. Raises NoLogKey, and
@@ -248,14 +271,11 @@ class LogKeySigner:
                 "every instance must share one origin (rotate the log key to change it)"
             )
         seed = self._master_key.open(row.sealed_private_key, LOG_SEALED.aad(row.key_id))
-        self._signer = NoteSigner(name, seed)
-        self.key_id = row.key_id
+        self._current = NoteLogSigner(NoteSigner(name, seed), row.key_id)
         return True
 
     def sign_note(self, text: str) -> str:
-        if self._signer is None:
-            raise NoLogKey("the log key is not loaded")
-        return self._signer.sign(text)
+        return self.current().sign_note(text)
 
 
 async def load_log_signer(engine: AsyncEngine, master_key: MasterKey, origin: str) -> LogKeySigner:

@@ -42,7 +42,7 @@ from gateway.config import Config
 from gateway.console.session import session_token
 from gateway.context import REQUEST_CONTEXT
 from gateway.errors import ApiError
-from gateway.identity import AUTH_SERVICE, policies_for, to_api_error
+from gateway.identity import AUTH_SERVICE, count_logins, policies_for, to_api_error
 from gateway.receipts import list_log_keys
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -264,6 +264,7 @@ def install(app: web.Application, config: Config) -> list[Any]:
         )
         app[AUTH_SERVICE] = service
         registry = app[METRICS].registry
+        count_logins(service, registry)
         app[KEY_AGE] = Gauge(
             "kzg_signing_key_age_seconds",
             "Age of the current signing key",

@@ -254,7 +254,9 @@ async def login(request: web.Request) -> web.Response:
     username = form.get("username", "")
     ctx.detail["username_ref"] = service.credential_ref("username", username)
     try:
-        result = await service.login(username, form.get("password", ""), form.get("totp") or None)
+        result = await service.login(
+            username, form.get("password", ""), form.get("totp") or None, ctx.client_addr
+        )
     except AuthError as exc:
         ctx.detail["reason"] = exc.reason
         ctx.detail["error"] = {"code": exc.code, "message": exc.message}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from pathlib import Path
 
 import pyotp
@@ -13,6 +14,7 @@ from sqlalchemy import select
 
 from audit.models import audit_events
 from auth.crypto import MasterKey, load_master_key
+from auth.models import jwt_keys
 from auth.policy import load_policies
 from auth.service import AuthService
 from gateway.cli import main
@@ -38,7 +40,11 @@ def test_admin_commands_and_master_key_rotation(
     code, user = _run(
         capsys, "admin", "users", "create", "bob", "--role", "auditor", "--data-dir", data
     )
-    assert code == 0 and user["username"] == "bob"
+    # An admin never learns a person's secrets: an enrolment token, nothing else.
+    assert code == 0 and user["username"] == "bob" and user["roles"] == ["auditor"]
+    assert set(user) == {"id", "username", "roles", "enrollment_token", "expires_at"}
+    code, reset = _run(capsys, "admin", "users", "reset", "bob", "--data-dir", data)
+    assert code == 0 and reset["enrollment_token"] != user["enrollment_token"]
     code, key = _run(
         capsys,
         "admin",
@@ -62,14 +68,23 @@ def test_admin_commands_and_master_key_rotation(
 
     old_key = (tmp_path / "d" / "master.key").read_text()
     code, rotated = _run(capsys, "admin", "master-key", "rotate", "--data-dir", data)
-    # Two people's TOTP secrets, the JWT key and the log key; no BLS receipt key exists.
-    assert code == 0 and rotated["rewrapped"] == 4
+    # The admin's TOTP secret, the JWT key and the log key (bob has not enrolled: no
+    # secret yet); no BLS receipt key exists.
+    assert code == 0 and rotated["rewrapped"] == 3
     assert (tmp_path / "d" / "master.key").read_text() != old_key
     assert (tmp_path / "d" / "master.key").stat().st_mode & 0o077 == 0
+    # The old key is kept, dated and 0600: backups sealed under it need it.
+    retired = Path(rotated["retired_master_key_file"])
+    assert retired.parent == tmp_path / "d" and retired.name.startswith("master.key.2")
+    assert retired.read_text() == old_key and retired.stat().st_mode & 0o777 == 0o600
 
     asyncio.run(_sealed_secrets_open(tmp_path / "d", admin))
 
-    # init, two creates, the refused create, the list and the rotation: each audited.
+    kid = asyncio.run(_current_jwt_kid(tmp_path / "d"))
+    code, revoked = _run(capsys, "admin", "jwt-keys", "revoke", kid, "--data-dir", data)
+    assert code == 0 and revoked["status"] == "revoked" and revoked["current"] != kid
+
+    # Each command audited; the changes with their record, in one transaction.
     assert main(["audit", "verify", "--data-dir", data]) == 0
     assert asyncio.run(_cli_actions(tmp_path / "d")) == [
         "cli:init_schema",
@@ -77,11 +92,23 @@ def test_admin_commands_and_master_key_rotation(
         "cli:init_jwt_key",
         "cli:init_first_admin",
         "cli:admin_users_create",
+        "cli:admin_users_reset",
         "cli:admin_api_keys_create",
         "cli:admin_api_keys_list",
         "cli:admin_api_keys_create",
         "cli:admin_master_key_rotate",
+        "cli:admin_jwt_keys_revoke",
     ]
+
+
+async def _current_jwt_kid(data_dir: Path) -> str:
+    engine = make_engine(f"sqlite+aiosqlite:///{data_dir / 'gateway.db'}")
+    try:
+        async with engine.connect() as conn:
+            query = select(jwt_keys.c.kid).where(jwt_keys.c.status == "current")
+            return str((await conn.execute(query)).scalar_one())
+    finally:
+        await engine.dispose()
 
 
 async def _sealed_secrets_open(data_dir: Path, admin: dict) -> None:
@@ -177,3 +204,34 @@ def test_a_command_under_another_master_key_is_refused_before_it_runs(
     assert (data / "master.key").read_text() == other
     assert not (data / "master.new").exists()
     assert _events(data) == before
+
+
+def test_a_master_key_rotation_whose_audit_record_fails_reseals_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The audit store refuses the CLI's records (fault injected by a trigger): the
+    # rotation's re-sealing and its record share one transaction, so neither is stored;
+    # the command exits 2 saying why, and the key in use stays the key on record.
+    monkeypatch.delenv("KZG_GATEWAY_MASTER_KEY", raising=False)
+    data = tmp_path / "d"
+    assert main(["init", "--data-dir", str(data), "--json"]) == 0
+    capsys.readouterr()
+    key_before = (data / "master.key").read_text()
+    database = sqlite3.connect(data / "gateway.db")
+    try:
+        sealed_before = database.execute("SELECT sealed_private_key FROM jwt_keys").fetchall()
+        database.execute(
+            "CREATE TRIGGER test_refuse_cli BEFORE INSERT ON audit_events "
+            "WHEN NEW.action LIKE 'cli:%' BEGIN SELECT RAISE(ABORT, 'injected'); END"
+        )
+        database.commit()
+        assert main(["admin", "master-key", "rotate", "--data-dir", str(data)]) == 2
+        assert "audit" in capsys.readouterr().err
+        assert (data / "master.key").read_text() == key_before
+        assert database.execute("SELECT sealed_private_key FROM jwt_keys").fetchall() == (
+            sealed_before
+        )
+        (check,) = database.execute("SELECT check_value FROM master_key_check").fetchone()
+        assert check == MasterKey.from_text(key_before).check_value()
+    finally:
+        database.close()

@@ -34,7 +34,7 @@ IDENTITY_PROOF = {
     "y": "0x" + "00" * 32,
     "proof": "0xc0" + "00" * 47,
 }
-PATH_VALUES = {"username": "nobody", "key_id": "0000000000000000"}
+PATH_VALUES = {"username": "nobody", "key_id": "0000000000000000", "kid": "no-such-kid"}
 
 
 @dataclass
@@ -250,7 +250,7 @@ async def test_no_secret_in_clear_in_the_data_dir_or_logs(
             assert secret.encode() not in hay, "a secret is stored or logged in clear"
 
 
-async def test_tokens_keys_codes_and_lockout_over_https(secured: Gateway) -> None:
+async def test_tokens_keys_codes_and_throttling_over_https(secured: Gateway) -> None:
     """Given a person and machines with real credentials, when each is bent (forged
     tokens, an expired or out-of-network key, a replayed code, a guessed password), then
     the gateway refuses it, audits why, and the access review shows the aftermath."""
@@ -304,15 +304,16 @@ async def test_tokens_keys_codes_and_lockout_over_https(secured: Gateway) -> Non
             assert body["error"]["code"] == code
 
     victim = await service.create_user("victim", ["client"])
-    max_failures = int(service.policy.get("lockout", "max_failures"))
-    for _ in range(max_failures):
+    free = int(service.policy.get("login_throttle", "free_failures"))
+    for _ in range(free):
         wrong = {"username": "victim", "password": "not-the-password"}
         assert (await gw.post("/v1/auth/login", wrong, role=None))[0].status == 401
     right = {"username": "victim", "password": victim["password"]}
     response, body = await gw.post("/v1/auth/login", right, role=None)
-    assert (response.status, body["error"]["code"]) == (401, "invalid_credentials")
+    assert (response.status, body["error"]["code"]) == (429, "too_many_attempts")
+    assert int(response.headers["Retry-After"]) >= 1
     (record,) = await gw.audit_records(body["error"]["request_id"])
-    assert json.loads(record["detail"])["reason"] == "locked"
+    assert json.loads(record["detail"])["reason"].startswith("throttled")
     assert victim["password"] not in json.dumps(record, default=str)
 
     response, review = await gw.request(
@@ -322,7 +323,7 @@ async def test_tokens_keys_codes_and_lockout_over_https(secured: Gateway) -> Non
     by_name = {p["name"]: p for p in review["principals"]}
     assert by_name["reviewer"]["roles"] == ["auditor"]
     assert by_name["reviewer"]["last_used_at"] is not None
-    assert "locked" in by_name["victim"]["flags"]
+    assert by_name["victim"]["failed_logins"] == free
     assert "expired" in by_name["expiring"]["flags"]
     assert "never_used" in by_name["idle"]["flags"]
     # Refused for its address, so never used: last use counts accepted requests only.
@@ -350,10 +351,21 @@ async def test_the_last_admin_can_be_neither_disabled_nor_demoted(secured: Gatew
         [record] = await gw.audit_records(answer["error"]["request_id"])
         assert record["http_status"] == 409
     # Nothing changed: the admin still manages people; with a second admin it may step down.
-    response, _ = await gw.post(
+    response, invited = await gw.post(
         "/v1/admin/users", {"username": "deputy", "roles": ["admin"]}, role=None, headers=auth
     )
     assert response.status == 200
+    # Not yet enrolled, the deputy cannot manage anyone: boss still may not step down.
+    response, answer = await gw.post(
+        "/v1/admin/users/boss/roles", {"roles": ["auditor"]}, role=None, headers=auth
+    )
+    assert (response.status, answer["error"]["code"]) == (409, "last_admin")
+    enrol = {
+        "username": "deputy",
+        "enrollment_token": invited["enrollment_token"],
+        "password": "deputy's own passphrase",
+    }
+    assert (await gw.post("/v1/auth/enroll", enrol, role=None))[0].status == 200
     response, _ = await gw.post(
         "/v1/admin/users/boss/roles", {"roles": ["auditor"]}, role=None, headers=auth
     )

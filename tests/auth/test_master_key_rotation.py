@@ -28,8 +28,8 @@ from auth.crypto import (
     MasterKeyError,
     MasterKeyMismatch,
 )
+from auth.master_key import rewrap_columns
 from auth.models import jwt_keys, master_key_check, users
-from auth.rewrap import rewrap_columns
 from auth.service import (
     AuthService,
     claim_master_key,
@@ -44,6 +44,7 @@ from tests.auth.conftest import Store
 from tests.conftest import PgDatabase
 from tests.gateway.conftest import Gateway, StartGateway, start_gateway  # noqa: F401
 from tests.gateway.helpers import ORIGIN
+from tests.gateway.test_auth_hardening import IDENTITY_PROOF
 
 # ---------------------------------------------------------------------------------------
 # helpers
@@ -119,7 +120,7 @@ async def _open_all(engine: AsyncEngine, key: MasterKey) -> int:
     opened = 0
     async with engine.connect() as conn:
         for column in SEALED_SECRETS:
-            for ident, sealed in (await conn.execute(select(column.key, column.sealed))).all():
+            for ident, sealed in (await conn.execute(column.select_sealed())).all():
                 key.open(sealed, f"{column.purpose}:{ident}")
                 opened += 1
     return opened
@@ -178,11 +179,21 @@ async def test_a_gateway_left_on_the_old_key_refuses_until_restarted_with_the_ne
         response, body = await _login(gateway, mira)
         await _assert_mismatch(gateway, response, body)
 
-        # /readyz names the check that fails.
+        # No outage: the old-key instance stays ready (naming the outdated key) and
+        # serves everything that needs no secret: KZG with a receipt (its log key is
+        # in memory), API keys, and the bearer token of a person already logged in.
         response, body = await gateway.request("GET", "/readyz", role=None)
-        assert response.status == 503
+        assert response.status == 200, body
         assert body["checks"]["master_key"] is False
         assert body["checks"]["database"] is True
+        response, answer = await gateway.post("/v1/kzg/verify-proof", IDENTITY_PROOF)
+        assert response.status == 200 and answer["receipt"], answer
+        response, answer = await gateway.request("GET", "/v1/audit/verify", role="auditor")
+        assert response.status == 200 and answer["valid"] is True, answer
+        response, answer = await gateway.request(
+            "GET", "/v1/admin/access-review", role=None, headers=bearer
+        )
+        assert response.status == 200, answer
 
         # Rotating the signing or the JWT key through it is refused and writes nothing.
         for path in ("/v1/admin/signing-keys/rotate", "/v1/admin/jwt-keys/rotate"):
@@ -191,7 +202,7 @@ async def test_a_gateway_left_on_the_old_key_refuses_until_restarted_with_the_ne
         with pytest.raises(MasterKeyMismatch):
             await service.create_user("late", ["client"])
         with pytest.raises(MasterKeyMismatch):
-            await service.reset_mfa("mira")
+            await service.rotate_jwt_key()
         assert await _stored(engine) == before
         # Nothing sealed under K1 remains: K2 opens every secret.
         assert await _open_all(engine, new_key) == _sealed_total(before)
@@ -222,9 +233,11 @@ async def test_a_gateway_left_on_the_old_key_refuses_until_restarted_with_the_ne
         assert after["receipt_keys"] == before["receipt_keys"] == 0
         assert after["check_value"] == new_key.check_value()
         assert await _open_all(engine, new_key) == _sealed_total(after)
-        # The instance not yet restarted still refuses, and still reports not ready.
+        # The instance not yet restarted still refuses what needs a secret, still ready.
+        response, body = await _login(gateway, mira)
+        await _assert_mismatch(gateway, response, body)
         response, body = await gateway.request("GET", "/readyz", role=None)
-        assert response.status == 503 and body["checks"]["master_key"] is False
+        assert response.status == 200 and body["checks"]["master_key"] is False
     finally:
         await engine.dispose()
 

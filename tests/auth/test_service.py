@@ -14,9 +14,9 @@ from sqlalchemy.exc import DBAPIError
 
 from auth.credentials import parse_api_key
 from auth.crypto import MasterKey, MasterKeyError
+from auth.master_key import IDENTITY_SEALED, rewrap_columns
 from auth.models import api_keys, users
 from auth.policy import PolicyError, load_policies
-from auth.rewrap import IDENTITY_SEALED, rewrap_columns
 from auth.service import AuthError, AuthService
 from gateway.db import make_engine, migrate
 from tests.auth.conftest import CHEAP_ARGON2, Store, tokens_to_refuse
@@ -77,17 +77,38 @@ async def test_unknown_user_and_wrong_password_answer_alike(store: Store) -> Non
     assert answers[0] == answers[1]
 
 
-async def test_lockout_after_repeated_failures_then_unlock_with_time(store: Store) -> None:
+async def test_failures_hold_back_their_source_only_with_growing_delays(store: Store) -> None:
+    """Given failed logins for one account from one address, then that address waits
+    growing delays (429 with Retry-After, before any argon2, even with the right
+    password) while another address logs in at once; nothing locks the account."""
     service = store.make()
     created = await service.create_user("erin", ["client"])
-    for _ in range(5):
-        with pytest.raises(AuthError):
-            await service.login("erin", "not-the-password", None)
-    with pytest.raises(AuthError) as locked:
-        await service.login("erin", created["password"], None)
-    assert locked.value.reason == "locked"
-    store.clock.advance(901)
-    assert (await service.login("erin", created["password"], None)).principal.name == "erin"
+    free = int(service.policy.get("login_throttle", "free_failures"))
+    for _ in range(free + 2):
+        with pytest.raises(AuthError) as failed:
+            await service.login("erin", "not-the-password", None, "192.0.2.7")
+        assert failed.value.status == 401
+        store.clock.advance(service.throttle_delay(free + 2) + 1)
+    with pytest.raises(AuthError) as refused:
+        await service.login("erin", "not-the-password", None, "192.0.2.7")
+    assert refused.value.status == 401  # each wait was served: the next try is heard
+    delay = service.throttle_delay(free + 3)
+    assert delay == 2 * service.throttle_delay(free + 2) > 0
+    with pytest.raises(AuthError) as throttled:
+        await service.login("erin", created["password"], None, "192.0.2.7")
+    assert (throttled.value.status, throttled.value.code) == (429, "too_many_attempts")
+    assert 0 < (throttled.value.retry_after or 0) <= delay
+    # Another address (an IPv6 /64 counts as one) is not held back.
+    ok = await service.login("erin", created["password"], None, "2001:db8::1")
+    assert ok.principal.name == "erin"
+    store.clock.advance(delay)
+    with pytest.raises(AuthError):
+        await service.login("erin", "not-the-password-again", None, "198.51.100.1")
+    assert (await service.login("erin", created["password"], None, "192.0.2.7")).principal
+    # A success forgets its source's failures; the rotate-keys job forgets quiet sources.
+    assert await service.forget_login_failures() == 0
+    store.clock.advance(float(service.policy.get("login_throttle", "forget_after_seconds")))
+    assert await service.forget_login_failures() == 1
 
 
 async def test_tokens_that_must_be_refused(store: Store) -> None:
@@ -232,7 +253,7 @@ def test_shipped_policy_is_strong() -> None:
 async def test_concurrent_wrong_passwords_count_every_attempt(store: Store) -> None:
     """Given wrong passwords for one person arriving at once, then the stored failure
     count equals the attempts: none is lost to a read-then-write race."""
-    service = store.make(lockout={"max_failures": 100, "lock_seconds": 900})
+    service = store.make(login_throttle={"free_failures": 100})
     await service.create_user("hank", ["client"])
     attempts = 8  # within what the hashing threads and their queue take at once
     refused = await asyncio.gather(

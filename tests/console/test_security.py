@@ -186,12 +186,14 @@ def test_login_follows_the_rules_of_the_json_login(live_gateway: LiveGateway) ->
         assert detail(record)["reason"] == reason
         assert form["password"] not in record["detail"]
         assert detail(record)["username_ref"].startswith("username:")
-    # Lockout counts console failures like API ones: the right password is refused after.
+    # The login throttle counts console failures like API ones: after them, this source is
+    # held back even with the right password and code.
     for _ in range(3):
         live_gateway.http("POST", "/console/login", data=attempts["wrong password"], headers=origin)
-    _, locked = log_in(live_gateway, person)
-    assert locked.status_code == 401
-    assert detail(live_gateway.audit_record(locked.headers["X-Request-ID"]))["reason"] == "locked"
+    _, held = log_in(live_gateway, person)
+    assert held.status_code == 429 and int(held.headers["Retry-After"]) >= 1
+    reason = detail(live_gateway.audit_record(held.headers["X-Request-ID"]))["reason"]
+    assert reason.startswith("throttled after")
     # A login posted from another origin is refused before any password is checked.
     cross = live_gateway.http(
         "POST", "/console/login", data=attempts["wrong password"],

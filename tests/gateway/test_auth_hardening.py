@@ -238,7 +238,9 @@ async def test_tightened_policy_disables_existing_keys(
     shutil.copytree(POLICY_DIR, tight)
     rbac = (tight / "rbac.toml").read_text()
     allowed = (
-        '[roles.auditor]\npermissions = ["audit:read", "access:review", "log:read"]\nmfa = true\n'
+        "[roles.auditor]\n"
+        'permissions = ["audit:read", "access:review", "log:read", "password:own"]\n'
+        "mfa = true\n"
     )
     assert allowed + "api_keys = true" in rbac
     (tight / "rbac.toml").write_text(
@@ -251,26 +253,24 @@ async def test_tightened_policy_disables_existing_keys(
 
 
 async def test_concurrent_wrong_passwords_each_count(secured: Gateway) -> None:
-    """Given a person, when wrong passwords arrive at once, then every one is counted:
-    the failure count equals the attempts, and the attempt that reaches the policy's
-    limit locks the account."""
+    """Given a person, when wrong passwords arrive at once, then every one heard is
+    counted for the account (none lost to a read-then-write race), the rest wait (429),
+    and nothing locks the account."""
     gw = secured
     service = gw.app[AUTH_SERVICE]
-    max_failures = int(service.policy.get("lockout", "max_failures"))
     await service.create_user("victim", ["client"])
-    attempts = max_failures + 3  # within what the hashing threads and queue take at once
+    attempts = 8  # within what the hashing threads and queue take at once
     wrong = {"username": "victim", "password": "not-the-password-at-all"}
     answers = await asyncio.gather(
         *(gw.post("/v1/auth/login", wrong, role=None) for _ in range(attempts))
     )
-    assert [response.status for response, _ in answers] == [401] * attempts
+    statuses = [response.status for response, _ in answers]
+    assert set(statuses) <= {401, 429} and 401 in statuses
     engine = make_engine(gw.app_url)
     try:
         async with engine.connect() as conn:
             row = (await conn.execute(select(users).where(users.c.username == "victim"))).one()
     finally:
         await engine.dispose()
-    # The attempt that counted max_failures locked the account and started the count
-    # again; the others, each counted, came after it.
-    assert row.locked_until is not None
-    assert row.failed_logins == attempts - max_failures
+    assert row.failed_logins == statuses.count(401)
+    assert row.locked_until is None

@@ -362,6 +362,17 @@ async def test_two_instances_build_one_tree_of_consistent_checkpoints(
                 )
 
 
+async def _enrolled(instance: Instance, name: str, session: aiohttp.ClientSession) -> dict:
+    """A person created by the CLI (an enrolment token) who enrols with their own password."""
+    invited = instance.cli("admin", "users", "create", name, "--role", "auditor")
+    body = {"username": name, "enrollment_token": invited["enrollment_token"]}
+    body["password"] = f"{name}'s own passphrase"
+    async with session.post(f"{instance.url}/v1/auth/enroll", json=body, ssl=instance.ssl()) as r:
+        assert r.status == 200, await r.text()
+        secret = pyotp.parse_uri((await r.json())["totp_uri"]).secret
+    return {"username": name, "password": body["password"], "totp_secret": secret}
+
+
 async def _login(instance: Instance, user: dict, session: aiohttp.ClientSession) -> str:
     body = {
         "username": user["username"],
@@ -403,8 +414,8 @@ async def test_key_rotation_reaches_every_instance(running: list[Instance]) -> N
     a, b = running
     key = a.cli("admin", "api-keys", "create", "--name", "rot", "--role", "client")["api_key"]
     # Two people: a one-time code is good for one login only.
-    ann, bob = (a.cli("admin", "users", "create", n, "--role", "auditor") for n in ("ann", "bob"))
     async with aiohttp.ClientSession() as session:
+        ann, bob = [await _enrolled(a, name, session) for name in ("ann", "bob")]
         old_token = await _login(a, ann, session)
         [old_vkey] = await log_vkeys(b, session)
         assert await _receipt_vkey(b, key, session, [old_vkey]) == old_vkey
