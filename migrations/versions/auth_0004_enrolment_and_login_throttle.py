@@ -1,7 +1,7 @@
 """auth: enrolment tokens, login throttling per (account, source), revocable JWT keys
 
 Revision ID: auth_0004
-Revises: gateway_0004 (depends on auth_0003)
+Revises: gateway_0004
 Create Date: 2026-11-27
 
 - ``users`` gains ``enrollment_token_hash`` and ``enrollment_expires_at``: an admin
@@ -26,10 +26,12 @@ from alembic import context, op
 
 revision = "auth_0004"
 # On the line that gateway_0004 starts, so that auth_0003 stays a head in
-# alembic_version and the previous release still serves after this upgrade.
+# alembic_version and the previous release still serves after this upgrade. No
+# dependency on auth_0003 (it would leave alembic_version): this revision touches only
+# auth_0001's tables, which gateway_0004 already depends on.
 down_revision = "gateway_0004"
 branch_labels = None
-depends_on = "auth_0003"
+depends_on = None
 # Previous code runs on it: added nullable columns, a table and a wider status; it merely
 # cannot log in people not yet enrolled (who could not anyway) and sees a revoked JWT key
 # as retired-like (unknown status, its tokens refused once past the retain window).
