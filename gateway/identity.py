@@ -3,7 +3,6 @@ policies a configuration selects, and the mapping of identity errors to envelope
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -15,7 +14,7 @@ from auth.policy import PolicyError, RbacPolicy, SecurityPolicy, load_policies
 from auth.service import AuthError, AuthService
 from gateway.config import Config
 from gateway.errors import ApiError
-from gateway.limits import read_body
+from gateway.limits import JsonTooDeep, parse_json, read_body
 
 AUTH_SERVICE: web.AppKey[AuthService] = web.AppKey("auth_service", AuthService)
 # Seconds a client waits before retrying a request this instance cannot serve with its
@@ -67,7 +66,9 @@ async def json_body(request: web.Request, limit: int) -> dict[str, Any]:
         raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json")
     raw = await read_body(request, limit)
     try:
-        body = json.loads(raw)
+        body = parse_json(raw)
+    except JsonTooDeep as exc:
+        raise ApiError(400, "invalid_json", f"body: {exc}") from exc
     except ValueError as exc:
         raise ApiError(400, "invalid_json", "body: not valid JSON") from exc
     if not isinstance(body, dict):

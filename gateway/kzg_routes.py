@@ -10,7 +10,6 @@ of what each engine would have answered.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from gateway.appkeys import CONFIG, KZG_POOL, METRICS
 from gateway.config import ConfigError
 from gateway.context import REQUEST_CONTEXT, RequestContext
 from gateway.errors import ApiError, bad_request
-from gateway.limits import read_body
+from gateway.limits import JsonTooDeep, parse_json, read_body
 from gateway.openapi import HEX, RouteDoc, document_route
 from gateway.pool import EngineDisagreement, Outcome, PoolClosed, PoolSaturated, WorkerCrashed
 from gateway.receipts import ReceiptResponse, input_digest, result_digest
@@ -211,8 +210,10 @@ def _parse_document(op: Operation, document: Mapping[str, Any], prefix: str = ""
 
 def _json_object(body: bytes) -> dict[str, Any]:
     try:
-        document = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        document = parse_json(body)
+    except JsonTooDeep as exc:
+        raise bad_request("invalid_json", f"the body {exc}") from None
+    except ValueError:
         raise bad_request("invalid_json", "the body is not valid JSON") from None
     if not isinstance(document, dict):
         raise bad_request("invalid_json", "the body must be a JSON object")
