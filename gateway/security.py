@@ -168,17 +168,22 @@ async def authorize(request: web.Request, handler: Handler) -> web.StreamRespons
     if principal is None:  # authenticate() refuses first; kept as a second lock
         raise ApiError(401, "unauthenticated", "credentials are required")
     if principal.kind == "user" and rbac.needs_mfa(principal.roles) and not principal.mfa:
+        # A refusal spends the caller's budget like any request (429 once it is spent):
+        # probing routes one may not call is not free.
+        _spend_rate_limit(request)
         ctx.detail["reason"] = "role requires MFA, token lacks it"
         raise ApiError(403, "mfa_required", "your role requires logging in with a one-time code")
     if not rbac.allows(principal.roles, ctx.route_name):
+        _spend_rate_limit(request)
         needed = rbac.permission_for(ctx.route_name) or "a permission no role holds"
         ctx.detail["reason"] = f"missing {needed}"
         raise ApiError(403, "forbidden", f"role {','.join(principal.roles)} lacks {needed}")
     return await handler(request)
 
 
-@web.middleware
-async def rate_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
+def _spend_rate_limit(request: web.Request) -> None:
+    """Take one token of the caller's bucket (the principal's, else the address's); 429
+    with Retry-After when it is spent."""
     ctx = request[REQUEST_CONTEXT]
     policy = request.app[SECURITY_POLICY]
     if ctx.principal is not None:
@@ -192,6 +197,11 @@ async def rate_limit(request: web.Request, handler: Handler) -> web.StreamRespon
         raise ApiError(
             429, "rate_limited", "rate limit exceeded", {"Retry-After": str(math.ceil(wait))}
         )
+
+
+@web.middleware
+async def rate_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
+    _spend_rate_limit(request)
     return await handler(request)
 
 
