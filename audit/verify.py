@@ -105,8 +105,10 @@ class VerifyReport:
     """What a verification found. ``head`` is where it ended: the recomputed tree in a
     full walk, the latest signed tree head otherwise; ``tree_size`` is the size of the
     latest signed tree head the source holds. ``checked`` counts the entries verified
-    (recomputed in a full walk, proven by inclusion when sampling); ``checkpoints`` the
-    signed tree heads compared with the entries. ``legacy`` describes the first
+    (recomputed in a full walk, proven by inclusion when sampling; in a full walk never
+    past the first bad seq); ``checkpoints`` the signed tree heads compared with the
+    entries; ``signatures`` the signatures that verified (log checkpoints, anchors, legacy
+    BLS checkpoints): 0 means no key was put to the test, whatever the keys given. ``legacy`` describes the first
     release's hash chain, None when the log has none."""
 
     valid: bool
@@ -123,6 +125,7 @@ class VerifyReport:
     legacy: dict[str, Any] | None = None
     method: Method = "full"
     sampled: int = 0
+    signatures: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -139,6 +142,7 @@ class VerifyReport:
             "legacy": self.legacy,
             "method": self.method,
             "sampled": self.sampled,
+            "signatures": self.signatures,
         }
 
 
@@ -152,6 +156,7 @@ class _Problems:
     lowest seq (problems without one come last)."""
 
     found: list[tuple[int | None, str]] = field(default_factory=list)
+    signatures: int = 0  # signatures that verified, whatever else was found
 
     def add(self, seq: int | None, reason: str) -> None:
         self.found.append((seq, reason))
@@ -201,6 +206,7 @@ def _check_tree_head(
     except NoteError as exc:
         problems.add(size or None, f"the signed tree head at size {size} does not verify: {exc}")
         return False
+    problems.signatures += 1
     if (checkpoint.size, checkpoint.root) != (size, root):
         problems.add(
             size or None,
@@ -254,6 +260,7 @@ def _check_anchors(
             if not verifiers:
                 raise NoteError("no log key to verify it with")
             signed, _ = open_note(str(values["note"]), verifiers)
+            problems.signatures += 1
             if signed != expected:
                 raise NoteError("its signed statement differs from its columns")
         except NoteError as exc:
@@ -324,6 +331,8 @@ class _Legacy:
                 bls_signature_valid(self.keys, str(key_id), str(message), str(signature))
             ):
                 self.problems.add(seq, f"the legacy BLS checkpoint at seq {seq} does not verify")
+            else:
+                self.problems.signatures += 1
             if seq > self.through:
                 self.problems.add(
                     seq, f"a legacy checkpoint at seq {seq} lies beyond the legacy chain"
@@ -465,8 +474,13 @@ def _finish(
     legacy: dict[str, Any] | None,
     method: Method,
     sampled: int = 0,
+    start: int = 0,
 ) -> VerifyReport:
     first, reason = problems.first()
+    if method == "full" and first is not None:
+        # Entries at or past the first bad seq are not "verified before it", even when
+        # the walk went on (a damaged stored subtree, a bad signature at the end).
+        checked = min(checked, max(0, first - 1 - start))
     return VerifyReport(
         valid=not problems.found,
         checked=checked,
@@ -482,6 +496,7 @@ def _finish(
         legacy=legacy,
         method=method,
         sampled=sampled,
+        signatures=problems.signatures,
     )
 
 
@@ -718,6 +733,7 @@ async def _full(ctx: _DbContext, legacy_keys: Mapping[str, bytes] | None) -> Ver
         tree_size=latest.size if latest is not None else 0,
         legacy=legacy.report(walk.walked) if legacy else None,
         method="full",
+        start=walk.start,
     )
 
 
@@ -826,6 +842,7 @@ async def verify_connection(
     if held is not None:
         try:
             held_checkpoint = _open_checkpoint(held, verifiers)
+            problems.signatures += 1
         except NoteError as exc:
             problems.add(None, f"the held checkpoint does not verify with the log keys: {exc}")
     anchors = await _anchor_rows(conn)
@@ -960,6 +977,7 @@ class _ExportState:
     def _expect_held(self, walk: _Walk) -> None:
         try:
             held = _open_checkpoint(str(self.held), self.verifiers)
+            self.problems.signatures += 1
         except NoteError as exc:
             self.problems.add(None, f"the held checkpoint does not verify with the log keys: {exc}")
             return
@@ -1096,6 +1114,7 @@ def _final_checkpoint(
         except NoteError as exc:
             problems.add(size or None, f"the final checkpoint (size {size}) does not verify: {exc}")
             return
+        problems.signatures += 1
         if checkpoint.size != size:
             problems.add(size, f"the final checkpoint line says size {size}, its note another")
             return
@@ -1201,6 +1220,7 @@ def verify_export_lines(
         tree_size=signed,
         legacy=legacy,
         method="full",
+        start=walk.start,
     )
 
 
