@@ -4,11 +4,16 @@ saturated pool answers 503 + Retry-After at once, a dead worker fails only its c
 from __future__ import annotations
 
 import asyncio
+import os
+import secrets
+from pathlib import Path
 
 import pytest
 
+from auth.crypto import MASTER_KEY_ENV, MasterKey
 from gateway.appkeys import KZG_POOL
-from gateway.pool import EnginePool, PoolSettings, WorkerCrashed
+from gateway.config import ConfigError
+from gateway.pool import EnginePool, PoolSettings, WorkerCrashed, stop_engine_servers
 from tests.gateway.conftest import StartGateway
 from tests.gateway.helpers import hold_worker, hx, kill_worker, make_blob, reference_engine
 
@@ -86,5 +91,82 @@ async def test_engine_errors_cross_the_process_boundary() -> None:
     try:
         with pytest.raises(KZGError):
             await pool.call("blob_to_kzg_commitment", b"\x00" * 10)
+    finally:
+        await pool.stop()
+
+
+def _memory_holds(pid: int, needle: bytes) -> bool:
+    """Whether any readable mapping of process ``pid`` holds ``needle`` (read from the
+    outside through /proc, so the search puts nothing into that process)."""
+    chunk = 64 << 20
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in maps:
+            fields = line.split()
+            if "r" not in fields[1] or fields[-1] in ("[vvar]", "[vsyscall]", "[vdso]"):
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            for offset in range(start, end, chunk):
+                try:
+                    mem.seek(offset)
+                    data = mem.read(min(chunk + len(needle), end - offset))
+                except (OSError, ValueError, OverflowError):
+                    break
+                if needle in data:
+                    return True
+    return False
+
+
+def _parent_of(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+async def test_engine_workers_hold_no_secret_of_the_server(
+    start_gateway: StartGateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers parse attacker-supplied blobs: neither they nor the process they are forked
+    from may hold the master key, in memory or in the environment, nor the database URL."""
+    key_text = MasterKey.generate().hex()
+    database_secret = f"postgresql://kzg:{secrets.token_hex(16)}@db.internal/kzg"
+    monkeypatch.setenv(MASTER_KEY_ENV, key_text)
+    monkeypatch.setenv("KZG_GATEWAY_TEST_DATABASE_URL", database_secret)
+    data_dir = tmp_path / "gw"
+    data_dir.mkdir(mode=0o700)
+    (data_dir / "master.key").write_text(key_text + "\n")
+    (data_dir / "master.key").chmod(0o600)
+    stop_engine_servers()  # the engine server starts now, with the secrets in the environment
+    gw = await start_gateway()
+    response, body = await gw.post("/v1/kzg/verify-proof", _verify_body())
+    assert response.status == 200 and body["valid"] is True, body
+
+    pool = gw.app[KZG_POOL]
+    workers = [worker.pid for worker in pool._workers]
+    assert len(workers) == 2
+    engine_servers = {_parent_of(pid) for pid in workers} - {os.getpid()}
+    assert len(engine_servers) == 1  # forked from the engine server, not from the server
+    secrets_held = [bytes.fromhex(key_text), key_text.encode(), database_secret.encode()]
+    assert _memory_holds(os.getpid(), bytes.fromhex(key_text))  # the search finds it here
+    for pid in [*workers, *engine_servers]:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+        assert MASTER_KEY_ENV.encode() not in environ and b"DATABASE_URL" not in environ
+        for secret in secrets_held:
+            assert not _memory_holds(pid, secret), f"process {pid} holds a secret"
+
+
+async def test_an_unknown_start_method_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="start_method"):
+        PoolSettings(start_method="thread")
+
+
+async def test_spawned_workers_answer_and_hold_a_clean_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(MASTER_KEY_ENV, MasterKey.generate().hex())
+    pool = EnginePool(PoolSettings(engine="ckzg", workers=1, start_method="spawn"))
+    await pool.start()
+    try:
+        assert await pool.call(hold_worker, 0.0) == "ckzg"
+        [worker] = pool._workers
+        assert MASTER_KEY_ENV.encode() not in Path(f"/proc/{worker.pid}/environ").read_bytes()
     finally:
         await pool.stop()
