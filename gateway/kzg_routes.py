@@ -23,7 +23,15 @@ from gateway.context import REQUEST_CONTEXT, RequestContext
 from gateway.errors import ApiError, bad_request
 from gateway.limits import JsonTooDeep, parse_json, read_body
 from gateway.openapi import HEX, RouteDoc, document_route
-from gateway.pool import EngineDisagreement, Outcome, PoolClosed, PoolSaturated, WorkerCrashed
+from gateway.pool import (
+    ENGINE_SHARE,
+    EngineDisagreement,
+    Outcome,
+    PoolClosed,
+    PoolSaturated,
+    ShareExceeded,
+    WorkerCrashed,
+)
 from gateway.receipts import ReceiptResponse, input_digest, result_digest
 from kzg import Engine, KZGError
 from kzg.eip4844 import kzg_to_versioned_hash
@@ -376,7 +384,14 @@ async def run_operations(
     app, ctx = request.app, request[REQUEST_CONTEXT]
     pool, metrics = app[KZG_POOL], app[METRICS]
     try:
-        done = await pool.call_many([(op.call, args) for op, args in calls])
+        done = await pool.call_many(
+            [(op.call, args) for op, args in calls], request.get(ENGINE_SHARE)
+        )
+    except ShareExceeded as exc:
+        for op, _ in calls:
+            metrics.operations.labels(op.name, "shed").inc()
+        retry = str(pool.settings.retry_after_seconds)
+        raise ApiError(429, "engine_share_exceeded", str(exc), {"Retry-After": retry}) from None
     except PoolSaturated:
         for op, _ in calls:
             metrics.operations.labels(op.name, "shed").inc()

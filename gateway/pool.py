@@ -6,6 +6,12 @@ is bounded, and a call that finds it full is shed (``PoolSaturated`` → 503 + R
 A worker that dies fails only its own call (``WorkerCrashed`` → 503) and is replaced.
 ``call_many`` admits a group of calls all at once or not at all, then runs them in parallel.
 
+Fair share: a call may name its owner (the principal) and the owner's cap on calls in
+flight (admitted, running or waiting); beyond it the calls are refused (``ShareExceeded``
+→ 429), so one key cannot take every worker and queue place. Waiting calls queue per
+owner, and a freed worker goes to the owners in turn (round robin), so a flood of one
+owner's calls delays another's by at most one call per owner waiting.
+
 Workers parse attacker-supplied input, so they hold no secret of the server: they are
 never forked from it. An engine server (a fresh interpreter started with an environment
 stripped to what an engine needs, so without ``KZG_GATEWAY_MASTER_KEY`` or the database
@@ -39,6 +45,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
+from aiohttp import web
+
 from gateway.config import ConfigError
 from kzg import ENGINE_NAMES
 
@@ -58,6 +66,30 @@ class WorkerCrashed(RuntimeError):
 
 class PoolClosed(RuntimeError):
     """The pool is stopping or stopped."""
+
+
+class ShareExceeded(RuntimeError):
+    """The owner's calls in flight would exceed its cap."""
+
+    def __init__(self, share: EngineShare, in_flight: int, calls: int) -> None:
+        super().__init__(
+            f"{calls} engine call(s) would exceed this principal's share of the engine: at "
+            f"most {share.max_in_flight} at once, {in_flight} already in flight"
+        )
+        self.share = share
+
+
+@dataclass(frozen=True)
+class EngineShare:
+    """Whose calls these are (a principal's rate-limit key) and how many of its calls
+    may be in flight at once."""
+
+    owner: str
+    max_in_flight: int
+
+
+# Where the security middleware leaves the caller's share for the KZG routes.
+ENGINE_SHARE: web.RequestKey[EngineShare] = web.RequestKey("kzg_engine_share", EngineShare)
 
 
 # An outcome as a worker reports it: (True, result) or (False, the exception raised).
@@ -405,7 +437,10 @@ class EnginePool:
         self.settings = settings
         self._idle: collections.deque[_Worker] = collections.deque()
         self._workers: set[_Worker] = set()
-        self._waiting: collections.deque[asyncio.Future[_Worker]] = collections.deque()
+        # Waiting calls per owner (None: calls without one), served in turn.
+        self._queues: dict[str | None, collections.deque[asyncio.Future[_Worker]]] = {}
+        self._turns: collections.deque[str | None] = collections.deque()
+        self._in_flight: collections.Counter[str] = collections.Counter()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = True
 
@@ -415,7 +450,7 @@ class EnginePool:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._waiting)
+        return sum(len(q) for q in self._queues.values())
 
     @property
     def busy(self) -> int:
@@ -424,7 +459,11 @@ class EnginePool:
     @property
     def free_slots(self) -> int:
         """Calls that would find a worker or a queue place right now."""
-        return len(self._idle) + self.settings.queue_limit - len(self._waiting)
+        return len(self._idle) + self.settings.queue_limit - self.queue_depth
+
+    def in_flight(self, owner: str) -> int:
+        """The calls of ``owner`` admitted and not yet answered."""
+        return self._in_flight[owner]
 
     @property
     def ready(self) -> bool:
@@ -468,25 +507,37 @@ class EnginePool:
             return None
         return worker
 
-    async def call(self, function: str | Callable[..., Any], *args: Any) -> Any:
+    async def call(
+        self, function: str | Callable[..., Any], *args: Any, share: EngineShare | None = None
+    ) -> Any:
         """Run ``function`` in a worker and return its result (or raise its exception)."""
-        [done] = await self.call_many([(function, args)])
+        [done] = await self.call_many([(function, args)], share)
         if done.error is not None:
             raise done.error
         return done.value
 
     async def call_many(
-        self, calls: Sequence[tuple[str | Callable[..., Any], Sequence[Any]]]
+        self,
+        calls: Sequence[tuple[str | Callable[..., Any], Sequence[Any]]],
+        share: EngineShare | None = None,
     ) -> list[CallResult]:
         """Run every call in parallel and return their results in order. The calls are
         admitted together or not at all: PoolSaturated unless each finds a worker or a
-        queue place now, so that a group is never half run."""
+        queue place now, ShareExceeded when they would take ``share``'s owner past its
+        cap, so that a group is never half run."""
         if self._closed:
             raise PoolClosed("the KZG pool is not running")
+        owner = share.owner if share is not None else None
+        if share is not None:
+            in_flight = self._in_flight[share.owner]
+            if in_flight + len(calls) > share.max_in_flight:
+                raise ShareExceeded(share, in_flight, len(calls))
         if len(calls) > self.free_slots:
             raise PoolSaturated("every KZG worker is busy and the queue is full")
         # Claimed before the first await: no other request can take these places.
-        slots = [self._claim() for _ in calls]
+        slots = [self._claim(owner) for _ in calls]
+        if owner is not None:
+            self._in_flight[owner] += len(calls)
         started: set[int] = set()
         admitted = time.perf_counter()
 
@@ -509,15 +560,24 @@ class EnginePool:
             for index, slot in enumerate(slots):
                 if index not in started:
                     self._abandon(slot)
+            if owner is not None:
+                self._in_flight[owner] -= len(calls)
+                if self._in_flight[owner] <= 0:
+                    del self._in_flight[owner]
 
-    def _claim(self) -> asyncio.Future[_Worker]:
-        """A worker, now if one is idle, else when one frees (a place in the queue)."""
+    def _claim(self, owner: str | None) -> asyncio.Future[_Worker]:
+        """A worker, now if one is idle, else when one frees (a place in the owner's
+        queue, which takes its turn among the owners' queues)."""
         assert self._loop is not None
         slot: asyncio.Future[_Worker] = self._loop.create_future()
         if self._idle:
             slot.set_result(self._idle.popleft())
-        else:
-            self._waiting.append(slot)
+            return slot
+        queue = self._queues.get(owner)
+        if queue is None:
+            queue = self._queues[owner] = collections.deque()
+            self._turns.append(owner)
+        queue.append(slot)
         return slot
 
     def _abandon(self, slot: asyncio.Future[_Worker]) -> None:
@@ -526,8 +586,9 @@ class EnginePool:
             self._release(slot.result())
         else:
             slot.cancel()
-            with contextlib.suppress(ValueError):
-                self._waiting.remove(slot)
+            for queue in self._queues.values():
+                with contextlib.suppress(ValueError):
+                    queue.remove(slot)
 
     async def _run(
         self,
@@ -555,9 +616,20 @@ class EnginePool:
         raise value
 
     def _release(self, worker: _Worker) -> None:
-        while self._waiting:
-            waiter = self._waiting.popleft()
-            if not waiter.done():
+        """Hand ``worker`` to the next owner in turn with a call waiting (that owner then
+        goes to the back of the turns), else make it idle."""
+        while self._turns:
+            owner = self._turns.popleft()
+            queue = self._queues[owner]
+            waiter = None
+            while queue and waiter is None:
+                candidate = queue.popleft()
+                waiter = candidate if not candidate.done() else None
+            if queue:
+                self._turns.append(owner)
+            else:
+                del self._queues[owner]
+            if waiter is not None:
                 waiter.set_result(worker)
                 return
         self._idle.append(worker)
@@ -594,8 +666,10 @@ class EnginePool:
     async def stop(self) -> None:
         """Stop taking calls, fail the waiting ones and end the workers."""
         self._closed = True
-        while self._waiting:
-            waiter = self._waiting.popleft()
+        waiting = [waiter for queue in self._queues.values() for waiter in queue]
+        self._queues.clear()
+        self._turns.clear()
+        for waiter in waiting:
             if not waiter.done():
                 waiter.set_exception(PoolClosed("the KZG pool stopped"))
         for worker in list(self._workers):

@@ -41,6 +41,7 @@ from gateway.config import Config
 from gateway.context import REQUEST_CONTEXT
 from gateway.errors import ApiError
 from gateway.identity import AUTH_SERVICE, policies_for, to_api_error
+from gateway.pool import ENGINE_SHARE, EngineShare
 from gateway.receipts import list_log_keys
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -52,6 +53,7 @@ KEY_AGE: web.AppKey[Gauge] = web.AppKey("signing_key_age", Gauge)
 KEY_MAX_AGE: web.AppKey[Gauge] = web.AppKey("signing_key_max_age", Gauge)
 
 _NETWORKS = web.AppKey("ip_rules", tuple)
+_SHARES: web.AppKey[dict[str, int]] = web.AppKey("engine_shares", dict)
 log = logging.getLogger(__name__)
 
 
@@ -199,9 +201,26 @@ def _spend_rate_limit(request: web.Request) -> None:
         )
 
 
+def engine_shares(policy: SecurityPolicy) -> dict[str, int]:
+    """``[engine_share.<role>] max_in_flight``: the engine calls one principal of the role
+    may have in flight at once (the rate limit counts requests, not CPU seconds)."""
+    shares: dict[str, int] = {}
+    for role, spec in policy.data.get("engine_share", {}).items():
+        value = spec.get("max_in_flight") if isinstance(spec, dict) else None
+        if type(value) is not int or value < 1:
+            raise PolicyError(f"[engine_share.{role}] max_in_flight must be an integer >= 1")
+        shares[role] = value
+    return shares
+
+
 @web.middleware
 async def rate_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
     _spend_rate_limit(request)
+    principal = request[REQUEST_CONTEXT].principal
+    if principal is not None:
+        caps = [cap for role, cap in request.app[_SHARES].items() if role in principal.roles]
+        if caps:
+            request[ENGINE_SHARE] = EngineShare(f"principal:{principal.id}", max(caps))
     return await handler(request)
 
 
@@ -249,6 +268,7 @@ def install(app: web.Application, config: Config) -> list[Any]:
     app[RBAC] = rbac
     app[SECURITY_POLICY] = policy
     app[RATE_LIMITER] = RateLimiter()
+    app[_SHARES] = engine_shares(policy)
     sync_seconds, horizon = _sharing_settings(policy)
     app[_NETWORKS] = (
         _networks(auth.get("allow_cidrs"), "allow_cidrs"),
