@@ -31,7 +31,7 @@ from audit.signing import NoteLogSigner, bls_signature_valid, legacy_checkpoint_
 from audit.writer import AuditWriter
 from gateway.db import alembic_config, migrate
 from tests.audit import reference_tlog as ref
-from tests.audit.conftest import TEST_ORIGIN, AuditStore, make_engine
+from tests.audit.conftest import TEST_ORIGIN, AuditStore, make_engine, migrate_audit
 from tests.audit.helpers import BlsSigner, make_event
 from tests.audit.test_writer import (
     assert_one_tree,
@@ -189,9 +189,25 @@ async def test_head_has_the_tree_tables_and_audit_0003_cannot_be_undone(
         with pytest.raises(RuntimeError, match="not reversible"):
             async with engine.begin() as conn:
                 await conn.run_sync(_downgrade, "audit@audit_0002")
-        assert await _version(engine) == {"audit_0003"}
+        assert await _version(engine) == {"audit_0004"}
         async with engine.connect() as conn:
             assert await conn.run_sync(_tables) == TREE_TABLES
+    finally:
+        await engine.dispose()
+
+
+async def test_audit_0004_goes_down_and_up_again(audit_store: AuditStore) -> None:
+    engine = make_engine(audit_store.owner_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(_downgrade, "audit@audit_0003")
+        assert await _version(engine) == {"audit_0003"}
+    finally:
+        await engine.dispose()
+    await migrate_audit(audit_store.owner_url)
+    engine = make_engine(audit_store.owner_url)
+    try:
+        assert await _version(engine) == {"audit_0004"}
     finally:
         await engine.dispose()
 
