@@ -17,7 +17,6 @@ import json
 import os
 import sys
 import tomllib
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -217,11 +216,6 @@ def _held_checkpoint(path: Path | None) -> str | None:
     return held
 
 
-def _lines(path: Path) -> Iterator[str]:
-    with path.open(encoding="utf-8") as handle:
-        yield from handle
-
-
 async def _with_engine(url: str, work: Any) -> Any:
     engine: AsyncEngine = create_async_engine(url)
     try:
@@ -242,7 +236,7 @@ def _verify(args: argparse.Namespace) -> VerifyReport:
     if args.export is not None:
         if args.sample is not None:
             raise SourceError("--sample needs a database (--db-url or --data-dir)")
-        return verify_export_lines(_lines(args.export), log_keys, held, floor, legacy_keys)
+        return verify_export_lines(args.export, log_keys, held, floor, legacy_keys)
     return asyncio.run(
         _with_engine(
             _database_url(args),

@@ -79,6 +79,7 @@ async def test_verify_database_then_export_file(
     code, _ = await _in_thread("audit", "export", "--db-url", url, "--output", str(export))
     assert code == EXIT_VALID
     last = json.loads(export.read_text().splitlines()[-1])
+    assert isinstance(last.pop("issued_at"), str)
     assert last == {"type": "checkpoint", "size": 7, "note": seven[-1].batch.checkpoint}
 
     code, out = await _in_thread(
