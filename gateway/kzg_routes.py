@@ -378,7 +378,8 @@ async def run_operations(
     """Run the calls in parallel in the worker pool; return, in order, each result or the
     KZGError that refused its input. What is the service's fault fails the whole request
     and no result leaves: a saturated pool (503, before anything runs), a lost worker
-    (503), engines that disagree (500). ``entries`` are the calls' audit details."""
+    (503), engines that disagree (500); past the caller's share of the engine it is 429,
+    before anything runs. ``entries`` are the calls' audit details."""
     if not calls:
         return []
     app, ctx = request.app, request[REQUEST_CONTEXT]
