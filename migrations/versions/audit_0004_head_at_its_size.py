@@ -32,13 +32,13 @@ _SQLITE_TREE_HEADS = (
     "CREATE TRIGGER audit_tree_heads_at_head_size BEFORE INSERT ON audit_tree_heads "
     "WHEN NEW.size = (SELECT size FROM audit_log_head WHERE id = 1) "
     "AND NEW.root IS NOT (SELECT root FROM audit_log_head WHERE id = 1) "
-    "BEGIN SELECT RAISE(ABORT, 'audit_tree_heads: a tree head at the log head''s size "
-    "must sign its root'); END"
+    "BEGIN SELECT RAISE(ABORT, 'audit_tree_heads: another root at the log head''s size "
+    "refused'); END"
 )
 _SQLITE_LOG_HEAD = (
     "CREATE TRIGGER audit_log_head_in_place BEFORE UPDATE ON audit_log_head "
     "WHEN NEW.size = OLD.size AND (NEW.root IS NOT OLD.root OR NEW.compact IS NOT OLD.compact) "
-    "BEGIN SELECT RAISE(ABORT, 'audit_log_head: the head at a size never changes'); END"
+    "BEGIN SELECT RAISE(ABORT, 'audit_log_head: rewriting the head at its size refused'); END"
 )
 
 
@@ -48,7 +48,7 @@ def _pg_functions(search_path: str, strict: bool) -> list[str]:
         """
           ELSIF NEW.size = OLD.size AND (NEW.root IS DISTINCT FROM OLD.root
                 OR NEW.compact IS DISTINCT FROM OLD.compact) THEN
-            RAISE EXCEPTION 'audit_log_head: the head at a size never changes'
+            RAISE EXCEPTION 'audit_log_head: rewriting the head at its size refused'
               USING ERRCODE = 'insufficient_privilege';"""
         if strict
         else ""
@@ -57,7 +57,7 @@ def _pg_functions(search_path: str, strict: bool) -> list[str]:
         """
           ELSIF NEW.size = (SELECT size FROM audit_log_head WHERE id = 1)
                 AND NEW.root IS DISTINCT FROM (SELECT root FROM audit_log_head WHERE id = 1) THEN
-            RAISE EXCEPTION 'audit_tree_heads: a tree head at the log head''s size must sign its root'
+            RAISE EXCEPTION 'audit_tree_heads: another root at the log head''s size refused'
               USING ERRCODE = 'insufficient_privilege';"""
         if strict
         else ""

@@ -415,7 +415,7 @@ async def test_the_head_cannot_be_rewritten_where_it_stands(
             ("UPDATE audit_log_head SET compact = :junk", {"junk": b"\x07" * 32}),
             ("UPDATE audit_log_head SET root = :junk", {"junk": b"\x07" * 32}),
         ]:
-            with pytest.raises(DBAPIError, match=r"never changes|must sign its root|only moves"):
+            with pytest.raises(DBAPIError, match=r"refused|only moves"):
                 async with engine.begin() as conn:
                     await conn.execute(text(statement), values)
         empty = log_signer.sign_note(Checkpoint(log_signer.origin, 0, EMPTY_ROOT).text())
