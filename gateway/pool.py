@@ -49,6 +49,7 @@ from aiohttp import web
 
 from gateway.config import ConfigError
 from kzg import ENGINE_NAMES
+from kzg.cache import CACHE_DIR_ENV
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +169,8 @@ _START_METHODS = frozenset({"fork", "forkserver", "spawn"})
 # such as KZG_GATEWAY_MASTER_KEY or a database URL with its password.
 _WORKER_ENV = frozenset(
     {"PATH", "HOME", "LANG", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV", "LD_LIBRARY_PATH"}
+    | {CACHE_DIR_ENV}
 )
-_WORKER_ENV_PREFIXES = ("LC_", "KZG_GATEWAY_CACHE_DIR")
 
 _WARM_ENGINES: dict[str, Any] = {}
 
@@ -258,9 +259,7 @@ def worker_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
     """The environment an engine process starts with: the server's, minus all but what
     Python and the engines need."""
     source = dict(os.environ if environ is None else environ)
-    return {
-        k: v for k, v in source.items() if k in _WORKER_ENV or k.startswith(_WORKER_ENV_PREFIXES)
-    }
+    return {k: v for k, v in source.items() if k in _WORKER_ENV or k.startswith("LC_")}
 
 
 def _clean_interpreter(
@@ -278,6 +277,9 @@ def _clean_interpreter(
         env=worker_environment(),
         pass_fds=(fd,),
         stdin=subprocess.DEVNULL,
+        # Out of the terminal's process group: a Ctrl-C reaches the server, which stops
+        # its workers; the engine server ends when the server hangs up.
+        start_new_session=True,
     )
 
 
