@@ -215,6 +215,8 @@ def engine_shares(policy: SecurityPolicy) -> dict[str, int]:
 
 @web.middleware
 async def rate_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Spend the caller's token, and leave a principal's share of the engine (the highest
+    cap among its roles) for the KZG routes."""
     _spend_rate_limit(request)
     principal = request[REQUEST_CONTEXT].principal
     if principal is not None:
