@@ -188,3 +188,29 @@ def test_json_within_the_depth_bound_parses() -> None:
     assert parse_json(b'{"a": [' + b"[1]," * 100 + b"[2]]}")["a"][-1] == [2]
     with pytest.raises(JsonTooDeep):
         parse_json(_nested(MAX_JSON_DEPTH + 1))
+
+
+def test_every_request_body_is_parsed_by_the_bounded_parser() -> None:
+    """The server's modules decode JSON only through gateway.limits.parse_json, so that
+    no route (admin and identity routes included) parses a body without the bound. The
+    CLI and the client SDK read files and answers, not requests."""
+    import ast
+    from pathlib import Path
+
+    import gateway
+
+    root = Path(gateway.__file__).parent
+    offenders = []
+    for path in sorted(root.glob("*.py")):
+        if path.name.startswith("cli") or path.name == "limits.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("loads", "load")
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "json"
+            ):
+                offenders.append(f"{path.name}:{node.lineno}")
+    assert offenders == []
