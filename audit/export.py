@@ -26,13 +26,16 @@ Lines, in this order:
    ``{"type": "event", "seq": n, "entry": "<entry>"}``, where the entry is the record's
    canonical JSON text exactly as the tree hashes it (leaf index ``seq - 1``, leaf hash
    ``SHA-256(0x00 || UTF-8 entry)``).
-8. ``checkpoint``, always the last line: ``{"size", "note"}``, the latest signed tree
-   head (a C2SP checkpoint signed note) whose size the events end at; ``{"size": 0,
-   "note": null}`` for an empty log. A truncated file lacks it, and a rewritten tail no
-   longer leads to its root.
+8. ``checkpoint``, the last line: ``{"size", "note", "issued_at"}``, the latest signed
+   tree head (a C2SP checkpoint signed note) whose size the events end at, and when it
+   was stored (a retired key's ``not_after`` bounds what it can have signed);
+   ``{"size": 0, "note": null, "issued_at": null}`` for an empty log. A truncated file
+   lacks it, and a rewritten tail no longer leads to its root.
 
 A verifier (``audit.verify.verify_export_lines``) rebuilds the tree from the newest
-anchor's compact range and the entries, and checks the roots and every signature.
+anchor's compact range and the entries, and checks the roots and every signature. It
+takes anchors and checkpoints wherever their lines stand (a file is read twice): every
+checkpoint's root is compared at its size, and the events must end at the largest.
 """
 
 from __future__ import annotations
@@ -158,5 +161,9 @@ async def export_lines(
                 break
         yield _line(
             "checkpoint",
-            {"size": size, "note": latest.note if latest is not None else None},
+            {
+                "size": size,
+                "note": latest.note if latest is not None else None,
+                "issued_at": latest.issued_at if latest is not None else None,
+            },
         )

@@ -35,9 +35,10 @@ import base64
 import hashlib
 import json
 import random
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any, Literal
 
 from sqlalchemy import inspect, select, text
@@ -45,7 +46,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from audit.chain import GENESIS_HASH
 from audit.checkpoints import legacy_checkpoints
-from audit.events import format_timestamp
+from audit.events import format_timestamp, parse_timestamp
 from audit.log import (
     ProofUnavailable,
     TreeHead,
@@ -105,8 +106,10 @@ class VerifyReport:
     """What a verification found. ``head`` is where it ended: the recomputed tree in a
     full walk, the latest signed tree head otherwise; ``tree_size`` is the size of the
     latest signed tree head the source holds. ``checked`` counts the entries verified
-    (recomputed in a full walk, proven by inclusion when sampling); ``checkpoints`` the
-    signed tree heads compared with the entries. ``legacy`` describes the first
+    (recomputed in a full walk, proven by inclusion when sampling; in a full walk never
+    past the first bad seq); ``checkpoints`` the signed tree heads compared with the
+    entries; ``signatures`` the signatures that verified (log checkpoints, anchors, legacy
+    BLS checkpoints): 0 means no key was put to the test, whatever the keys given. ``legacy`` describes the first
     release's hash chain, None when the log has none."""
 
     valid: bool
@@ -123,6 +126,7 @@ class VerifyReport:
     legacy: dict[str, Any] | None = None
     method: Method = "full"
     sampled: int = 0
+    signatures: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -139,6 +143,7 @@ class VerifyReport:
             "legacy": self.legacy,
             "method": self.method,
             "sampled": self.sampled,
+            "signatures": self.signatures,
         }
 
 
@@ -152,6 +157,7 @@ class _Problems:
     lowest seq (problems without one come last)."""
 
     found: list[tuple[int | None, str]] = field(default_factory=list)
+    signatures: int = 0  # signatures that verified, whatever else was found
 
     def add(self, seq: int | None, reason: str) -> None:
         self.found.append((seq, reason))
@@ -163,8 +169,56 @@ class _Problems:
         return min(numbered, key=lambda p: p[0]) if numbered else self.found[0]
 
 
-def _verifiers(vkeys: Iterable[str], problems: _Problems | None) -> list[NoteVerifier]:
-    """Parse verifier keys; a bad pinned key raises, a bad key of the source is a problem."""
+@dataclass(frozen=True)
+class _LogKeys:
+    """The log keys a verification uses, and when each retired one stopped signing
+    (``not_after`` by verifier key, as the source states it: a bound only ever refuses
+    more, so it applies to pinned keys too)."""
+
+    verifiers: list[NoteVerifier]
+    retired: Mapping[str, str] = field(default_factory=dict)
+
+    def open(self, note: str, issued_at: Any = None, *, timed: bool = True) -> tuple[str, list]:
+        """``open_note``, then (``timed``) a signer must not have been retired before
+        ``issued_at``: a retired key's signature on something issued later, or on
+        something that states no time, proves nothing. Raises NoteError."""
+        if not self.verifiers:
+            raise NoteError("no log key to verify it with")
+        text_, signers = open_note(note, self.verifiers)
+        if timed and self.retired:
+            timely = isinstance(issued_at, str)
+            live = [
+                s
+                for s in signers
+                if s.vkey not in self.retired
+                or (timely and issued_at <= _grace(self.retired[s.vkey]))
+            ]
+            if not live:
+                bound = min(self.retired[s.vkey] for s in signers)
+                stated = f"issued at {issued_at}" if timely else "stating no issue time"
+                raise NoteError(f"signed by a log key retired at {bound}, {stated}")
+        return text_, signers
+
+
+# An instance picks up a log key rotated by another within [server]
+# log_key_refresh_seconds (30 by default) and may sign with the old key until then: a
+# retired key's signature counts until this long after its not_after.
+RETIRED_KEY_GRACE = timedelta(seconds=60)
+
+
+def _grace(not_after: str) -> str:
+    """The last issue time a key retired at ``not_after`` may have signed at."""
+    try:
+        return format_timestamp(parse_timestamp(not_after) + RETIRED_KEY_GRACE)
+    except ValueError:
+        return not_after
+
+
+def _verifiers(
+    vkeys: Iterable[str], problems: _Problems | None, retired: Mapping[str, str] | None = None
+) -> _LogKeys:
+    """Parse verifier keys; a bad pinned key raises, a bad key of the source is a problem.
+    ``retired``: the source's ``not_after`` by verifier key."""
     out: dict[NoteVerifier, None] = {}
     for vkey in vkeys:
         try:
@@ -173,15 +227,18 @@ def _verifiers(vkeys: Iterable[str], problems: _Problems | None) -> list[NoteVer
             if problems is None:
                 raise ValueError(f"log key {vkey!r}: {exc}") from None
             problems.add(None, f"the source holds a log key that is not a verifier key: {exc}")
-    return list(out)
+    verifiers = list(out)
+    known = {v.vkey for v in verifiers}
+    bounds = {vkey: when for vkey, when in (retired or {}).items() if vkey in known}
+    return _LogKeys(verifiers, bounds)
 
 
-def _open_checkpoint(note: str, verifiers: Sequence[NoteVerifier]) -> Checkpoint:
+def _open_checkpoint(
+    note: str, keys: _LogKeys, issued_at: Any = None, *, timed: bool = True
+) -> Checkpoint:
     """Verify a signed checkpoint with the log keys; its origin must be the name of a key
-    that signed it. Raises NoteError."""
-    if not verifiers:
-        raise NoteError("no log key to verify it with")
-    text_, signers = open_note(note, verifiers)
+    that signed it (one not retired before ``issued_at`` when ``timed``). Raises NoteError."""
+    text_, signers = keys.open(note, issued_at, timed=timed)
     checkpoint = parse_checkpoint(text_)
     if checkpoint.origin not in {v.name for v in signers}:
         raise NoteError(
@@ -191,16 +248,18 @@ def _open_checkpoint(note: str, verifiers: Sequence[NoteVerifier]) -> Checkpoint
 
 
 def _check_tree_head(
-    note: Any, size: int, root: bytes, verifiers: Sequence[NoteVerifier], problems: _Problems
+    note: Any, size: int, root: bytes, keys: _LogKeys, problems: _Problems, issued_at: Any
 ) -> bool:
-    """The signed note of the tree head (size, root) must verify and state exactly them."""
+    """The signed note of the tree head (size, root) must verify, by a key not retired
+    before ``issued_at``, and state exactly them."""
     try:
         if not isinstance(note, str):
             raise NoteError("no signed note")
-        checkpoint = _open_checkpoint(note, verifiers)
+        checkpoint = _open_checkpoint(note, keys, issued_at)
     except NoteError as exc:
         problems.add(size or None, f"the signed tree head at size {size} does not verify: {exc}")
         return False
+    problems.signatures += 1
     if (checkpoint.size, checkpoint.root) != (size, root):
         problems.add(
             size or None,
@@ -224,7 +283,7 @@ def _parse_compact(through_seq: int, compact: Any) -> CompactRange:
 
 def _check_anchors(
     anchors: Sequence[Mapping[str, Any]],
-    verifiers: Sequence[NoteVerifier],
+    keys: _LogKeys,
     floor: str | None,
     problems: _Problems,
 ) -> CompactRange | None:
@@ -251,9 +310,9 @@ def _check_anchors(
             values["compact"],
         )
         try:
-            if not verifiers:
-                raise NoteError("no log key to verify it with")
-            signed, _ = open_note(str(values["note"]), verifiers)
+            # issued_at is part of the signed statement: a retired key cannot backdate.
+            signed, _ = keys.open(str(values["note"]), values["issued_at"])
+            problems.signatures += 1
             if signed != expected:
                 raise NoteError("its signed statement differs from its columns")
         except NoteError as exc:
@@ -324,6 +383,8 @@ class _Legacy:
                 bls_signature_valid(self.keys, str(key_id), str(message), str(signature))
             ):
                 self.problems.add(seq, f"the legacy BLS checkpoint at seq {seq} does not verify")
+            else:
+                self.problems.signatures += 1
             if seq > self.through:
                 self.problems.add(
                     seq, f"a legacy checkpoint at seq {seq} lies beyond the legacy chain"
@@ -465,8 +526,13 @@ def _finish(
     legacy: dict[str, Any] | None,
     method: Method,
     sampled: int = 0,
+    start: int = 0,
 ) -> VerifyReport:
     first, reason = problems.first()
+    if method == "full" and first is not None:
+        # Entries at or past the first bad seq are not "verified before it", even when
+        # the walk went on (a damaged stored subtree, a bad signature at the end).
+        checked = min(checked, max(0, first - 1 - start))
     return VerifyReport(
         valid=not problems.found,
         checked=checked,
@@ -482,6 +548,7 @@ def _finish(
         legacy=legacy,
         method=method,
         sampled=sampled,
+        signatures=problems.signatures,
     )
 
 
@@ -510,6 +577,14 @@ async def load_log_keys(conn: AsyncConnection) -> list[str]:
     return [str(row.vkey) for row in rows]
 
 
+async def load_log_key_retirements(conn: AsyncConnection) -> dict[str, str]:
+    """``not_after`` of every retired log key, by verifier key (none without the table)."""
+    if not await _has_table(conn, "log_keys"):
+        return {}
+    rows = await conn.execute(text("SELECT vkey, not_after FROM log_keys"))
+    return {str(row.vkey): str(row.not_after) for row in rows if row.not_after is not None}
+
+
 async def begin_snapshot(conn: AsyncConnection) -> None:
     """Begin a read-only transaction that sees one consistent state of the log."""
     if conn.dialect.name == "postgresql":
@@ -535,7 +610,7 @@ def _entry(row: Mapping[str, Any]) -> bytes:
 @dataclass
 class _DbContext:
     conn: AsyncConnection
-    verifiers: list[NoteVerifier]
+    keys: _LogKeys
     keys_source: KeysSource
     floor: str | None
     problems: _Problems
@@ -570,7 +645,9 @@ async def _check_latest(ctx: _DbContext) -> bool:
         if head.size:
             ctx.problems.add(1, f"no signed tree head covers the {head.size} records of the log")
         return False
-    signed = _check_tree_head(latest.note, latest.size, latest.root, ctx.verifiers, ctx.problems)
+    signed = _check_tree_head(
+        latest.note, latest.size, latest.root, ctx.keys, ctx.problems, latest.issued_at
+    )
     if (head.size, head.root) != (latest.size, latest.root):
         ctx.problems.add(
             min(head.size, latest.size) + 1,
@@ -718,6 +795,7 @@ async def _full(ctx: _DbContext, legacy_keys: Mapping[str, bytes] | None) -> Ver
         tree_size=latest.size if latest is not None else 0,
         legacy=legacy.report(walk.walked) if legacy else None,
         method="full",
+        start=walk.start,
     )
 
 
@@ -821,22 +899,26 @@ async def verify_connection(
     floor = _floor(retention_floor)
     source: KeysSource = "pinned" if log_keys is not None else "database"
     vkeys = log_keys if log_keys is not None else await load_log_keys(conn)
-    verifiers = _verifiers(vkeys, None if log_keys is not None else problems)
+    keys = _verifiers(
+        vkeys, None if log_keys is not None else problems, await load_log_key_retirements(conn)
+    )
     held_checkpoint: Checkpoint | None = None
     if held is not None:
         try:
-            held_checkpoint = _open_checkpoint(held, verifiers)
+            # The auditor's own copy, kept since it was fetched: its age is not in question.
+            held_checkpoint = _open_checkpoint(held, keys, timed=False)
+            problems.signatures += 1
         except NoteError as exc:
             problems.add(None, f"the held checkpoint does not verify with the log keys: {exc}")
     anchors = await _anchor_rows(conn)
     ctx = _DbContext(
         conn,
-        verifiers,
+        keys,
         source,
         floor,
         problems,
         anchors,
-        _check_anchors(anchors, verifiers, floor, problems),
+        _check_anchors(anchors, keys, floor, problems),
         await latest_tree_head(conn),
     )
     await _check_stored_anchor(ctx)
@@ -899,7 +981,8 @@ async def verify_database(
 
 
 class _ExportState:
-    """What an export says before its events, and where the walk stands."""
+    """What an export says besides its events (wherever those lines stand), and where
+    the walk stands."""
 
     def __init__(
         self,
@@ -911,15 +994,17 @@ class _ExportState:
         self.problems = _Problems()
         self.trusted_log_keys = list(trusted_log_keys) if trusted_log_keys is not None else None
         self.log_keys: list[str] = []
+        self.retired: dict[str, str] = {}
         self.legacy_keys: dict[str, bytes] = dict(trusted_legacy_keys or {})
         self.legacy_pinned = trusted_legacy_keys is not None
         self.legacy_chain: tuple[int, str] | None = None
         self.legacy_checkpoints: list[dict[str, Any]] = []
         self.anchors: list[dict[str, Any]] = []
+        self.checkpoints: list[tuple[int, dict[str, Any]]] = []
         self.held = held
         self.held_checkpoint: Checkpoint | None = None
         self.floor = floor
-        self.verifiers: list[NoteVerifier] = []
+        self.keys = _LogKeys([])
         self.legacy: _Legacy | None = None
         self.walk: _Walk | None = None
 
@@ -927,16 +1012,45 @@ class _ExportState:
     def keys_source(self) -> KeysSource:
         return "pinned" if self.trusted_log_keys is not None else "export"
 
+    def take(self, number: int, item: dict[str, Any]) -> None:
+        """Note a line other than an event."""
+        problems = self.problems
+        kind = item["type"]
+        if kind == "log_key" and isinstance(item.get("vkey"), str):
+            self.log_keys.append(item["vkey"])
+            if isinstance(item.get("not_after"), str):
+                self.retired[item["vkey"]] = item["not_after"]
+        elif kind == "key":
+            if not self.legacy_pinned:
+                try:
+                    self.legacy_keys[str(item["key_id"])] = key_bytes(item["public_key"])
+                except (KeyError, TypeError, ValueError):
+                    problems.add(None, f"export line {number}: a legacy key cannot be read")
+        elif kind == "legacy_chain":
+            try:
+                self.legacy_chain = (int(item["through_seq"]), str(item["hash"]))
+            except (KeyError, TypeError, ValueError):
+                problems.add(None, f"export line {number}: the legacy chain cannot be read")
+        elif kind == "legacy_checkpoint":
+            self.legacy_checkpoints.append(item)
+        elif kind == "anchor":
+            self.anchors.append(item)
+        elif kind == "checkpoint":
+            self.checkpoints.append((number, item))
+        else:
+            problems.add(None, f"export line {number}: unexpected {kind!r} line")
+
     def started(self) -> _Walk:
-        """Check what came before the events; return the walk over them."""
+        """Check what the export says besides its events; return the walk over them."""
         if self.walk is not None:
             return self.walk
         problems = self.problems
         if self.trusted_log_keys is not None:
-            self.verifiers = _verifiers(self.trusted_log_keys, None)
+            self.keys = _verifiers(self.trusted_log_keys, None, self.retired)
         else:
-            self.verifiers = _verifiers(self.log_keys, problems)
-        start = _check_anchors(self.anchors, self.verifiers, self.floor, problems)
+            self.keys = _verifiers(self.log_keys, problems, self.retired)
+        anchors = sorted(self.anchors, key=_anchor_order)
+        start = _check_anchors(anchors, self.keys, self.floor, problems)
         through, head_hash = self.legacy_chain or (0, GENESIS_HASH)
         if through or self.legacy_checkpoints:
             self.legacy = _Legacy(
@@ -951,7 +1065,7 @@ class _ExportState:
                 self.legacy.start()
         walk = _Walk(start or CompactRange(), problems, self.legacy)
         if start is None:
-            walk.broken = 1 + (self.anchors[-1].get("through_seq", 0) if self.anchors else 0)
+            walk.broken = 1 + (anchors[-1].get("through_seq", 0) if anchors else 0)
         if self.held is not None:
             self._expect_held(walk)
         self.walk = walk
@@ -959,7 +1073,8 @@ class _ExportState:
 
     def _expect_held(self, walk: _Walk) -> None:
         try:
-            held = _open_checkpoint(str(self.held), self.verifiers)
+            held = _open_checkpoint(str(self.held), self.keys, timed=False)
+            self.problems.signatures += 1
         except NoteError as exc:
             self.problems.add(None, f"the held checkpoint does not verify with the log keys: {exc}")
             return
@@ -972,6 +1087,13 @@ class _ExportState:
             )
             return
         walk.expect(held.size, held.root, f"the held checkpoint at size {held.size}")
+
+
+def _anchor_order(anchor: Mapping[str, Any]) -> int:
+    """Anchors by through_seq, wherever they stood (one that cannot be read sorts last,
+    where _check_anchors reports it)."""
+    through = anchor.get("through_seq")
+    return through if type(through) is int else 2**63
 
 
 _DECODE = json.JSONDecoder().raw_decode
@@ -1068,56 +1190,94 @@ def _check_header(item: dict[str, Any] | None) -> None:
         )
 
 
-def _final_checkpoint(
-    state: _ExportState, walk: _Walk, item: dict[str, Any] | None, trailing: int | None
-) -> None:
-    """Check the export's last line: the signed checkpoint the walk must end at."""
+def _expect_checkpoints(state: _ExportState, walk: _Walk) -> int | None:
+    """Verify every signed checkpoint of the export, wherever its line stood, and have the
+    walk compare its root at its size; return the size the events must end at (the
+    largest checkpoint's), None when the export has no checkpoint."""
     problems = state.problems
-    if item is None:
+    sizes = [item.get("size") for _, item in state.checkpoints]
+    final = max((s for s in sizes if type(s) is int and s >= 0), default=None)
+    for number, item in state.checkpoints:
+        size, note = item.get("size"), item.get("note")
+        if type(size) is not int or size < 0:
+            problems.add(walk.size + 1, f"the checkpoint of export line {number} states no size")
+            continue
+        what = "final signed checkpoint" if size == final else "signed checkpoint"
+        if note is None and size == 0:
+            checkpoint = Checkpoint("-", 0, EMPTY_ROOT)
+        else:
+            try:
+                if not isinstance(note, str):
+                    raise NoteError("no signed note")
+                checkpoint = _open_checkpoint(note, state.keys, item.get("issued_at"))
+            except NoteError as exc:
+                problems.add(size or None, f"the {what} (size {size}) does not verify: {exc}")
+                continue
+            problems.signatures += 1
+            if checkpoint.size != size:
+                problems.add(size, f"the checkpoint line says size {size}, its note another")
+                continue
+        if size >= walk.size:  # one inside the pruned prefix is not among the entries
+            walk.expect(size, checkpoint.root, f"the {what} at size {size}")
+    return final
+
+
+def _end_at(state: _ExportState, walk: _Walk, final: int | None) -> None:
+    """The events must end exactly at the largest signed checkpoint."""
+    problems = state.problems
+    if final is None:
         problems.add(
             walk.size + 1,
             "the export does not end with its signed checkpoint: it was truncated after "
             f"record {walk.size}",
         )
         return
-    if trailing is not None:
-        problems.add(walk.size + 1, f"export line {trailing} follows the final checkpoint")
-    size, note = item.get("size"), item.get("note")
-    if not isinstance(size, int) or size < 0:
-        problems.add(walk.size + 1, "the final checkpoint states no size")
-        return
-    if note is None and size == 0:
-        checkpoint = Checkpoint("-", 0, EMPTY_ROOT)
-    else:
-        try:
-            if not isinstance(note, str):
-                raise NoteError("no signed note")
-            checkpoint = _open_checkpoint(note, state.verifiers)
-        except NoteError as exc:
-            problems.add(size or None, f"the final checkpoint (size {size}) does not verify: {exc}")
-            return
-        if checkpoint.size != size:
-            problems.add(size, f"the final checkpoint line says size {size}, its note another")
-            return
     if walk.broken is not None:
         return
-    if walk.size < size:
+    if walk.size < final:
         problems.add(
             walk.size + 1,
-            f"records {walk.size + 1} through {size} are missing (the final checkpoint "
+            f"records {walk.size + 1} through {final} are missing (the final checkpoint "
             f"covers them)",
         )
-        return
-    if walk.size > size:
+    elif walk.size > final:
         problems.add(
-            size + 1, f"records {size + 1} through {walk.size} lie beyond the final checkpoint"
+            final + 1, f"records {final + 1} through {walk.size} lie beyond the final checkpoint"
         )
-        return
-    walk.expect(size, checkpoint.root, f"the final signed checkpoint at size {size}")
+
+
+def _numbered(lines: Callable[[], Iterable[str]]) -> _Numbered:
+    return iter(enumerate(lines(), start=1))
+
+
+def _read_again(lines: Iterable[str] | Path) -> Callable[[], Iterable[str]]:
+    """The export as something that can be read twice (a file is opened again)."""
+    if isinstance(lines, Path):
+        path = lines
+
+        def read() -> Iterator[str]:
+            with path.open(encoding="utf-8") as handle:
+                yield from handle
+
+        return read
+    held = lines if isinstance(lines, Sequence) else list(lines)
+    return lambda: held
+
+
+def _scan(state: _ExportState, numbered: _Numbered) -> None:
+    """First reading: the header, then every line that is not an event."""
+    first = _next_item(numbered)
+    _check_header(first[1] if first is not None else None)
+    for number, line in numbered:
+        if line.startswith('{"entry":'):  # an event as the exporter writes it: read later
+            continue
+        item = _export_item(line, number)
+        if item is not None and item["type"] != "event":
+            state.take(number, item)
 
 
 def verify_export_lines(
-    lines: Iterable[str],
+    lines: Iterable[str] | Path,
     trusted_log_keys: Iterable[str] | None = None,
     held: str | None = None,
     retention_floor: datetime | None = None,
@@ -1125,60 +1285,29 @@ def verify_export_lines(
 ) -> VerifyReport:
     """Verify an export (format in ``audit.export``), always by a full walk.
 
+    ``lines``: the export's lines, or its file (read twice: once for what it says
+    besides its events, wherever those lines stand, then for the events).
     ``trusted_log_keys`` (verifier keys), when given, replace the log keys the export
     carries, so an auditor can pin the keys they hold; ``trusted_legacy_keys`` likewise
-    the BLS keys of the first release's checkpoints. ``held`` is a signed checkpoint note
-    the export must extend (its root is compared when the walk reaches its size);
-    ``retention_floor`` as for ``verify_database``. Raises ValueError for a file that is
-    not a version 2 export at all.
+    the BLS keys of the first release's checkpoints. A retired key's ``not_after``, as
+    the export states it, bounds what it can have signed: checkpoints and anchors issued
+    later do not verify. ``held`` is a signed checkpoint note the export must extend (its
+    root is compared when the walk reaches its size); ``retention_floor`` as for
+    ``verify_database``. Raises ValueError for a file that is not a version 2 export.
     """
     state = _ExportState(trusted_log_keys, held, _floor(retention_floor), trusted_legacy_keys)
     problems = state.problems
-    numbered = iter(enumerate(lines, start=1))
-    first = _next_item(numbered)
-    _check_header(first[1] if first is not None else None)
-    pending = _next_item(numbered)
-    # What the export says before its events: keys, legacy chain, anchors.
-    while pending is not None and pending[1]["type"] not in ("event", "checkpoint"):
-        number, item = pending
-        kind = item["type"]
-        if kind == "log_key" and isinstance(item.get("vkey"), str):
-            state.log_keys.append(item["vkey"])
-        elif kind == "key":
-            if not state.legacy_pinned:
-                try:
-                    state.legacy_keys[str(item["key_id"])] = key_bytes(item["public_key"])
-                except (KeyError, TypeError, ValueError):
-                    problems.add(None, f"export line {number}: a legacy key cannot be read")
-        elif kind == "legacy_chain":
-            try:
-                state.legacy_chain = (int(item["through_seq"]), str(item["hash"]))
-            except (KeyError, TypeError, ValueError):
-                problems.add(None, f"export line {number}: the legacy chain cannot be read")
-        elif kind == "legacy_checkpoint":
-            state.legacy_checkpoints.append(item)
-        elif kind == "anchor":
-            state.anchors.append(item)
-        else:
-            problems.add(None, f"export line {number}: unexpected {kind!r} line")
-        pending = _next_item(numbered)
+    source = _read_again(lines)
+    _scan(state, _numbered(source))
     walk = state.started()
-    final: dict[str, Any] | None = None
-    trailing: int | None = None
+    final = _expect_checkpoints(state, walk)
+    numbered = _numbered(source)
+    pending = _next_item(numbered)  # the header
     while pending is not None:
-        number, item = pending
-        kind = item["type"]
-        if final is not None:
-            trailing = trailing or number
-        elif kind == "event":
-            pending = _walk_events(walk, numbered, number, item)
-            continue
-        elif kind == "checkpoint":
-            final = item
-        else:
-            problems.add(walk.size + 1, f"export line {number}: a {kind} line among the events")
         pending = _next_item(numbered)
-    _final_checkpoint(state, walk, final, trailing)
+        while pending is not None and pending[1]["type"] == "event":
+            pending = _walk_events(walk, numbered, *pending)
+    _end_at(state, walk, final)
     held_checkpoint = state.held_checkpoint
     if held_checkpoint is not None and held_checkpoint.size > walk.size and walk.broken is None:
         problems.add(
@@ -1187,8 +1316,7 @@ def verify_export_lines(
             f"(size {walk.size}): the log was rolled back or forked",
         )
     legacy = state.legacy.report(walk.walked) if state.legacy is not None else None
-    signed = final.get("size") if final is not None else None
-    signed = signed if isinstance(signed, int) else 0
+    signed = final or 0
     return _finish(
         problems,
         checked=walk.checked(signed),
@@ -1201,6 +1329,7 @@ def verify_export_lines(
         tree_size=signed,
         legacy=legacy,
         method="full",
+        start=walk.start,
     )
 
 

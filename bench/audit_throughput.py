@@ -64,6 +64,7 @@ from audit.signing import NoteLogSigner
 from audit.tlog import open_checkpoint, verify_inclusion_proof
 from audit.writer import AuditWriter
 from gateway.db import make_engine, migrate
+from migrations import AUDIT_TARGETS
 
 ORIGIN = "bench.kzg-gateway.example/audit"
 TARGET_RATE = 20_000  # appends/s on PostgreSQL at 256 writers
@@ -516,7 +517,7 @@ async def sqlite_row(
     with tempfile.TemporaryDirectory(prefix="kzg-audit-bench-") as tmp:
         path = f"{tmp}/audit.db"
         url = f"sqlite+aiosqlite:///{path}"
-        await migrate(url, None, target="audit@head")
+        await migrate(url, None, target=AUDIT_TARGETS)
 
         async def room(batch: int, secs: float) -> tuple[float, float]:
             return await asyncio.to_thread(sqlite_room, path, batch, secs)
@@ -526,7 +527,7 @@ async def sqlite_row(
 
 async def _fresh_pg(server: PgServer) -> PgDatabase:
     db = await server.create(f"kzg_bench_{secrets.token_hex(4)}")
-    await migrate(db.owner_url, db.app.user, target="audit@head")
+    await migrate(db.owner_url, db.app.user, target=AUDIT_TARGETS)
     return db
 
 

@@ -346,6 +346,8 @@ def main() -> int:
             # middleware runs but never refuses, and every answer counted is a result.
             "KZG_GATEWAY_AUTH__RATELIMIT__CLIENT__RATE": "1000000",
             "KZG_GATEWAY_AUTH__RATELIMIT__CLIENT__BURST": "1000000",
+            # Likewise the one key's share of the engine: every client's call in flight.
+            "KZG_GATEWAY_AUTH__ENGINE_SHARE__CLIENT__MAX_IN_FLIGHT": str(max(args.concurrency, 16)),
         })  # fmt: skip
         if args.database_url:
             env.update({

@@ -64,6 +64,7 @@ from audit.note import NoteVerifier
 from audit.signing import NoteLogSigner
 from audit.tlog import Checkpoint, TlogProof, open_checkpoint, verify_inclusion_proof
 from gateway.db import make_engine, migrate
+from migrations import AUDIT_TARGETS
 
 ORIGIN = "bench.kzg-gateway.example/tree"
 SCHEME = "bench-tree-v1"  # bump when the entries or the layout change: the cache is rebuilt
@@ -208,7 +209,7 @@ async def build(server: PgServer, name: str, size: int, heads: int, rebuild: boo
         print(f"database {name} exists without a matching marker: rebuilding it")
     await server.drop(name)
     db = await server.create(name)
-    await migrate(db.owner_url, db.app.user, target="audit@head")
+    await migrate(db.owner_url, db.app.user, target=AUDIT_TARGETS)
     started = time.perf_counter()
     conn = await asyncpg.connect(**db.connect_kwargs(db.owner))
     try:

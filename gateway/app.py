@@ -54,6 +54,7 @@ from gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from gateway.openapi import RouteDoc, document_route, openapi_document
 from gateway.pool import EnginePool, PoolSettings
 from gateway.receipts import LogKeySigner, ReceiptResponse, list_log_keys, list_receipt_keys
+from gateway.sqlite_guard import guard_runtime
 from gateway.state import ServerState
 from gateway.tls import certificate_not_after, tls_files
 
@@ -421,11 +422,16 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[KZG_POOL] = pool
     # No statement waits on SQLite's lock longer than an answer may wait for its audit
     # record: a timed-out commit would otherwise hold its connection until the lock frees.
-    engine = make_engine(config.database_url, busy_timeout=settings.commit_timeout_seconds)
+    # The runtime's SQLite connections may not touch the retention floor nor the schema.
+    engine = guard_runtime(
+        make_engine(config.database_url, busy_timeout=settings.commit_timeout_seconds)
+    )
     app[DB_ENGINE] = engine
     # The writer's own connections: each group commit saves the pre-ping round trip.
-    writer_engine = make_engine(
-        config.database_url, busy_timeout=settings.commit_timeout_seconds, pre_ping=False
+    writer_engine = guard_runtime(
+        make_engine(
+            config.database_url, busy_timeout=settings.commit_timeout_seconds, pre_ping=False
+        )
     )
     signer = LogKeySigner(engine, app[MASTER_KEY], settings.origin)
     writer = AuditWriter(

@@ -1,7 +1,8 @@
 """``kzg-gateway audit verify|export|verify-receipt``: works without the server running.
 
 ``verify`` exits 0 when the log verifies and 1 when it does not, naming the first bad
-sequence number; 2 when the source cannot be read. It says whether the log keys were
+sequence number, or when no signature at all was checked (nothing proves who wrote the
+log); 2 when the source cannot be read. It says whether the log keys were
 pinned (``--key``) or read from the source itself, which proves much less.
 ``verify-receipt`` checks a saved receipt (or a whole KZG answer) offline, against
 pinned keys only: 0 valid, 1 invalid, 2 unreadable.
@@ -14,7 +15,6 @@ import asyncio
 import hashlib
 import json
 import sys
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -210,11 +210,6 @@ def _held_checkpoint(path: Path | None) -> str | None:
     return held
 
 
-def _lines(path: Path) -> Iterator[str]:
-    with path.open(encoding="utf-8") as handle:
-        yield from handle
-
-
 async def _with_engine(url: str, work: Any) -> Any:
     engine: AsyncEngine = create_async_engine(url)
     try:
@@ -235,7 +230,7 @@ def _verify(args: argparse.Namespace) -> VerifyReport:
     if args.export is not None:
         if args.sample is not None:
             raise SourceError("--sample needs a database (--db-url or --data-dir)")
-        return verify_export_lines(_lines(args.export), log_keys, held, floor, legacy_keys)
+        return verify_export_lines(args.export, log_keys, held, floor, legacy_keys)
     return asyncio.run(
         _with_engine(
             _database_url(args),
@@ -250,6 +245,11 @@ _KEYS_NOTE = {
     "(pin them with --key to prove more)",
     "export": "signatures checked against keys read from the export being verified "
     "(pin them with --key to prove more)",
+}
+_KEYS_SOURCE = {
+    "pinned": "the pinned keys",
+    "database": "the keys read from the database",
+    "export": "the keys read from the export",
 }
 _METHOD_NOTE = {
     "full": "every retained entry recomputed",
@@ -272,8 +272,17 @@ def run_verify(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     except (OSError, ValueError, KeyError, SQLAlchemyError) as exc:
         print(f"audit verify: cannot read the source: {exc}", file=sys.stderr)
         return EXIT_UNREADABLE
+    # Nothing signed was checked (an empty source, or keys that match nothing where no
+    # signature failed): the log is not verified, whatever else held.
+    unsigned = report.valid and report.signatures == 0
     if args.json:
         print(json.dumps(report.to_dict(), indent=2), file=out)
+    elif unsigned:
+        print(
+            f"audit log NOT VERIFIED: no signature was checked ({_KEYS_SOURCE[report.keys_source]}"
+            f" matched no signature of the source; tree size {report.tree_size})",
+            file=out,
+        )
     elif report.valid:
         root = report.to_dict()["head"]["root"]
         sampled = f" of {report.sampled} sampled" if report.method == "sample" else ""
@@ -292,7 +301,7 @@ def run_verify(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
             f"({report.checked} entries verified before it)",
             file=out,
         )
-    return EXIT_VALID if report.valid else EXIT_INVALID
+    return EXIT_VALID if report.valid and not unsigned else EXIT_INVALID
 
 
 async def _export(url: str, out: TextIO) -> int:

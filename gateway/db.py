@@ -14,7 +14,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from audit.models import metadata as audit_metadata
-from migrations import MIGRATIONS_DIR
+from migrations import MIGRATIONS_DIR, PREVIOUS_RELEASE_HEADS
 
 SQLITE_BUSY_TIMEOUT_SECONDS = 30.0
 # What an auditor may read beside the audit tables: the public half of the log and
@@ -99,9 +99,19 @@ def _grant_auditor(connection: Connection, role: str) -> None:
 
 
 def _upgrade(
-    connection: Connection, app_role: str | None, auditor_role: str | None, target: str
+    connection: Connection,
+    app_role: str | None,
+    auditor_role: str | None,
+    target: str | tuple[str, ...],
 ) -> None:
-    command.upgrade(alembic_config(connection, app_role), target)
+    config = alembic_config(connection, app_role)
+    targets = (target,) if isinstance(target, str) else target
+    if target == "heads":
+        # The lines after the previous release rely on its tables without depending on
+        # them (see PREVIOUS_RELEASE_HEADS): Alembic alone could run them first.
+        targets = (*PREVIOUS_RELEASE_HEADS, "heads")
+    for each in targets:
+        command.upgrade(config, each)
     _record_revisions(connection)
     if connection.dialect.name != "postgresql":
         return
@@ -115,10 +125,11 @@ def _upgrade(
 async def migrate(
     owner_url: str,
     app_role: str | None = None,
-    target: str = "heads",
+    target: str | tuple[str, ...] = "heads",
     auditor_role: str | None = None,
 ) -> None:
-    """Upgrade every branch to its head (or to ``target``, e.g. ``audit@head``) as the
+    """Upgrade every branch to its head (or to ``target``, one revision or several in
+    order, e.g. ``migrations.AUDIT_TARGETS``) as the
     schema owner; on PostgreSQL the migrations grant ``app_role`` only what the running
     gateway needs, and ``auditor_role`` SELECT on the audit tables only."""
     engine = make_engine(owner_url)

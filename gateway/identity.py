@@ -3,7 +3,6 @@ policies a configuration selects, and the mapping of identity errors to envelope
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
@@ -22,7 +21,7 @@ from gateway.audit_routes import event_from_context
 from gateway.config import Config
 from gateway.context import REQUEST_CONTEXT
 from gateway.errors import ApiError
-from gateway.limits import read_body
+from gateway.limits import JsonTooDeep, parse_json, read_body
 
 AUTH_SERVICE: web.AppKey[AuthService] = web.AppKey("auth_service", AuthService)
 # Seconds a client waits before retrying a request this instance cannot serve with its
@@ -98,7 +97,9 @@ async def json_body(request: web.Request, limit: int) -> dict[str, Any]:
         raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json")
     raw = await read_body(request, limit)
     try:
-        body = json.loads(raw)
+        body = parse_json(raw)
+    except JsonTooDeep as exc:
+        raise ApiError(400, "invalid_json", f"body: {exc}") from exc
     except ValueError as exc:
         raise ApiError(400, "invalid_json", "body: not valid JSON") from exc
     if not isinstance(body, dict):

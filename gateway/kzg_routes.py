@@ -10,7 +10,6 @@ of what each engine would have answered.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -22,9 +21,17 @@ from gateway.appkeys import CONFIG, KZG_POOL, METRICS
 from gateway.config import ConfigError
 from gateway.context import REQUEST_CONTEXT, RequestContext
 from gateway.errors import ApiError, bad_request
-from gateway.limits import read_body
+from gateway.limits import JsonTooDeep, parse_json, read_body
 from gateway.openapi import HEX, RouteDoc, document_route
-from gateway.pool import EngineDisagreement, Outcome, PoolClosed, PoolSaturated, WorkerCrashed
+from gateway.pool import (
+    ENGINE_SHARE,
+    EngineDisagreement,
+    Outcome,
+    PoolClosed,
+    PoolSaturated,
+    ShareExceeded,
+    WorkerCrashed,
+)
 from gateway.receipts import ReceiptResponse, input_digest, result_digest
 from kzg import Engine, KZGError
 from kzg.eip4844 import kzg_to_versioned_hash
@@ -211,8 +218,10 @@ def _parse_document(op: Operation, document: Mapping[str, Any], prefix: str = ""
 
 def _json_object(body: bytes) -> dict[str, Any]:
     try:
-        document = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        document = parse_json(body)
+    except JsonTooDeep as exc:
+        raise bad_request("invalid_json", f"the body {exc}") from None
+    except ValueError:
         raise bad_request("invalid_json", "the body is not valid JSON") from None
     if not isinstance(document, dict):
         raise bad_request("invalid_json", "the body must be a JSON object")
@@ -369,13 +378,21 @@ async def run_operations(
     """Run the calls in parallel in the worker pool; return, in order, each result or the
     KZGError that refused its input. What is the service's fault fails the whole request
     and no result leaves: a saturated pool (503, before anything runs), a lost worker
-    (503), engines that disagree (500). ``entries`` are the calls' audit details."""
+    (503), engines that disagree (500); past the caller's share of the engine it is 429,
+    before anything runs. ``entries`` are the calls' audit details."""
     if not calls:
         return []
     app, ctx = request.app, request[REQUEST_CONTEXT]
     pool, metrics = app[KZG_POOL], app[METRICS]
     try:
-        done = await pool.call_many([(op.call, args) for op, args in calls])
+        done = await pool.call_many(
+            [(op.call, args) for op, args in calls], request.get(ENGINE_SHARE)
+        )
+    except ShareExceeded as exc:
+        for op, _ in calls:
+            metrics.operations.labels(op.name, "shed").inc()
+        retry = str(pool.settings.retry_after_seconds)
+        raise ApiError(429, "engine_share_exceeded", str(exc), {"Retry-After": retry}) from None
     except PoolSaturated:
         for op, _ in calls:
             metrics.operations.labels(op.name, "shed").inc()

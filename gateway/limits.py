@@ -5,6 +5,7 @@ Every bound is a ``[server]`` key of the configuration."""
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -42,6 +43,46 @@ class ServerLimits:
                     raise ConfigError(f"[server] {item.name} must be positive, got {value}")
                 values[item.name] = value
         return cls(**values)
+
+
+# How deep a request's JSON may nest. Every route's document is at most four levels deep
+# (a batch: object, list, operation, list); the bound keeps a body of brackets from
+# exhausting the parser's stack (a RecursionError, once a 500).
+MAX_JSON_DEPTH = 32
+
+
+class JsonTooDeep(ValueError):
+    """A JSON document nested deeper than the bound."""
+
+    def __init__(self, max_depth: int) -> None:
+        super().__init__(f"nests deeper than {max_depth} levels")
+
+
+def _depth_exceeds(document: Any, limit: int) -> bool:
+    """Whether ``document`` nests more than ``limit`` containers deep (iterative, so that
+    the check itself cannot recurse too far)."""
+    stack: list[tuple[Any, int]] = [(document, 1)] if isinstance(document, dict | list) else []
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
+
+
+def parse_json(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``raw`` decoded as JSON: ValueError when it is not JSON, JsonTooDeep when it nests
+    deeper than ``max_depth`` (callers turn either into their 400 naming the body)."""
+    try:
+        document = json.loads(raw)
+    except RecursionError:
+        raise JsonTooDeep(max_depth) from None
+    # Fewer brackets than the bound cannot nest past it: most bodies skip the walk.
+    brackets = raw.count(b"[") + raw.count(b"{")
+    if brackets > max_depth and _depth_exceeds(document, max_depth):
+        raise JsonTooDeep(max_depth)
+    return document
 
 
 SERVER_LIMITS: web.AppKey[ServerLimits] = web.AppKey("server_limits", ServerLimits)

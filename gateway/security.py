@@ -43,6 +43,7 @@ from gateway.console.session import session_token
 from gateway.context import REQUEST_CONTEXT
 from gateway.errors import ApiError
 from gateway.identity import AUTH_SERVICE, count_logins, policies_for, to_api_error
+from gateway.pool import ENGINE_SHARE, EngineShare
 from gateway.receipts import list_log_keys
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -54,6 +55,7 @@ KEY_AGE: web.AppKey[Gauge] = web.AppKey("signing_key_age", Gauge)
 KEY_MAX_AGE: web.AppKey[Gauge] = web.AppKey("signing_key_max_age", Gauge)
 
 _NETWORKS = web.AppKey("ip_rules", tuple)
+_SHARES: web.AppKey[dict[str, int]] = web.AppKey("engine_shares", dict)
 log = logging.getLogger(__name__)
 
 
@@ -176,17 +178,22 @@ async def authorize(request: web.Request, handler: Handler) -> web.StreamRespons
     if principal is None:  # authenticate() refuses first; kept as a second lock
         raise ApiError(401, "unauthenticated", "credentials are required")
     if principal.kind == "user" and rbac.needs_mfa(principal.roles) and not principal.mfa:
+        # A refusal spends the caller's budget like any request (429 once it is spent):
+        # probing routes one may not call is not free.
+        _spend_rate_limit(request)
         ctx.detail["reason"] = "role requires MFA, token lacks it"
         raise ApiError(403, "mfa_required", "your role requires logging in with a one-time code")
     if not rbac.allows(principal.roles, ctx.route_name):
+        _spend_rate_limit(request)
         needed = rbac.permission_for(ctx.route_name) or "a permission no role holds"
         ctx.detail["reason"] = f"missing {needed}"
         raise ApiError(403, "forbidden", f"role {','.join(principal.roles)} lacks {needed}")
     return await handler(request)
 
 
-@web.middleware
-async def rate_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
+def _spend_rate_limit(request: web.Request) -> None:
+    """Take one token of the caller's bucket (the principal's, else the address's); 429
+    with Retry-After when it is spent."""
     ctx = request[REQUEST_CONTEXT]
     policy = request.app[SECURITY_POLICY]
     if ctx.principal is not None:
@@ -200,6 +207,30 @@ async def rate_limit(request: web.Request, handler: Handler) -> web.StreamRespon
         raise ApiError(
             429, "rate_limited", "rate limit exceeded", {"Retry-After": str(math.ceil(wait))}
         )
+
+
+def engine_shares(policy: SecurityPolicy) -> dict[str, int]:
+    """``[engine_share.<role>] max_in_flight``: the engine calls one principal of the role
+    may have in flight at once (the rate limit counts requests, not CPU seconds)."""
+    shares: dict[str, int] = {}
+    for role, spec in policy.data.get("engine_share", {}).items():
+        value = spec.get("max_in_flight") if isinstance(spec, dict) else None
+        if type(value) is not int or value < 1:
+            raise PolicyError(f"[engine_share.{role}] max_in_flight must be an integer >= 1")
+        shares[role] = value
+    return shares
+
+
+@web.middleware
+async def rate_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Spend the caller's token, and leave a principal's share of the engine (the highest
+    cap among its roles) for the KZG routes."""
+    _spend_rate_limit(request)
+    principal = request[REQUEST_CONTEXT].principal
+    if principal is not None:
+        caps = [cap for role, cap in request.app[_SHARES].items() if role in principal.roles]
+        if caps:
+            request[ENGINE_SHARE] = EngineShare(f"principal:{principal.id}", max(caps))
     return await handler(request)
 
 
@@ -247,6 +278,7 @@ def install(app: web.Application, config: Config) -> list[Any]:
     app[RBAC] = rbac
     app[SECURITY_POLICY] = policy
     app[RATE_LIMITER] = RateLimiter()
+    app[_SHARES] = engine_shares(policy)
     sync_seconds, horizon = _sharing_settings(policy)
     app[_NETWORKS] = (
         _networks(auth.get("allow_cidrs"), "allow_cidrs"),

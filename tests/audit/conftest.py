@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from audit.signing import NoteLogSigner
 from audit.writer import AuditWriter
 from gateway.db import make_engine, migrate
+from migrations import AUDIT_TARGETS
 from tests.conftest import PgDatabase
 
 __all__ = ["make_engine", "migrate_audit"]  # the audit tests import both from here
@@ -19,7 +20,7 @@ __all__ = ["make_engine", "migrate_audit"]  # the audit tests import both from h
 
 async def migrate_audit(owner_url: str, app_role: str | None = None) -> None:
     """Run the audit branch of the migrations as the owner role."""
-    await migrate(owner_url, app_role, target="audit@head")
+    await migrate(owner_url, app_role, target=AUDIT_TARGETS)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from audit.signing import NoteLogSigner
 from audit.tlog import Checkpoint
 from audit.writer import AuditWriter
 from gateway.db import migrate
+from migrations import AUDIT_TARGETS
 from tests.audit import reference_tlog as ref
 from tests.audit.conftest import TEST_ORIGIN, AuditStore, make_engine
 from tests.audit.helpers import make_event
@@ -46,7 +47,7 @@ async def migrated(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Audi
         store, role = AuditStore("postgresql", pg.owner_url, pg.app_url), pg.app_role
     await migrate(store.owner_url, role, target="audit@audit_0002")
     chain = await write_chain(store.owner_url, chain_events(MIGRATED), checkpoint_at=(MIGRATED,))
-    await migrate(store.owner_url, role, target="audit@head")
+    await migrate(store.owner_url, role, target=AUDIT_TARGETS)
     return store, chain
 
 

@@ -79,6 +79,7 @@ async def test_verify_database_then_export_file(
     code, _ = await _in_thread("audit", "export", "--db-url", url, "--output", str(export))
     assert code == EXIT_VALID
     last = json.loads(export.read_text().splitlines()[-1])
+    assert isinstance(last.pop("issued_at"), str)
     assert last == {"type": "checkpoint", "size": 7, "note": seven[-1].batch.checkpoint}
 
     code, out = await _in_thread(
@@ -320,3 +321,46 @@ def test_verify_receipt_of_the_first_release(
     assert code == EXIT_INVALID and "does not verify" in out
     assert _run("audit", "verify-receipt", str(saved))[0] == EXIT_UNREADABLE
     assert "--receipt-key" in capsys.readouterr().err
+
+
+async def test_verify_with_keys_that_check_nothing_fails(
+    audit_store: AuditStore, log_signer: NoteLogSigner
+) -> None:
+    """An empty log checks no signature: a junk pinned key must not pass for a proof."""
+    url = _sync_url(audit_store.app_url)
+    junk = NoteLogSigner.generate(TEST_ORIGIN).vkey
+    for key in (junk, log_signer.vkey):
+        code, out = await _in_thread("audit", "verify", "--db-url", url, "--key", key)
+        assert code == EXIT_INVALID, out
+        assert "no signature was checked" in out and "checked against" not in out
+    code, out = await _in_thread("audit", "verify", "--db-url", url, "--key", junk, "--json")
+    assert code == EXIT_INVALID and json.loads(out)["signatures"] == 0
+
+    await _append(audit_store.app_url, log_signer, range(1, 3))
+    code, out = await _in_thread("audit", "verify", "--db-url", url, "--key", junk)
+    assert code == EXIT_INVALID and "first bad seq 2" in out
+    code, out = await _in_thread("audit", "verify", "--db-url", url, "--key", log_signer.vkey)
+    assert code == EXIT_VALID and "against the pinned keys" in out
+
+
+async def test_verify_counts_only_entries_before_the_first_bad_seq(
+    audit_store: AuditStore, log_signer: NoteLogSigner
+) -> None:
+    """A damaged stored subtree is named at its first record while the walk goes on: the
+    count of entries verified before it cannot exceed what lies before it."""
+    engine = make_engine(audit_store.app_url)
+    writer = AuditWriter(engine, log_signer)
+    await writer.start()
+    try:
+        await asyncio.gather(*(writer.append(make_event(n)) for n in range(300)))
+    finally:
+        await writer.stop()
+        await engine.dispose()
+    await tamper(
+        audit_store,
+        ("UPDATE audit_tree SET hash = :h WHERE level = 8 AND idx = 0", {"h": b"\x07" * 32}),
+    )
+    url = _sync_url(audit_store.app_url)
+    code, out = await _in_thread("audit", "verify", "--db-url", url, "--key", log_signer.vkey)
+    assert code == EXIT_INVALID
+    assert "first bad seq 1:" in out and "(0 entries verified before it)" in out, out

@@ -30,8 +30,9 @@ from audit.models import audit_legacy_chain, audit_tree_heads, columns_for
 from audit.signing import NoteLogSigner, bls_signature_valid, legacy_checkpoint_message
 from audit.writer import AuditWriter
 from gateway.db import alembic_config, migrate
+from migrations import AUDIT_TARGETS
 from tests.audit import reference_tlog as ref
-from tests.audit.conftest import TEST_ORIGIN, AuditStore, make_engine
+from tests.audit.conftest import TEST_ORIGIN, AuditStore, make_engine, migrate_audit
 from tests.audit.helpers import BlsSigner, make_event
 from tests.audit.test_writer import (
     assert_one_tree,
@@ -42,7 +43,7 @@ from tests.audit.test_writer import (
 from tests.conftest import PgDatabase
 
 BEFORE_TREE = "audit@audit_0002"
-HEAD = "audit@head"
+HEAD = AUDIT_TARGETS
 TREE_TABLES = {
     "audit_events",
     "audit_tree",
@@ -189,9 +190,25 @@ async def test_head_has_the_tree_tables_and_audit_0003_cannot_be_undone(
         with pytest.raises(RuntimeError, match="not reversible"):
             async with engine.begin() as conn:
                 await conn.run_sync(_downgrade, "audit@audit_0002")
-        assert await _version(engine) == {"audit_0003"}
+        assert await _version(engine) == {"audit_0003", "audit_0004"}
         async with engine.connect() as conn:
             assert await conn.run_sync(_tables) == TREE_TABLES
+    finally:
+        await engine.dispose()
+
+
+async def test_audit_0004_goes_down_and_up_again(audit_store: AuditStore) -> None:
+    engine = make_engine(audit_store.owner_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(_downgrade, "audit_v2@base")
+        assert await _version(engine) == {"audit_0003"}
+    finally:
+        await engine.dispose()
+    await migrate_audit(audit_store.owner_url)
+    engine = make_engine(audit_store.owner_url)
+    try:
+        assert await _version(engine) == {"audit_0003", "audit_0004"}
     finally:
         await engine.dispose()
 

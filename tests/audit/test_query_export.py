@@ -121,6 +121,7 @@ async def test_export_carries_keys_entries_and_the_signed_checkpoint(
     events = items[3:-1]
     # Each entry is the logged entry itself: the bytes the tree hashed.
     assert events == [{"type": "event", "seq": r.seq, "entry": r.entry} for r in week_of_records]
+    assert isinstance(items[-1].pop("issued_at"), str)
     assert items[-1] == {
         "type": "checkpoint",
         "size": 21,

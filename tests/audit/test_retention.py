@@ -24,6 +24,7 @@ from audit.retention import RetentionPolicy, RetentionRefused, run_retention
 from audit.signing import NoteLogSigner, anchor_text
 from audit.writer import AuditWriter
 from gateway.db import migrate
+from migrations import AUDIT_TARGETS
 from tests.audit import reference_tlog as ref
 from tests.audit.conftest import TEST_ORIGIN, AuditStore, make_engine
 from tests.audit.helpers import make_event, tamper
@@ -159,7 +160,7 @@ async def fresh_migrated_chain(
         owner, app, role = pg.owner_url, pg.app_url, pg.app_role
     await migrate(owner, role, target="audit@audit_0002")
     chain = await write_chain(owner, [make_event(n, occurred_at=OLD) for n in range(5)])
-    await migrate(owner, role, target="audit@head")
+    await migrate(owner, role, target=AUDIT_TARGETS)
     engine = make_engine(app)
     yield engine, chain.entries
     await engine.dispose()

@@ -16,6 +16,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.events import format_timestamp
+from audit.merkle import EMPTY_ROOT
 from audit.models import audit_anchors, audit_events
 from audit.retention import (
     RetentionPolicy,
@@ -24,6 +25,8 @@ from audit.retention import (
     store_retention_policy,
 )
 from audit.signing import NoteLogSigner, anchor_text
+from audit.tlog import Checkpoint
+from audit.verify import verify_database
 from audit.writer import AuditWriter
 from auth.crypto import MasterKey
 from gateway.db import migrate
@@ -393,3 +396,46 @@ async def test_receipt_keys_of_the_first_release_stay_as_they_were(
     finally:
         await owner.dispose()
     assert [tuple(r) for r in stored] == [(legacy.key_id, legacy.public_key.hex())]
+
+
+async def test_the_head_cannot_be_rewritten_where_it_stands(
+    store: AuditStore, log_signer: NoteLogSigner
+) -> None:
+    """At size 0 (and at any size) neither another root can be signed at the head's size
+    nor the head row rewritten in place; signing the head as it is stays possible."""
+    engine = make_engine(store.app_url)
+    now = format_timestamp(datetime.now(UTC))
+    sign = (
+        "INSERT INTO audit_tree_heads (size, root, issued_at, key_id, note) "
+        "VALUES (0, :root, :now, 'k', 'n')"
+    )
+    try:
+        for statement, values in [
+            (sign, {"root": b"\x07" * 32, "now": now}),
+            ("UPDATE audit_log_head SET compact = :junk", {"junk": b"\x07" * 32}),
+            ("UPDATE audit_log_head SET root = :junk", {"junk": b"\x07" * 32}),
+        ]:
+            with pytest.raises(DBAPIError, match=r"refused|only moves"):
+                async with engine.begin() as conn:
+                    await conn.execute(text(statement), values)
+        empty = log_signer.sign_note(Checkpoint(log_signer.origin, 0, EMPTY_ROOT).text())
+        async with engine.begin() as conn:
+            await conn.execute(
+                text(sign.replace("'n'", ":note")), {"root": EMPTY_ROOT, "now": now, "note": empty}
+            )
+        async with engine.connect() as conn:
+            head = (
+                await conn.execute(text("SELECT size, root, compact FROM audit_log_head"))
+            ).one()
+        assert (head.size, bytes(head.root), bytes(head.compact)) == (0, EMPTY_ROOT, b"")
+        # The log then grows from the untouched head and verifies.
+        writer = AuditWriter(engine, log_signer)
+        await writer.start()
+        try:
+            await writer.append(make_event(1))
+        finally:
+            await writer.stop()
+        report = await verify_database(engine, [log_signer.vkey])
+        assert report.valid and (report.checked, report.tree_size) == (1, 1), report.reason
+    finally:
+        await engine.dispose()

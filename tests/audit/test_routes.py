@@ -40,6 +40,7 @@ from gateway.db import migrate
 from gateway.errors import ApiError
 from gateway.identity import AUTH_SERVICE
 from gateway.security import install
+from migrations import AUDIT_TARGETS
 from tests.audit import reference_tlog as ref
 from tests.audit.conftest import TEST_ORIGIN, AuditStore
 from tests.audit.helpers import make_event, tamper
@@ -63,8 +64,7 @@ async def audit_store(request: pytest.FixtureRequest, tmp_path: Path) -> AuditSt
     else:
         pg: PgDatabase = request.getfixturevalue("pg_database")
         store, role = AuditStore("postgresql", pg.owner_url, pg.app_url), pg.app_role
-    for branch in ("audit@head", "gateway@head"):
-        await migrate(store.owner_url, role, target=branch)
+    await migrate(store.owner_url, role, target=(*AUDIT_TARGETS, "gateway@head"))
     return store
 
 

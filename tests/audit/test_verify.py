@@ -275,7 +275,12 @@ async def test_an_empty_log_verifies(app_engine: AsyncEngine, log_signer: NoteLo
     report = await verify_database(app_engine, [log_signer.vkey])
     assert report.valid and (report.checked, report.head_size, report.tree_size) == (0, 0, 0)
     lines = await export_of(app_engine, log_signer)
-    assert items_of(lines)[-1] == {"type": "checkpoint", "size": 0, "note": None}
+    assert items_of(lines)[-1] == {
+        "type": "checkpoint",
+        "size": 0,
+        "note": None,
+        "issued_at": None,
+    }
     assert verify_export_lines(lines).valid
 
 
@@ -343,7 +348,7 @@ def _is_event(item: dict, above: int = 0) -> bool:
         (lambda items: items[:-1], 11, "truncated"),
         (lambda items: [i for i in items if not _is_event(i, 7)][:-1], 8, "truncated"),
         (lambda items: [i for i in items if not _is_event(i, 7)], 8, "missing"),
-        (lambda items: [*items, items[-2]], 11, "follows the final checkpoint"),
+        (lambda items: [*items, {"type": "event", "seq": 11, "entry": "{}"}], 11, "beyond"),
     ],
     ids=[
         "edit",
@@ -353,7 +358,7 @@ def _is_event(item: dict, above: int = 0) -> bool:
         "no-checkpoint",
         "truncated",
         "tail-dropped",
-        "line-after-checkpoint",
+        "event-after-checkpoint",
     ],
 )
 async def test_tampering_is_found_in_an_export(
@@ -462,7 +467,7 @@ def test_an_export_line_is_one_json_object(log_signer: NoteLogSigner) -> None:
         verify_export_lines([*lines[:2], "[1, 2]\n", *lines[2:]])
     among = [*lines[:4], json.dumps({"type": "anchor"}) + "\n", *lines[4:]]
     report = verify_export_lines(among)
-    assert not report.valid and "anchor line among the events" in (report.reason or "")
+    assert not report.valid and "retention anchor cannot be read" in (report.reason or "")
 
 
 # -- held checkpoints (consistency) ------------------------------------------------------
@@ -588,6 +593,66 @@ async def test_an_altered_anchor_fails(
     await tamper(audit_store, "UPDATE audit_anchors SET pruned = 3")
     report = await verify_database(app_engine, [log_signer.vkey])
     assert not report.valid and report.first_bad_seq == 5
+
+
+async def test_anchors_and_checkpoints_count_wherever_they_stand_in_an_export(
+    app_engine: AsyncEngine, log_signer: NoteLogSigner, pruned: list[AppendResult]
+) -> None:
+    items = items_of(await export_of(app_engine, log_signer))
+    anchors = [i for i in items if i["type"] == "anchor"]
+    final = items[-1]
+    header, rest = items[0], [i for i in items[1:-1] if i["type"] != "anchor"]
+    # The final checkpoint first, the anchor last, a genuine earlier checkpoint between
+    # the events (size 6: its root is compared when the walk reaches it).
+    middle = {"type": "checkpoint", "size": 6, "note": pruned[5].batch.checkpoint}
+    events = [i for i in rest if i["type"] == "event"]
+    others = [i for i in rest if i["type"] != "event"]
+    moved = [header, final, *others, events[0], events[1], middle, events[2], *anchors]
+    report = verify_export_lines(lines_of(moved), [log_signer.vkey])
+    assert report.valid, report.reason
+    assert (report.checked, report.head_size, report.anchors, report.checkpoints) == (3, 7, 1, 2)
+
+    # A checkpoint between the events that the entries do not lead to fails there.
+    forged_root = pruned[5].batch.tree.root()[::-1]
+    wrong = {
+        "type": "checkpoint",
+        "size": 6,
+        "note": log_signer.sign_note(Checkpoint(TEST_ORIGIN, 6, forged_root).text()),
+    }
+    report = verify_export_lines(lines_of([*moved[:-3], wrong, *moved[-2:]]), [log_signer.vkey])
+    assert not report.valid and report.first_bad_seq == 5, report.reason
+    assert "signed checkpoint at size 6" in (report.reason or "")
+
+
+async def test_a_retired_log_key_is_bounded_by_its_not_after(
+    audit_store: AuditStore,
+    app_engine: AsyncEngine,
+    log_signer: NoteLogSigner,
+    pruned: list[AppendResult],
+) -> None:
+    """The log's records declare log_signer retired on 2026-02-01: every tree head and
+    anchor it signed later (all of them, signed today) proves nothing, pinned or not."""
+    successor = NoteLogSigner.generate(TEST_ORIGIN)
+    assert (await verify_database(app_engine, [log_signer.vkey])).valid
+    await store_log_keys(audit_store, [log_signer.vkey, successor.vkey])
+    for pinned in (None, [log_signer.vkey]):
+        report = await verify_database(app_engine, pinned)
+        assert not report.valid, pinned
+        assert "retired at 2026-02-01T00:00:00.000000Z" in (report.reason or "")
+    items = items_of(await export_of(app_engine))
+    retired = next(i for i in items if i["type"] == "log_key" and i["vkey"] == log_signer.vkey)
+    assert retired["not_after"] == "2026-02-01T00:00:00.000000Z"
+    for pinned in (None, [log_signer.vkey]):
+        report = verify_export_lines(lines_of(items), pinned)
+        assert not report.valid and "retired at 2026-02-01" in (report.reason or "")
+    # Retired after it signed them: they verify; a checkpoint that states no time does not.
+    later = [
+        {**i, "not_after": "2099-01-01T00:00:00.000000Z"} if i is retired else i for i in items
+    ]
+    assert verify_export_lines(lines_of(later)).valid
+    undated = [*later[:-1], {k: v for k, v in later[-1].items() if k != "issued_at"}]
+    report = verify_export_lines(lines_of(undated))
+    assert not report.valid and "stating no issue time" in (report.reason or "")
 
 
 # -- the first release's hash chain ------------------------------------------------------

@@ -39,7 +39,7 @@ from audit.signing import NoteLogSigner
 from audit.writer import AppendResult, AuditWriter
 from tests.audit import reference_tlog as ref
 from tests.audit.conftest import TEST_ORIGIN, AuditStore, make_engine
-from tests.audit.helpers import make_event, sqlite_write_lock
+from tests.audit.helpers import make_event, sqlite_write_lock, tamper
 from tests.audit.proxy import CuttableProxy
 
 REPO = Path(__file__).resolve().parents[2]
@@ -844,10 +844,13 @@ async def test_a_compact_range_that_is_not_the_signed_trees_is_never_extended(
     """The head row is the one row the runtime role may update. A compact range rewritten
     at the same size and root would fork every later checkpoint: the writer refuses it."""
     before = await writer.append(make_event(1))
-    async with app_engine.begin() as conn:
-        await conn.execute(
-            audit_log_head.update().values(compact=bytes(32 * len(before.batch.tree.after.hashes)))
-        )
+    junk = bytes(32 * len(before.batch.tree.after.hashes))
+    # The database refuses the rewrite to the runtime role (audit_0004) ...
+    with pytest.raises(DBAPIError, match="refused"):
+        async with app_engine.begin() as conn:
+            await conn.execute(audit_log_head.update().values(compact=junk))
+    # ... and should the owner, guards off, rewrite it, the writer does not extend it.
+    await tamper(audit_store, ("UPDATE audit_log_head SET compact = :c", {"c": junk}))
     with pytest.raises(AuditUnavailable):
         await writer.append(make_event(2))
     async with app_engine.connect() as conn:

@@ -6,11 +6,12 @@ result, an audit record with the digest of each engine's answer, and a metric.""
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Any
 
 import pytest
 
-from gateway import pool as pool_module
+from gateway.appkeys import KZG_POOL
 from gateway.config import ConfigError
 from gateway.pool import EngineDisagreement, EnginePool, PoolSettings
 from kzg import KZGError
@@ -117,19 +118,14 @@ def _displaced(blob: bytes) -> bytes:
     return bytes(32) + blob[32:]
 
 
-class WrongCommitments:
-    """The real blspy engine, except that it commits to another blob than it was given:
-    a valid point, the wrong answer. Everything else is the engine itself."""
-
-    def __init__(self, engine: Any) -> None:
-        self._engine = engine
-        self.name = engine.name
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._engine, name)
-
-    def blob_to_kzg_commitment(self, blob: bytes) -> bytes:
-        return self._engine.blob_to_kzg_commitment(_displaced(blob))
+def commit_wrongly(engine: Any) -> int:
+    """Runs in a worker, on each of its engines: from then on its blspy engine commits to
+    another blob than it was given (a valid point, the wrong answer); everything else is
+    the engine itself."""
+    if engine.name == "blspy":
+        right = engine.blob_to_kzg_commitment
+        engine.blob_to_kzg_commitment = lambda blob: right(_displaced(blob))
+    return os.getpid()
 
 
 def _commitment_answer(commitment: bytes) -> dict[str, str]:
@@ -148,12 +144,13 @@ def _disagreements(metrics_page: str) -> dict[str, float]:
 
 
 async def test_a_wrong_commitment_is_never_answered(
-    start_gateway: StartGateway, monkeypatch: pytest.MonkeyPatch
+    start_gateway: StartGateway,
 ) -> None:
-    # Given workers whose blspy engine commits wrongly (forked workers inherit it) ...
-    faulty = WrongCommitments(pool_module.warm_engine("blspy"))
-    monkeypatch.setitem(pool_module._WARM_ENGINES, "blspy", faulty)
+    # Given workers whose blspy engine commits wrongly (each idle worker takes one call) ...
     gw = await start_gateway(engine={"name": "blspy", "cross_check": "ckzg"})
+    pool = gw.app[KZG_POOL]
+    installed = await pool.call_many([(commit_wrongly, ())] * pool.size)
+    assert len({done.value for done in installed}) == pool.size
     reference = reference_engine("ckzg")
     blob = make_blob(101)
     right = _commitment_answer(reference.blob_to_kzg_commitment(blob))

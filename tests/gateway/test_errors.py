@@ -152,3 +152,65 @@ async def test_a_path_decoding_to_nul_is_audited_without_failing_others(gateway:
     await _refused(gateway, response, body, 404, "not_found", "not_found")
     [record] = await gateway.audit_records(response.headers["X-Request-ID"])
     assert record["path"] == "/\\x00"
+
+
+def _nested(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+@pytest.mark.parametrize(
+    ("path", "role", "document"),
+    [
+        # Deeper than the interpreter's recursion limit: once a 500 RecursionError.
+        ("/v1/auth/login", None, _nested(2000)),
+        ("/v1/kzg/verify-proof", "client", _nested(2000)),
+        ("/v1/kzg/batch", "client", b'{"operations": ' + _nested(5000) + b"}"),
+        # Past the bound but parseable: refused all the same.
+        ("/v1/auth/login", None, b'{"username": ' + _nested(40) + b"}"),
+        ("/v1/kzg/verify-proof", "client", b'{"commitment": ' + _nested(40) + b"}"),
+    ],
+    ids=["login-2000", "kzg-2000", "batch-5000", "login-40", "kzg-40"],
+)
+async def test_deeply_nested_json_is_400_naming_the_body(
+    sqlite_gateway: Gateway, path: str, role: str | None, document: bytes
+) -> None:
+    response, body = await sqlite_gateway.request(
+        "POST", path, role=role, data=document, headers={"Content-Type": "application/json"}
+    )
+    error = await _refused(sqlite_gateway, response, body, 400, "invalid_json", "invalid")
+    assert "body" in error["message"] and "nests deeper than 32 levels" in error["message"]
+
+
+def test_json_within_the_depth_bound_parses() -> None:
+    from gateway.limits import MAX_JSON_DEPTH, JsonTooDeep, parse_json
+
+    assert parse_json(_nested(MAX_JSON_DEPTH)) is not None
+    assert parse_json(b'{"a": [' + b"[1]," * 100 + b"[2]]}")["a"][-1] == [2]
+    with pytest.raises(JsonTooDeep):
+        parse_json(_nested(MAX_JSON_DEPTH + 1))
+
+
+def test_every_request_body_is_parsed_by_the_bounded_parser() -> None:
+    """The server's modules decode JSON only through gateway.limits.parse_json, so that
+    no route (admin and identity routes included) parses a body without the bound. The
+    CLI and the client SDK read files and answers, not requests."""
+    import ast
+    from pathlib import Path
+
+    import gateway
+
+    root = Path(gateway.__file__).parent
+    offenders = []
+    for path in sorted(root.glob("*.py")):
+        if path.name.startswith("cli") or path.name == "limits.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("loads", "load")
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "json"
+            ):
+                offenders.append(f"{path.name}:{node.lineno}")
+    assert offenders == []

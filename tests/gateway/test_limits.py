@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 from auth.ratelimit import client_group
 from gateway.appkeys import METRICS
-from tests.gateway.conftest import Gateway, StartGateway
+from tests.gateway.conftest import CHEAP_ARGON2, Gateway, StartGateway
 
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n"
 
@@ -198,3 +198,27 @@ def test_the_per_address_limit_counts_an_ipv6_64_as_one_client() -> None:
     assert one == client_group("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
     assert client_group("2001:db8:1:3::1") != one
     assert client_group("::ffff:10.0.0.1") == client_group("10.0.0.1") == "10.0.0.1"
+
+
+async def test_authorization_refusals_spend_the_rate_limit(start_gateway: StartGateway) -> None:
+    """A client probing routes its role lacks pays for each 403 like any request: once its
+    budget is spent, even the routes it may call answer 429."""
+    gw = await start_gateway(
+        auth={**CHEAP_ARGON2, "ratelimit": {"client": {"rate": 0.01, "burst": 3}}}
+    )
+    statuses = []
+    for _ in range(3):
+        response, body = await gw.request("GET", "/v1/audit/events")
+        assert body["error"]["code"] in ("forbidden", "rate_limited")
+        statuses.append(response.status)
+    point, zero = "0xc0" + "00" * 47, "0x" + "00" * 32
+    allowed, body = await gw.post(
+        "/v1/kzg/verify-proof", {"commitment": point, "z": zero, "y": zero, "proof": point}
+    )
+    assert statuses == [403, 403, 403]
+    assert allowed.status == 429, body
+    assert int(allowed.headers["Retry-After"]) >= 1
+    refused, _ = await gw.request("GET", "/v1/audit/events")
+    assert refused.status == 429
+    [record] = await gw.audit_records(refused.headers["X-Request-ID"])
+    assert record["outcome"] == "rate_limited"

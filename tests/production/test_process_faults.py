@@ -292,8 +292,10 @@ def draining_gateway(tmp_path: Path, pg_database: PgDatabase) -> Iterator[Instan
         KZG_GATEWAY_DATABASE_APP_ROLE=pg_database.app_role,
         KZG_GATEWAY_SERVER__DRAIN_SECONDS=str(DRAIN_SECONDS),
         KZG_GATEWAY_SERVER__SHUTDOWN_TIMEOUT_SECONDS=str(SHUTDOWN_TIMEOUT_SECONDS),
-        # Room to queue the heavy requests behind the one worker instead of shedding them.
+        # Room to queue the heavy requests behind the one worker instead of shedding them,
+        # and for the one key sending them all to hold that many calls in flight.
         KZG_GATEWAY_POOL__MAX_QUEUE="64",
+        KZG_GATEWAY_AUTH__ENGINE_SHARE__CLIENT__MAX_IN_FLIGHT="64",
     )
     gateway = Instance("drain", tmp_path / "drain", free_port(), env)
     gateway.cli("init", "--json")
