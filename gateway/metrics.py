@@ -32,6 +32,11 @@ class GatewayMetrics:
     connections_refused: Counter
     password_hash_verifications: Counter
     engine_disagreements: Counter
+    breaker_state: Gauge
+    breaker_rejections: Counter
+    probes_unrecorded: Counter
+    readiness: Gauge
+    disk_free: Gauge
 
     @classmethod
     def create(cls) -> GatewayMetrics:
@@ -105,6 +110,35 @@ class GatewayMetrics:
                 "kzg_engine_disagreements",
                 "Results refused because the cross-check engine disagreed, by operation",
                 ["operation"],
+                registry=registry,
+            ),
+            breaker_state=Gauge(
+                "kzg_audit_breaker_state",
+                "Audit circuit breaker: 0 closed, 1 half-open (one trial commit), 2 open "
+                "(requests refused with 503 at once)",
+                registry=registry,
+            ),
+            breaker_rejections=Counter(
+                "kzg_audit_breaker_rejections",
+                "Requests refused at once (503 audit_unavailable) by the open audit breaker",
+                registry=registry,
+            ),
+            probes_unrecorded=Counter(
+                "kzg_probes_unrecorded",
+                "Probe and scrape requests answered without an audit record "
+                "([audit] record_probes = false)",
+                ["route"],
+                registry=registry,
+            ),
+            readiness=Gauge(
+                "kzg_readiness_check",
+                "Last result of each readiness check (1 passing, 0 failing)",
+                ["check"],
+                registry=registry,
+            ),
+            disk_free=Gauge(
+                "kzg_data_dir_free_bytes",
+                "Free space on the file system of the data directory (the SQLite database)",
                 registry=registry,
             ),
         )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import math
@@ -27,8 +28,10 @@ from prometheus_client import Gauge
 from sqlalchemy.exc import SQLAlchemyError
 
 from audit.events import parse_timestamp
+from auth.credentials import parse_api_key
 from auth.hashing import HashingBusy
 from auth.policy import PolicyError, RbacPolicy, SecurityPolicy
+from auth.principal import Principal
 from auth.ratelimit import RateLimiter, UsageExchange, client_group
 from auth.service import AuthError, AuthService
 from gateway import (
@@ -42,6 +45,7 @@ from gateway.context import REQUEST_CONTEXT
 from gateway.errors import ApiError
 from gateway.identity import AUTH_SERVICE, policies_for, to_api_error
 from gateway.receipts import list_log_keys
+from gateway.state import ProbeSettings
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -71,6 +75,22 @@ def _address_matches(addr: str | None, networks: tuple[Any, ...]) -> bool:
     return any(ip in net for net in networks)
 
 
+async def _cached_scraper(
+    request: web.Request, api_key: str | None, exc: Exception
+) -> Principal | None:
+    """During a database outage a scrape of /metrics is still answered for an API key
+    verified before it (metrics hold no secrets; every other route fails closed)."""
+    if (
+        request[REQUEST_CONTEXT].route_name != "metrics"
+        or api_key is None
+        or not isinstance(exc, SQLAlchemyError | OSError)  # a timeout is an OSError
+    ):
+        return None
+    return request.app[AUTH_SERVICE].cached_api_key_principal(
+        api_key, request[REQUEST_CONTEXT].client_addr
+    )
+
+
 def _is_public(request: web.Request, route: str | None) -> bool:
     return request.match_info.http_exception is not None or route in request.app[RBAC].public
 
@@ -89,6 +109,11 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     service = request.app[AUTH_SERVICE]
     api_key = request.headers.get("X-API-Key")
     authorization = request.headers.get("Authorization")
+    if authorization is not None and api_key is None:
+        # Scrapers send an API key as a bearer token (Prometheus' credentials_file).
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() == "bearer" and parse_api_key(token.strip()) is not None:
+            api_key, authorization = token.strip(), None
     try:
         if api_key is not None and authorization is not None:
             raise ApiError(
@@ -97,9 +122,17 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         if api_key is not None:
             # The failure budget is checked before argon2 is paid, not before a cached
             # key: a flood from a shared (NAT) address cannot lock out verified keys.
-            principal = await service.authenticate_api_key(
-                api_key, ctx.client_addr, lambda: _refuse_spent_failure_budget(request)
-            )
+            try:
+                # A scrape never waits on a database that does not answer.
+                async with asyncio.timeout(1.0 if ctx.route_name == "metrics" else None):
+                    principal = await service.authenticate_api_key(
+                        api_key, ctx.client_addr, lambda: _refuse_spent_failure_budget(request)
+                    )
+            except (SQLAlchemyError, OSError) as exc:
+                cached = await _cached_scraper(request, api_key, exc)
+                if cached is None:
+                    raise
+                principal = cached
             ctx.credential_ref = service.credential_ref("api_key", principal.id)
         elif authorization is not None:
             scheme, _, token = authorization.partition(" ")
@@ -236,6 +269,10 @@ def install(app: web.Application, config: Config) -> list[Any]:
     """Register the identity routes and resources; return the middlewares, in order."""
     rbac, policy = policies_for(config)
     auth = config.section("auth")
+    if ProbeSettings.from_sections(
+        config.section("server"), config.section("metrics")
+    ).metrics_public:
+        rbac = dataclasses.replace(rbac, public=rbac.public | {"metrics"})
     app[RBAC] = rbac
     app[SECURITY_POLICY] = policy
     app[RATE_LIMITER] = RateLimiter()

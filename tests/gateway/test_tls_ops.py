@@ -88,7 +88,7 @@ async def test_readyz_reports_each_dependency_and_turns_503_when_draining(
 async def test_metrics_count_operations_by_outcome(sqlite_gateway: Gateway) -> None:
     await sqlite_gateway.post("/v1/kzg/blob-to-commitment", {"blob": hx(make_blob(2))})
     await sqlite_gateway.post("/v1/kzg/blob-to-commitment", {"blob": "0x" + "ff" * 131072})
-    response, text = await sqlite_gateway.request("GET", "/metrics", role=None)
+    response, text = await sqlite_gateway.request("GET", "/metrics", role="monitor")
     assert response.status == 200
     metrics = text.decode()
     assert (
