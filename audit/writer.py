@@ -150,6 +150,8 @@ class AuditWriter:
         self._clock = clock
         # Told the outcome of every commit; its callers check it before doing any work.
         self.breaker = breaker
+        # time.monotonic() of the last failed commit: readiness turns false at once.
+        self.last_failure: float | None = None
         self._pending: list[_Pending] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -250,6 +252,7 @@ class AuditWriter:
                     await self._commit([item])
                 return
             self._healthy = False
+            self.last_failure = time.monotonic()
             if self.breaker is not None and not _values_refused(exc):
                 self.breaker.record_failure()
             if self._metrics:

@@ -302,9 +302,16 @@ def readiness(app: web.Application) -> tuple[bool, dict[str, Any]]:
     # A refresher stuck longer than its own timeouts allow says nothing about now.
     fresh = age is not None and age <= state.settings.readiness_interval_seconds + 10
     breaker = state.breaker.state
+    cached = dict(state.checks) if fresh else {"database": False}
+    writer = app[AUDIT_WRITER] if AUDIT_WRITER in app else None
+    if writer is not None and writer.last_failure is not None and state.checked_at is not None:
+        # A commit failed since the last check: not ready now, not at the next refresh.
+        cached["audit_writer"] = cached.get("audit_writer", False) and (
+            writer.last_failure < state.checked_at
+        )
     checks: dict[str, bool] = {
         "accepting": not state.draining,
-        **(state.checks if fresh else {"database": False}),
+        **cached,
         "pool": app[KZG_POOL].ready if KZG_POOL in app else False,
         "keys": app[LOG_SIGNER].ready if LOG_SIGNER in app else False,
         # Half-open stays ready: the trial commit needs a request to carry it.
