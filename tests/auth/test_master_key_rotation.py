@@ -179,7 +179,7 @@ async def test_a_gateway_left_on_the_old_key_refuses_until_restarted_with_the_ne
         await _assert_mismatch(gateway, response, body)
 
         # /readyz names the check that fails.
-        response, body = await gateway.request("GET", "/readyz", role=None)
+        response, body = await gateway.readyz()
         assert response.status == 503
         assert body["checks"]["master_key"] is False
         assert body["checks"]["database"] is True
@@ -223,7 +223,7 @@ async def test_a_gateway_left_on_the_old_key_refuses_until_restarted_with_the_ne
         assert after["check_value"] == new_key.check_value()
         assert await _open_all(engine, new_key) == _sealed_total(after)
         # The instance not yet restarted still refuses, and still reports not ready.
-        response, body = await gateway.request("GET", "/readyz", role=None)
+        response, body = await gateway.readyz()
         assert response.status == 503 and body["checks"]["master_key"] is False
     finally:
         await engine.dispose()
