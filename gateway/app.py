@@ -118,22 +118,22 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
         response.headers["X-Request-ID"] = request_id
         route = ctx.route_name or "unmatched"
         metrics.requests.labels(route, str(response.status)).inc()
+        fields = {
+            "request_id": request_id,
+            "method": ctx.method,
+            "path": ctx.path,
+            "route": route,
+            "status": response.status,
+            "latency_ms": round((time.perf_counter() - ctx.started) * 1000, 3),
+            "client": ctx.client_addr,
+            "tls": ctx.tls_version,
+            "actor": ctx.principal.id if ctx.principal else None,
+            "audit_seq": ctx.audit_seq,
+        }
+        # The text is the JSON object; the JSON log format lifts the fields to its top level.
         access_log.info(
-            json.dumps(
-                {
-                    "request_id": request_id,
-                    "method": ctx.method,
-                    "path": ctx.path,
-                    "route": route,
-                    "status": response.status,
-                    "latency_ms": round((time.perf_counter() - ctx.started) * 1000, 3),
-                    "client": ctx.client_addr,
-                    "tls": ctx.tls_version,
-                    "actor": ctx.principal.id if ctx.principal else None,
-                    "audit_seq": ctx.audit_seq,
-                },
-                separators=(",", ":"),
-            )
+            json.dumps(fields, separators=(",", ":")),
+            extra={"fields": fields, "summary": f"{ctx.method} {ctx.path} {response.status}"},
         )
         return response
     finally:
@@ -303,7 +303,7 @@ def readiness(app: web.Application) -> tuple[bool, dict[str, Any]]:
     fresh = age is not None and age <= state.settings.readiness_interval_seconds + 10
     breaker = state.breaker.state
     cached = dict(state.checks) if fresh else {"database": False}
-    writer = app[AUDIT_WRITER] if AUDIT_WRITER in app else None
+    writer = app.get(AUDIT_WRITER)
     if writer is not None and writer.last_failure is not None and state.checked_at is not None:
         # A commit failed since the last check: not ready now, not at the next refresh.
         cached["audit_writer"] = cached.get("audit_writer", False) and (

@@ -30,6 +30,12 @@ class JsonFormatter(logging.Formatter):
         request_id = REQUEST_ID.get()
         if request_id is not None:
             entry["request_id"] = request_id
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            # A structured line (the access log): its fields at the top level, not as
+            # JSON text inside the message.
+            entry["message"] = str(getattr(record, "summary", "request"))
+            entry.update({k: v for k, v in fields.items() if k not in entry})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         if record.stack_info:

@@ -25,7 +25,7 @@ async def test_tls12_only_client_is_refused(sqlite_gateway: Gateway) -> None:
 
 
 async def test_tls13_answers_with_request_id(sqlite_gateway: Gateway) -> None:
-    response, body = await sqlite_gateway.request("GET", "/openapi.json", role=None)
+    response, _ = await sqlite_gateway.request("GET", "/openapi.json", role=None)
     assert response.status == 200
     assert len(response.headers["X-Request-ID"]) == 32
     [record] = await sqlite_gateway.audit_records(response.headers["X-Request-ID"])
