@@ -24,7 +24,7 @@ class CircuitBreaker:
     def __init__(
         self,
         failure_threshold: int = 5,
-        recovery_timeout: float = 30.0,
+        recovery_timeout: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if failure_threshold < 1 or recovery_timeout <= 0:

@@ -34,7 +34,7 @@ class AuditSettings:
     max_batch: int = 2048
     record_probes: bool = False
     breaker_failure_threshold: int = 5
-    breaker_recovery_timeout_seconds: float = 30.0
+    breaker_recovery_timeout_seconds: float = 10.0
     retention_policy: Path = DEFAULT_RETENTION_POLICY
 
     def __post_init__(self) -> None:
