@@ -39,7 +39,7 @@ from gateway import (
     auth_routes,
     identity_jobs,  # noqa: F401  (importing registers the identity jobs)
 )
-from gateway.appkeys import DB_ENGINE, MASTER_KEY, METRICS
+from gateway.appkeys import DB_ENGINE, MASTER_KEY, METRICS, STATE
 from gateway.config import Config
 from gateway.context import REQUEST_CONTEXT
 from gateway.errors import ApiError
@@ -56,6 +56,9 @@ KEY_AGE: web.AppKey[Gauge] = web.AppKey("signing_key_age", Gauge)
 KEY_MAX_AGE: web.AppKey[Gauge] = web.AppKey("signing_key_max_age", Gauge)
 
 _NETWORKS = web.AppKey("ip_rules", tuple)
+# Answered from memory at a fixed small cost; a 429 to kubelet (probes share the node's
+# address with other clients) would restart a healthy pod or take it out of service.
+_PROBES = frozenset({"healthz", "readyz"})
 log = logging.getLogger(__name__)
 
 
@@ -75,16 +78,11 @@ def _address_matches(addr: str | None, networks: tuple[Any, ...]) -> bool:
     return any(ip in net for net in networks)
 
 
-async def _cached_scraper(
-    request: web.Request, api_key: str | None, exc: Exception
-) -> Principal | None:
-    """During a database outage a scrape of /metrics is still answered for an API key
-    verified before it (metrics hold no secrets; every other route fails closed)."""
-    if (
-        request[REQUEST_CONTEXT].route_name != "metrics"
-        or api_key is None
-        or not isinstance(exc, SQLAlchemyError | OSError)  # a timeout is an OSError
-    ):
+def _cached_scraper(request: web.Request, api_key: str | None) -> Principal | None:
+    """The principal of a /metrics scrape whose API key was verified before, without the
+    database: scrapes keep working through an outage (metrics hold no secrets; every
+    other route fails closed)."""
+    if request[REQUEST_CONTEXT].route_name != "metrics" or api_key is None:
         return None
     return request.app[AUTH_SERVICE].cached_api_key_principal(
         api_key, request[REQUEST_CONTEXT].client_addr
@@ -122,17 +120,21 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         if api_key is not None:
             # The failure budget is checked before argon2 is paid, not before a cached
             # key: a flood from a shared (NAT) address cannot lock out verified keys.
+            # While the audit store fails (breaker not closed) a scrape does not even try
+            # the database: a locked SQLite would hold it for the busy timeout.
+            cached = None
+            if request.app[STATE].breaker.state != "closed":
+                cached = _cached_scraper(request, api_key)
             try:
-                # A scrape never waits on a database that does not answer.
+                # Otherwise a scrape waits at most a second for a database that hangs.
                 async with asyncio.timeout(1.0 if ctx.route_name == "metrics" else None):
-                    principal = await service.authenticate_api_key(
+                    principal = cached or await service.authenticate_api_key(
                         api_key, ctx.client_addr, lambda: _refuse_spent_failure_budget(request)
                     )
-            except (SQLAlchemyError, OSError) as exc:
-                cached = await _cached_scraper(request, api_key, exc)
-                if cached is None:
+            except (SQLAlchemyError, OSError):  # a timeout is an OSError
+                principal = _cached_scraper(request, api_key)
+                if principal is None:
                     raise
-                principal = cached
             ctx.credential_ref = service.credential_ref("api_key", principal.id)
         elif authorization is not None:
             scheme, _, token = authorization.partition(" ")
@@ -213,6 +215,8 @@ async def authorize(request: web.Request, handler: Handler) -> web.StreamRespons
 @web.middleware
 async def rate_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
     ctx = request[REQUEST_CONTEXT]
+    if ctx.route_name in _PROBES:
+        return await handler(request)
     policy = request.app[SECURITY_POLICY]
     if ctx.principal is not None:
         key = f"principal:{ctx.principal.id}"

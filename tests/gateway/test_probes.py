@@ -161,3 +161,17 @@ def test_probe_settings_refuse_unknown_and_bad_values() -> None:
     with pytest.raises(ValueError, match=r"server\.readiness_interval_seconds"):
         ProbeSettings.from_sections({"readiness_interval_seconds": 0}, {})
     assert AuditSettings().record_probes is False
+
+
+async def test_probes_are_not_rate_limited(start_gateway: StartGateway) -> None:
+    from tests.gateway.conftest import CHEAP_ARGON2
+
+    limited = {"ratelimit": {"anonymous": {"rate": 0.1, "burst": 2}}}
+    gw = await start_gateway(auth={**CHEAP_ARGON2, **limited})
+    # Probes share the node's address with other clients: never a 429 to kubelet.
+    for _ in range(5):
+        for path in ("/healthz", "/readyz"):
+            response, _ = await gw.request("GET", path, role=None)
+            assert response.status == 200, path
+    statuses = [(await gw.request("GET", "/openapi.json", role=None))[0].status for _ in range(4)]
+    assert 429 in statuses, "other anonymous routes keep their limit"
