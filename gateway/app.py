@@ -65,7 +65,8 @@ access_log = logging.getLogger("kzg_gateway.access")
 log = logging.getLogger(__name__)
 
 # Routes anyone may call; everything else needs a credential (default deny).
-PUBLIC_ROUTES = frozenset({"healthz", "readyz", "metrics", "openapi", "receipt_keys", "log_keys"})
+# /metrics needs metrics:read unless ``[metrics] public = true``.
+PUBLIC_ROUTES = frozenset({"healthz", "readyz", "openapi", "receipt_keys", "log_keys"})
 _HTTP_CODES = {
     400: "bad_request",
     401: "unauthenticated",
@@ -220,10 +221,11 @@ def _breaker_refusal(app: web.Application, ctx: RequestContext) -> web.Response:
 async def deny_by_default(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Stands in for authentication when no security module is installed: only the
     public routes answer."""
-    if (
-        request[REQUEST_CONTEXT].route_name not in PUBLIC_ROUTES
-        and request.match_info.http_exception is None
-    ):
+    route = request[REQUEST_CONTEXT].route_name
+    public = route in PUBLIC_ROUTES or (
+        route == "metrics" and request.app[STATE].settings.metrics_public
+    )
+    if not public and request.match_info.http_exception is None:
         raise ApiError(401, "unauthenticated", "credentials are required for this route")
     return await handler(request)
 
@@ -372,10 +374,10 @@ def _operational_routes(app: web.Application) -> None:
     document_route(
         "metrics",
         RouteDoc(
-            summary="Prometheus metrics",
+            summary="Prometheus metrics; needs metrics:read (the monitor role) unless "
+            "[metrics] public = true",
             tags=("operations",),
-            public=True,
-            errors=(),
+            errors=(401,),
             response_schema={"type": "string"},
             response_type="text/plain",
         ),
