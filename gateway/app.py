@@ -336,8 +336,10 @@ async def metrics_handler(request: web.Request) -> web.Response:
     metrics = app[METRICS]
     metrics.queue_depth.set(app[KZG_POOL].queue_depth)
     metrics.breaker_state.set(STATE_VALUES[app[STATE].breaker.state])
-    with contextlib.suppress(OSError):
-        metrics.disk_free.set(free_bytes(_sqlite_dir(app[CONFIG]) or app[CONFIG].data_dir))
+    directory = _sqlite_dir(app[CONFIG])
+    if directory is not None:
+        with contextlib.suppress(OSError):
+            metrics.disk_free.labels(str(directory)).set(free_bytes(directory))
     readiness(app)  # the readiness gauges, from the cached checks
     return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 

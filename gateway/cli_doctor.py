@@ -150,11 +150,12 @@ class Doctor:
 
     async def _disk(self, result: Check) -> None:
         url = self.config.database_url
-        directory = (
-            Path(url.partition(":///")[2]).parent
-            if url.startswith("sqlite")
-            else self.config.data_dir
-        )
+        if not url.startswith("sqlite"):
+            # The database server's disk is not visible from here (its own monitoring
+            # watches it); nothing of the gateway's needs local space.
+            result.detail = "PostgreSQL: no local data to store"
+            return
+        directory = Path(url.partition(":///")[2]).parent
         settings = ProbeSettings.from_sections(
             self.config.section("server"), self.config.section("metrics")
         )
@@ -164,7 +165,7 @@ class Doctor:
             result.status = "fail"
             result.detail = f"less than server.min_free_disk_mib ({settings.min_free_disk_mib})"
         else:
-            result.detail = "enough free space"
+            result.detail = "enough free space for the SQLite database"
 
     async def _memory(self, result: Check) -> None:
         available = _meminfo_mib("MemAvailable")

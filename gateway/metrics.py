@@ -194,7 +194,9 @@ class GatewayMetrics:
             ),
             disk_free=Gauge(
                 "kzg_data_dir_free_bytes",
-                "Free space on the file system of the data directory (the SQLite database)",
+                "Free space on the file system of the SQLite database's directory (no series "
+                "on PostgreSQL)",
+                ["path"],
                 registry=registry,
             ),
         )

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from auth.crypto import MasterKey
-from tests.conftest import free_port
+from tests.conftest import PgDatabase, free_port
 
 CHECKS = ["config", "database", "schema", "master_key", "tls", "disk", "memory", "engine"]
 
@@ -69,3 +69,25 @@ def test_doctor_passes_on_an_initialised_instance_and_names_each_failure(tmp_pat
     assert checks["database"]["status"] == "fail" and checks["schema"]["status"] == "fail"
     assert checks["schema"]["detail"] == "skipped: the database does not answer"
     assert checks["config"]["status"] == "ok"
+
+
+def test_doctor_on_postgresql(tmp_path: Path, pg_database: PgDatabase) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KZG_GATEWAY_")}
+    env |= {
+        "KZG_GATEWAY_ENGINE__NAME": "ckzg",
+        "KZG_GATEWAY_DATABASE_URL": pg_database.app_url,
+        "KZG_GATEWAY_DATABASE_OWNER_URL": pg_database.owner_url,
+        "KZG_GATEWAY_DATABASE_APP_ROLE": pg_database.app_role,
+    }
+    data_dir = tmp_path / "data"
+    code, checks = _doctor(data_dir, env)
+    # Before init: no schema, no master key, no certificate; each named, none a traceback.
+    assert code == 1 and checks["database"]["status"] == "ok"
+    assert checks["schema"]["status"] == "fail" and "not current" in checks["schema"]["detail"]
+    assert checks["master_key"]["status"] == "fail"
+    assert checks["tls"]["status"] == "fail"
+    assert _run(data_dir, env, "init", "--json")[0] == 0
+    code, checks = _doctor(data_dir, env)
+    assert code == 0, checks
+    assert checks["config"]["detail"].endswith("(postgresql)")
+    assert checks["disk"]["detail"] == "PostgreSQL: no local data to store"
