@@ -26,7 +26,7 @@ class ProbeSettings:
     for the instance to be ready; ``[metrics] public``: /metrics without a credential."""
 
     readiness_interval_seconds: float = 2.0
-    min_free_disk_mib: int = 256
+    min_free_disk_mib: int = 32
     metrics_public: bool = False
 
     def __post_init__(self) -> None:

@@ -175,3 +175,17 @@ async def test_probes_are_not_rate_limited(start_gateway: StartGateway) -> None:
             assert response.status == 200, path
     statuses = [(await gw.request("GET", "/openapi.json", role=None))[0].status for _ in range(4)]
     assert 429 in statuses, "other anonymous routes keep their limit"
+
+
+async def test_readiness_needs_free_space_under_the_sqlite_directory(
+    start_gateway: StartGateway,
+) -> None:
+    # More than any disk here holds: the data directory counts as full.
+    gw = await start_gateway(server={"min_free_disk_mib": 2**40})
+    response, body = await gw.request("GET", "/readyz", role=None)
+    assert response.status == 503 and body["checks"]["disk"] is False
+    assert body["checks"]["database"] is True
+    _, metrics = await gw.request("GET", "/metrics", role="monitor")
+    free = re.search(rb'^kzg_data_dir_free_bytes\{path="[^"]+"\} (\S+)$', metrics, re.M)
+    assert free and float(free.group(1)) > 0
+    assert b'kzg_readiness_check{check="disk"} 0.0' in metrics
