@@ -20,7 +20,7 @@ from prometheus_client import Gauge
 
 # One grouping of client addresses for connection and rate limits.
 from auth.ratelimit import client_group
-from gateway.appkeys import METRICS
+from gateway.appkeys import METRICS, STATE
 from gateway.audit_routes import record
 from gateway.context import RequestContext
 from gateway.errors import AUDIT_DOWN, envelope
@@ -141,7 +141,11 @@ class _AuditedRefusal(web.Response):
         self.headers["X-Request-ID"] = self._ctx.request_id
 
     async def prepare(self, request: web.BaseRequest) -> Any:
-        if await record(self._app, self._ctx, self.status) is None:
+        # With the audit breaker open the store is known down: refuse without waiting.
+        if (
+            not self._app[STATE].breaker.allow()
+            or await record(self._app, self._ctx, self.status) is None
+        ):
             status, code, message = AUDIT_DOWN
             self.set_status(status)
             self._envelope(code, message)
