@@ -379,7 +379,7 @@ def _operational_routes(app: web.Application) -> None:
             summary="Prometheus metrics; needs metrics:read (the monitor role) unless "
             "[metrics] public = true",
             tags=("operations",),
-            errors=(401,),
+            errors=(400, 401, 503),
             response_schema={"type": "string"},
             response_type="text/plain",
         ),
