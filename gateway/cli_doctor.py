@@ -169,6 +169,10 @@ class Doctor:
 
     async def _memory(self, result: Check) -> None:
         available = _meminfo_mib("MemAvailable")
+        # In a container the cgroup's limit binds first; /proc/meminfo shows the host.
+        cgroup = _cgroup_available_mib()
+        if cgroup is not None:
+            available = cgroup if available is None else min(available, cgroup)
         result.values = {"available_mib": available}
         if available is None:
             result.status, result.detail = "warn", "/proc/meminfo has no MemAvailable"
@@ -207,6 +211,18 @@ def _meminfo_mib(key: str) -> int | None:
         if name == key:
             return int(value.split()[0]) // 1024
     return None
+
+
+def _cgroup_available_mib(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """memory.max - memory.current of this process's cgroup (v2); None without a limit."""
+    try:
+        limit = (root / "memory.max").read_text().strip()
+        used = int((root / "memory.current").read_text())
+    except (OSError, ValueError):
+        return None
+    if limit == "max":
+        return None
+    return max(0, int(limit) - used) // 2**20
 
 
 def run_doctor(args: argparse.Namespace) -> int:

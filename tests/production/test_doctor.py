@@ -91,3 +91,14 @@ def test_doctor_on_postgresql(tmp_path: Path, pg_database: PgDatabase) -> None:
     assert code == 0, checks
     assert checks["config"]["detail"].endswith("(postgresql)")
     assert checks["disk"]["detail"] == "PostgreSQL: no local data to store"
+
+
+def test_memory_check_reads_the_cgroup_limit(tmp_path: Path) -> None:
+    from gateway.cli_doctor import _cgroup_available_mib
+
+    (tmp_path / "memory.max").write_text(f"{2 * 2**30}\n")
+    (tmp_path / "memory.current").write_text(f"{2**30 + 2**29}\n")
+    assert _cgroup_available_mib(tmp_path) == 512
+    (tmp_path / "memory.max").write_text("max\n")
+    assert _cgroup_available_mib(tmp_path) is None
+    assert _cgroup_available_mib(tmp_path / "absent") is None
