@@ -1,7 +1,7 @@
 """Probes, scrapes and the audit breaker through an audit-store outage, and the audit-log
 volume that unrecorded probes save.
 
-    .venv/bin/python bench/outage_probes.py [--requests 200] [--data-dir DIR]
+    .venv/bin/python bench/outage_probes.py [--requests 200] [--data-dir DIR] [--postgresql]
 
 A real ``serve`` process on the embedded SQLite (ckzg, one worker). The outage: another
 process holds the database's write lock, so every commit waits out
@@ -42,7 +42,7 @@ from typing import Any
 
 import aiohttp
 import yaml
-from benchlib import REPO, machine_facts, percentile
+from benchlib import REPO, PgDatabase, PgServer, machine_facts, percentile
 
 from gateway.cli_audit import DEFAULT_DATABASE_FILE
 
@@ -234,14 +234,35 @@ async def outage(root: Path, n: int) -> None:
         gateway.stop()
 
 
-def _database_bytes(data_dir: Path) -> int:
+def _sqlite_bytes(data_dir: Path) -> int:
     database = data_dir / DATABASE
     with sqlite3.connect(database) as conn:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     return database.stat().st_size
 
 
-async def volume(root: Path, n: int) -> None:
+async def _postgresql_bytes(owner_url: str) -> int:
+    """The audit tables with their indexes and TOAST, as the owner sees them."""
+    from sqlalchemy import text
+
+    from gateway.db import make_engine
+
+    engine = make_engine(owner_url)
+    try:
+        async with engine.connect() as conn:
+            size = await conn.scalar(
+                text(
+                    "SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c "
+                    "WHERE c.relkind = 'r' AND c.relname IN "
+                    "('audit_events', 'audit_tree', 'audit_tree_heads', 'audit_log_head')"
+                )
+            )
+    finally:
+        await engine.dispose()
+    return int(size)
+
+
+async def volume(root: Path, n: int, pg: PgDatabase | None = None) -> None:
     from datetime import UTC, datetime
 
     from sqlalchemy import select
@@ -250,10 +271,26 @@ async def volume(root: Path, n: int) -> None:
     from audit.models import audit_events, entry_from_row
     from gateway.db import make_engine
 
-    gateway = Gateway(root / "volume", _env(KZG_GATEWAY_AUDIT__RECORD_PROBES="true"))
+    database = {}
+    if pg is not None:
+        database = {
+            "KZG_GATEWAY_DATABASE_URL": pg.app_url,
+            "KZG_GATEWAY_DATABASE_OWNER_URL": pg.owner_url,
+            "KZG_GATEWAY_DATABASE_APP_ROLE": pg.app.user,
+        }
+    name = "postgresql" if pg is not None else "sqlite"
+    gateway = Gateway(
+        root / f"volume-{name}", _env(KZG_GATEWAY_AUDIT__RECORD_PROBES="true", **database)
+    )
     gateway.cli("init", "--json")
     monitor = gateway.api_key("monitor")
-    before = _database_bytes(gateway.data_dir)
+
+    async def stored_bytes() -> int:
+        if pg is None:
+            return _sqlite_bytes(gateway.data_dir)
+        return await _postgresql_bytes(pg.owner_url)
+
+    before = await stored_bytes()
     await gateway.start()
     probes = ("/healthz", "/readyz", "/metrics")
     try:
@@ -266,8 +303,10 @@ async def volume(root: Path, n: int) -> None:
                     assert r.status == 200, (path, r.status)
     finally:
         gateway.stop()
-    after = _database_bytes(gateway.data_dir)
-    engine = make_engine(f"sqlite+aiosqlite:///{(gateway.data_dir / DATABASE).resolve()}")
+    after = await stored_bytes()
+    engine = make_engine(
+        pg.app_url if pg is not None else f"sqlite+aiosqlite:///{gateway.data_dir / DATABASE}"
+    )
     try:
         async with engine.connect() as conn:
             rows = (
@@ -290,19 +329,19 @@ async def volume(root: Path, n: int) -> None:
     per_database = (after - before) / records
     liveness, readiness, scrape = _periods()
     per_day = 86400 / liveness + 86400 / readiness + 86400 / scrape
-    print(f"probe records written one at a time: {records}")
+    print(f"{name}: probe records written one at a time: {records}")
     print(f"  canonical entry (leaf)   {per_entry:8.0f} bytes per record")
     print(f"  export                   {per_export:8.0f} bytes per record")
-    print(f"  SQLite growth            {per_database:8.0f} bytes per record (with its tree hashes")
+    print(f"  database growth          {per_database:8.0f} bytes per record (with its tree hashes")
     print("                                    and the signed tree head of its commit)")
     print(
         f"periods: liveness {liveness:g} s, readiness {readiness:g} s, scrape {scrape:g} s "
         f"-> {per_day:,.0f} records per pod per day"
     )
-    for name, size in (("entries", per_entry), ("export", per_export), ("database", per_database)):
+    for kind, size in (("entries", per_entry), ("export", per_export), ("database", per_database)):
         day = per_day * size
         print(
-            f"  saved per pod per day ({name:<8}) {day / 2**20:7.1f} MiB; "
+            f"  saved per pod per day ({kind:<8}) {day / 2**20:7.1f} MiB; "
             f"over a 7-year retention {day * 365.25 * 7 / 2**30:6.1f} GiB"
         )
 
@@ -325,6 +364,11 @@ async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=200, help="requests per figure")
     parser.add_argument("--data-dir", type=Path, help="where the gateways live (a temp dir)")
+    parser.add_argument(
+        "--postgresql",
+        action="store_true",
+        help="also measure the probe records on the PostgreSQL of KZG_TEST_PG_*",
+    )
     args = parser.parse_args()
     for line in machine_facts():
         print(line)
@@ -332,6 +376,14 @@ async def main() -> int:
         root = args.data_dir or Path(tmp)
         await outage(root, args.requests)
         await volume(root, 3 * args.requests)
+        if args.postgresql:
+            server = PgServer()
+            name = f"bench_probes_{os.getpid()}"
+            database = await server.create(name)
+            try:
+                await volume(root, 3 * args.requests, database)
+            finally:
+                await server.drop(name)
     return 0
 
 
