@@ -19,13 +19,22 @@ class AuditSettings:
     """``origin``: the log's name, the first line of every checkpoint and the name of its
     keys; ``checkpoint_interval_seconds``: how often a quiet log still gets a fresh signed
     tree head; ``retention_interval_seconds``: how often retention runs;
-    ``commit_timeout_seconds``: after this a waiting request gets 503."""
+    ``commit_timeout_seconds``: after this a waiting request gets 503;
+    ``record_probes``: whether liveness/readiness probes and metrics scrapes are written
+    to the log (by default they are only counted in metrics: ~26k records per pod and day
+    otherwise); ``breaker_failure_threshold``: consecutive failed commits after which
+    requests are refused at once (503) instead of each waiting out the commit timeout;
+    ``breaker_recovery_timeout_seconds``: how long the breaker stays open before one trial
+    commit decides whether it closes."""
 
     origin: str = DEFAULT_ORIGIN
     checkpoint_interval_seconds: float = 300.0
     retention_interval_seconds: float = 86400.0
     commit_timeout_seconds: float = 5.0
     max_batch: int = 2048
+    record_probes: bool = False
+    breaker_failure_threshold: int = 5
+    breaker_recovery_timeout_seconds: float = 10.0
     retention_policy: Path = DEFAULT_RETENTION_POLICY
 
     def __post_init__(self) -> None:
@@ -34,6 +43,10 @@ class AuditSettings:
                 raise ValueError(f"audit.{name} must be positive")
         if not 0 < self.commit_timeout_seconds <= 60:
             raise ValueError("audit.commit_timeout_seconds must be in (0, 60]")
+        if self.breaker_failure_threshold < 1:
+            raise ValueError("audit.breaker_failure_threshold must be at least 1")
+        if self.breaker_recovery_timeout_seconds <= 0:
+            raise ValueError("audit.breaker_recovery_timeout_seconds must be positive")
         if self.max_batch < 1:
             raise ValueError("audit.max_batch must be at least 1")
         if not self.origin or any(c.isspace() or c == "+" for c in self.origin):
@@ -56,8 +69,12 @@ class AuditSettings:
                 values[name] = Path(value)
             elif name == "origin":
                 values[name] = str(value)
-            elif name == "max_batch":
+            elif name in ("max_batch", "breaker_failure_threshold"):
                 values[name] = int(value)
+            elif name == "record_probes":
+                if not isinstance(value, bool):
+                    raise ValueError("audit.record_probes must be true or false")
+                values[name] = value
             else:
                 values[name] = float(value)
         return cls(**values)

@@ -29,6 +29,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from audit.breaker import CircuitBreaker
 from audit.chain import EntryTemplate
 from audit.errors import AuditUnavailable
 from audit.events import EVENT_FIELDS, AuditEvent, format_timestamp
@@ -170,6 +171,7 @@ class AuditWriter:
         commit_timeout: float = 5.0,
         metrics: AuditMetrics | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self._engine = engine
         self._signer = signer
@@ -177,6 +179,10 @@ class AuditWriter:
         self._commit_timeout = commit_timeout
         self._metrics = metrics
         self._clock = clock
+        # Told the outcome of every commit; its callers check it before doing any work.
+        self.breaker = breaker
+        # time.monotonic() of the last failed commit: readiness turns false at once.
+        self.last_failure: float | None = None
         self._pending: list[_Pending] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -291,6 +297,9 @@ class AuditWriter:
                     await self._commit([item])
                 return
             self._healthy = False
+            self.last_failure = time.monotonic()
+            if self.breaker is not None and not _values_refused(exc):
+                self.breaker.record_failure()
             if self._metrics:
                 self._metrics.failures.inc()
             log.warning("audit commit of %d records failed: %r", len(taken), exc)
@@ -303,6 +312,8 @@ class AuditWriter:
         if not self._healthy:
             log.info("audit store available; head at seq %d", results[-1][1].seq)
             self._healthy = True
+        if self.breaker is not None:
+            self.breaker.record_success()
         if self._metrics:
             self._metrics.batch_size.observe(len(taken))
             self._metrics.commit_latency.observe(self._clock() - started)

@@ -234,6 +234,19 @@ class ApiKeysMixin(ServiceCore):
                 )
         return cached.principal
 
+    def cached_api_key_principal(self, presented: str, client_addr: str | None) -> Principal | None:
+        """The principal of a key verified earlier and still in the cache, without the
+        revision check or the cache's freshness (both need the database); None when the
+        key was never verified here or has expired. For read-only routes while the
+        database is away."""
+        digest = hmac.new(self._cache_key, presented.encode(), hashlib.sha256).digest()
+        cached = self._key_cache.get(digest)
+        if cached is None or cached.expires_at <= self.now():
+            return None
+        if cached.networks and not _address_in(client_addr, cached.networks):
+            return None
+        return cached.principal
+
     async def _verify_api_key(
         self, presented: str, digest: bytes, before_hashing: Callable[[], None] | None
     ) -> _CachedKey:

@@ -18,12 +18,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from audit.breaker import STATE_VALUES, CircuitBreaker
 from audit.checkpoints import sign_head
 from audit.errors import AuditUnavailable
 from audit.events import parse_timestamp
@@ -50,12 +52,13 @@ from gateway.db import check_schema, make_engine
 from gateway.errors import AUDIT_DOWN, ApiError, envelope
 from gateway.jobs import JobContext, Scheduler, run_job
 from gateway.limits import SERVER_LIMITS, ServerLimits
+from gateway.logs import REQUEST_ID
 from gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from gateway.openapi import RouteDoc, document_route, openapi_document
 from gateway.pool import EnginePool, PoolSettings
 from gateway.receipts import LogKeySigner, ReceiptResponse, list_log_keys, list_receipt_keys
 from gateway.sqlite_guard import guard_runtime
-from gateway.state import ServerState
+from gateway.state import PROBE_ROUTES, ProbeSettings, ServerState, free_bytes
 from gateway.tls import certificate_not_after, tls_files
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -65,7 +68,8 @@ access_log = logging.getLogger("kzg_gateway.access")
 log = logging.getLogger(__name__)
 
 # Routes anyone may call; everything else needs a credential (default deny).
-PUBLIC_ROUTES = frozenset({"healthz", "readyz", "metrics", "openapi", "receipt_keys", "log_keys"})
+# /metrics needs metrics:read unless ``[metrics] public = true``.
+PUBLIC_ROUTES = frozenset({"healthz", "readyz", "openapi", "receipt_keys", "log_keys"})
 _HTTP_CODES = {
     400: "bad_request",
     401: "unauthenticated",
@@ -104,6 +108,7 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
     if supplied and _CLIENT_REQUEST_ID.match(supplied):
         ctx.detail["client_request_id"] = supplied
     request[REQUEST_CONTEXT] = ctx
+    REQUEST_ID.set(request_id)  # the task's own context: every log line of this request
     state = request.app[STATE]
     metrics = request.app[METRICS]
     state.enter()
@@ -117,22 +122,22 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
         response.headers["X-Request-ID"] = request_id
         route = ctx.route_name or "unmatched"
         metrics.requests.labels(route, str(response.status)).inc()
+        fields = {
+            "request_id": request_id,
+            "method": ctx.method,
+            "path": ctx.path,
+            "route": route,
+            "status": response.status,
+            "latency_ms": round((time.perf_counter() - ctx.started) * 1000, 3),
+            "client": ctx.client_addr,
+            "tls": ctx.tls_version,
+            "actor": ctx.principal.id if ctx.principal else None,
+            "audit_seq": ctx.audit_seq,
+        }
+        # The text is the JSON object; the JSON log format lifts the fields to its top level.
         access_log.info(
-            json.dumps(
-                {
-                    "request_id": request_id,
-                    "method": ctx.method,
-                    "path": ctx.path,
-                    "route": route,
-                    "status": response.status,
-                    "latency_ms": round((time.perf_counter() - ctx.started) * 1000, 3),
-                    "client": ctx.client_addr,
-                    "tls": ctx.tls_version,
-                    "actor": ctx.principal.id if ctx.principal else None,
-                    "audit_seq": ctx.audit_seq,
-                },
-                separators=(",", ":"),
-            )
+            json.dumps(fields, separators=(",", ":")),
+            extra={"fields": fields, "summary": f"{ctx.method} {ctx.path} {response.status}"},
         )
         return response
     finally:
@@ -179,6 +184,12 @@ async def audit_middleware(request: web.Request, handler: Handler) -> web.Stream
     ctx = request[REQUEST_CONTEXT]
     route = request.match_info.route
     ctx.route_name = route.name if route.resource is not None else None
+    state = request.app[STATE]
+    unrecorded = ctx.route_name in PROBE_ROUTES and not state.record_probes
+    # With the store failing, refuse before any work (no engine call, no argon2, no wait
+    # for the commit timeout). Probes that are not recorded need no store.
+    if not unrecorded and not state.breaker.allow():
+        return _breaker_refusal(request.app, ctx)
     try:
         response = await handler(request)
     except web.HTTPException as exc:
@@ -188,6 +199,13 @@ async def audit_middleware(request: web.Request, handler: Handler) -> web.Stream
     # A streamed answer (the audit export) was recorded before its first byte went out.
     if ctx.audit_seq is not None:
         return response
+    if unrecorded:
+        # A credential refused on /metrics is a security event and stays recorded.
+        if response.status not in (401, 403, 429):
+            request.app[METRICS].probes_unrecorded.labels(ctx.route_name).inc()
+            return response
+        if not state.breaker.allow():
+            return _breaker_refusal(request.app, ctx)
     appended = await record(request.app, ctx, response.status)
     if appended is None:
         return error_response(ctx.request_id, *AUDIT_DOWN, {"Retry-After": "1"})
@@ -196,14 +214,21 @@ async def audit_middleware(request: web.Request, handler: Handler) -> web.Stream
     return response
 
 
+def _breaker_refusal(app: web.Application, ctx: RequestContext) -> web.Response:
+    app[METRICS].breaker_rejections.inc()
+    retry = max(1, round(app[STATE].breaker.recovery_timeout))
+    return error_response(ctx.request_id, *AUDIT_DOWN, {"Retry-After": str(retry)})
+
+
 @web.middleware
 async def deny_by_default(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Stands in for authentication when no security module is installed: only the
     public routes answer."""
-    if (
-        request[REQUEST_CONTEXT].route_name not in PUBLIC_ROUTES
-        and request.match_info.http_exception is None
-    ):
+    route = request[REQUEST_CONTEXT].route_name
+    public = route in PUBLIC_ROUTES or (
+        route == "metrics" and request.app[STATE].settings.metrics_public
+    )
+    if not public and request.match_info.http_exception is None:
         raise ApiError(401, "unauthenticated", "credentials are required for this route")
     return await handler(request)
 
@@ -235,26 +260,92 @@ async def _database_answers(engine: AsyncEngine) -> bool:
     return True
 
 
-async def readyz(request: web.Request) -> web.Response:
-    app = request.app
-    checks = {
-        "accepting": not app[STATE].draining,
-        "database": await _probe(_database_answers(app[DB_ENGINE])),
-        "audit_writer": await app[AUDIT_WRITER].ready(),
-        "pool": app[KZG_POOL].ready,
-        "keys": app[LOG_SIGNER].ready,
+def _sqlite_dir(config: Config) -> Path | None:
+    """The directory of the SQLite database file; None on PostgreSQL."""
+    if not config.database_url.startswith("sqlite"):
+        return None
+    return Path(config.database_url.partition(":///")[2]).parent
+
+
+async def _database_checks(app: web.Application) -> dict[str, bool]:
+    """The readiness checks that need the database or the disk, run concurrently."""
+    engine = app[DB_ENGINE]
+    database, writer, master_key = await asyncio.gather(
+        _probe(_database_answers(engine)),
+        _probe(app[AUDIT_WRITER].ready()),
         # False once the master key was rotated under this process. Reported, not gating:
         # it still serves all that needs no secret (KZG, tokens, API keys) and answers 503
         # only to what does, so a rolling restart has no outage.
-        "master_key": await _probe(master_key_is_current(app[DB_ENGINE], app[MASTER_KEY])),
+        _probe(master_key_is_current(engine, app[MASTER_KEY])),
+    )
+    checks = {"database": database, "audit_writer": writer, "master_key": master_key}
+    directory = _sqlite_dir(app[CONFIG])
+    if directory is not None:
+        minimum = app[STATE].settings.min_free_disk_mib * 2**20
+        try:
+            checks["disk"] = free_bytes(directory) >= minimum
+        except OSError:
+            checks["disk"] = False
+    return checks
+
+
+async def _refresh_readiness(app: web.Application) -> None:
+    """Keep the readiness checks current, so /readyz never waits on the database."""
+    state = app[STATE]
+    while True:
+        await asyncio.sleep(state.settings.readiness_interval_seconds)
+        try:
+            state.store_checks(await _database_checks(app))
+        except Exception as exc:  # the loop must outlive any one failure
+            log.warning("readiness checks failed: %r", exc)
+            state.store_checks({"database": False})
+
+
+def readiness(app: web.Application) -> tuple[bool, dict[str, Any]]:
+    """The cached checks plus those that live in memory; stale cached checks fail."""
+    state = app[STATE]
+    age = state.checks_age()
+    # A refresher stuck longer than its own timeouts allow says nothing about now.
+    fresh = age is not None and age <= state.settings.readiness_interval_seconds + 10
+    breaker = state.breaker.state
+    cached = dict(state.checks) if fresh else {"database": False}
+    writer = app.get(AUDIT_WRITER)
+    if writer is not None and writer.last_failure is not None and state.checked_at is not None:
+        # A commit failed since the last check: not ready now, not at the next refresh.
+        cached["audit_writer"] = cached.get("audit_writer", False) and (
+            writer.last_failure < state.checked_at
+        )
+    checks: dict[str, bool] = {
+        "accepting": not state.draining,
+        **cached,
+        "pool": app[KZG_POOL].ready if KZG_POOL in app else False,
+        "keys": app[LOG_SIGNER].ready if LOG_SIGNER in app else False,
+        # Half-open stays ready: the trial commit needs a request to carry it.
+        "audit_breaker": breaker != "open",
     }
-    ready = all(value for name, value in checks.items() if name != "master_key")
-    return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
+    metrics = app[METRICS]
+    for name, passing in checks.items():
+        metrics.readiness.labels(name).set(1 if passing else 0)
+    detail = {"breaker": breaker, "checked_seconds_ago": None if age is None else round(age, 3)}
+    ready = all(passing for name, passing in checks.items() if name != "master_key")
+    return ready, {"checks": checks, **detail}
+
+
+async def readyz(request: web.Request) -> web.Response:
+    ready, detail = readiness(request.app)
+    return web.json_response({"ready": ready, **detail}, status=200 if ready else 503)
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    metrics = request.app[METRICS]
-    metrics.queue_depth.set(request.app[KZG_POOL].queue_depth)
+    app = request.app
+    metrics = app[METRICS]
+    metrics.queue_depth.set(app[KZG_POOL].queue_depth)
+    metrics.breaker_state.set(STATE_VALUES[app[STATE].breaker.state])
+    directory = _sqlite_dir(app[CONFIG])
+    if directory is not None:
+        with contextlib.suppress(OSError):
+            metrics.disk_free.labels(str(directory)).set(free_bytes(directory))
+    readiness(app)  # the readiness gauges, from the cached checks
     return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
 
@@ -290,10 +381,10 @@ def _operational_routes(app: web.Application) -> None:
     document_route(
         "metrics",
         RouteDoc(
-            summary="Prometheus metrics",
+            summary="Prometheus metrics; needs metrics:read (the monitor role) unless "
+            "[metrics] public = true",
             tags=("operations",),
-            public=True,
-            errors=(),
+            errors=(400, 401, 503),
             response_schema={"type": "string"},
             response_type="text/plain",
         ),
@@ -440,9 +531,11 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         max_batch=settings.max_batch,
         commit_timeout=settings.commit_timeout_seconds,
         metrics=app[METRICS].audit,
+        breaker=app[STATE].breaker,
     )
     scheduler: Scheduler | None = None
     refresher: asyncio.Task[None] | None = None
+    ready_task: asyncio.Task[None] | None = None
     with contextlib.suppress(OSError, ValueError):
         cert_file, _ = tls_files(config.section("tls"), config.data_dir)
         app[METRICS].tls_not_after.set(certificate_not_after(cert_file))
@@ -465,12 +558,15 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         if config.get("jobs", "enabled", True):
             scheduler.start()
         refresher = asyncio.create_task(_refresh_log_key(signer, config))
+        app[STATE].store_checks(await _database_checks(app))
+        ready_task = asyncio.create_task(_refresh_readiness(app))
         yield
     finally:
-        if refresher is not None:
-            refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await refresher
+        for task in (ready_task, refresher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if scheduler is not None:
             await scheduler.stop()
         await writer.stop()
@@ -510,7 +606,14 @@ def create_app(
     app[SERVER_LIMITS] = ServerLimits.from_config(config)
     app[MASTER_KEY] = master_key or load_master_key(config.data_dir)
     app[METRICS] = GatewayMetrics.create()
-    app[STATE] = ServerState()
+    audit = AuditSettings.from_mapping(config.section("audit"))
+    app[STATE] = ServerState(
+        breaker=CircuitBreaker(
+            audit.breaker_failure_threshold, audit.breaker_recovery_timeout_seconds
+        ),
+        record_probes=audit.record_probes,
+        settings=ProbeSettings.from_sections(config.section("server"), config.section("metrics")),
+    )
     app.cleanup_ctx.append(_resources)
     app.middlewares.append(console.console_pages)
     installer = security or _default_security()

@@ -24,7 +24,7 @@ from audit.query import MAX_LIMIT, EventQuery, query_events
 from audit.settings import AuditSettings
 from audit.verify import verify_database
 from audit.writer import AppendResult
-from gateway.appkeys import AUDIT_WRITER, CONFIG
+from gateway.appkeys import AUDIT_WRITER, CONFIG, METRICS
 from gateway.context import REQUEST_CONTEXT, RequestContext
 from gateway.errors import ApiError
 
@@ -174,6 +174,8 @@ async def verify(request: web.Request) -> web.Response:
         policy = AuditSettings.from_mapping(config.section("audit")).retention()
         floor = policy.cutoff(datetime.now(UTC))
     report = await verify_database(_engine(request), retention_floor=floor)
+    if METRICS in request.app:  # a failed verification pages (KzgAuditVerificationFailed)
+        request.app[METRICS].verifications.labels("valid" if report.valid else "invalid").inc()
     return web.json_response(report.to_dict())
 
 

@@ -34,9 +34,10 @@ from auth.crypto import (
 )
 from auth.policy import PolicyError
 from auth.service import record_master_key
-from gateway import cli_audit
+from gateway import cli_audit, cli_doctor
 from gateway.config import Config, ConfigError, cli_actor, load_config
 from gateway.db import SchemaNotCurrent, check_schema, current_heads, make_engine, migrate
+from gateway.logs import LOG_FORMATS, configure_logging
 from gateway.receipts import SEALED_SECRETS, ensure_log_key, load_log_signer
 from gateway.tls import DEV_TLS_DIR, ensure_dev_tls, server_ssl_context, tls_files
 
@@ -246,10 +247,11 @@ async def _check_master_key(config: Config, master_key: MasterKey) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    config = load_config(args.config, args.data_dir).with_overrides(
-        "server", host=args.host, port=args.port
-    )
+    configure_logging(args.log_format)
     try:
+        config = load_config(args.config, args.data_dir).with_overrides(
+            "server", host=args.host, port=args.port
+        )
         asyncio.run(serve(config))
     except (
         SchemaNotCurrent,
@@ -259,7 +261,8 @@ def run_serve(args: argparse.Namespace) -> int:
         OSError,
         SQLAlchemyError,
     ) as exc:
-        print(f"kzg-gateway serve: {_describe(exc)}", file=sys.stderr)
+        # Through the log handler: every line serve writes is in its log format.
+        log.error("kzg-gateway serve: %s", _describe(exc))
         return 1
     return 0
 
@@ -345,9 +348,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(serve_cmd)
     serve_cmd.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve_cmd.add_argument("--port", type=int, help="port (default 8443)")
+    serve_cmd.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="json",
+        help="json (one object per line, the default) or text for humans",
+    )
     serve_cmd.set_defaults(func=run_serve)
 
     cli_audit.register(commands)
+    cli_doctor.register(commands, _common)
     with contextlib.suppress(ImportError):
         from gateway import cli_admin
 

@@ -30,7 +30,18 @@ CONFIG_FILE = "config.toml"
 DEFAULT_DATA_DIR = Path(".kzg-gateway")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8443
-SECTIONS = ("server", "tls", "engine", "pool", "database", "audit", "auth", "ratelimit", "jobs")
+SECTIONS = (
+    "server",
+    "tls",
+    "engine",
+    "pool",
+    "database",
+    "audit",
+    "auth",
+    "ratelimit",
+    "jobs",
+    "metrics",
+)
 # Environment variables of the gateway that are not configuration keys.
 _NOT_CONFIG = {MASTER_KEY_ENV, f"{ENV_PREFIX}DATA_DIR", f"{ENV_PREFIX}CONFIG"}
 

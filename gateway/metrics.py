@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from prometheus_client import (
     CollectorRegistry,
@@ -12,10 +15,55 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from audit.metrics import AuditMetrics
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_PROC = Path("/proc")
+
+
+def _children_usage(parent: int) -> tuple[float, int]:
+    """CPU seconds and resident bytes of ``parent``'s child processes (the engine
+    workers), read from /proc; (0, 0) where there is no /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    page = os.sysconf("SC_PAGE_SIZE")
+    cpu, rss = 0.0, 0
+    try:
+        entries = [p for p in _PROC.iterdir() if p.name.isdigit()]
+    except OSError:
+        return cpu, rss
+    for entry in entries:
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        # The command name may hold spaces and parentheses: the fields follow the last ')'.
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[1]) != parent:
+            continue
+        cpu += (int(fields[11]) + int(fields[12])) / ticks
+        rss += int(fields[21]) * page
+    return cpu, rss
+
+
+class WorkersCollector(Collector):
+    """The engine workers' CPU and memory: ``process_*`` covers the server process only,
+    while the KZG work runs in its forked children."""
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        cpu, rss = _children_usage(os.getpid())
+        yield CounterMetricFamily(
+            "kzg_workers_cpu_seconds",
+            "CPU seconds used by the engine worker processes (user and system)",
+            value=cpu,
+        )
+        yield GaugeMetricFamily(
+            "kzg_workers_resident_memory_bytes",
+            "Resident memory of the engine worker processes",
+            value=rss,
+        )
 
 
 @dataclass(frozen=True)
@@ -32,12 +80,19 @@ class GatewayMetrics:
     connections_refused: Counter
     password_hash_verifications: Counter
     engine_disagreements: Counter
+    breaker_state: Gauge
+    breaker_rejections: Counter
+    probes_unrecorded: Counter
+    readiness: Gauge
+    disk_free: Gauge
+    verifications: Counter
 
     @classmethod
     def create(cls) -> GatewayMetrics:
         registry = CollectorRegistry()
         # process_resident_memory_bytes, process_cpu_seconds_total, open fds...
         ProcessCollector(registry=registry)
+        registry.register(WorkersCollector())
         return cls(
             registry=registry,
             operations=Counter(
@@ -107,7 +162,49 @@ class GatewayMetrics:
                 ["operation"],
                 registry=registry,
             ),
+            breaker_state=Gauge(
+                "kzg_audit_breaker_state",
+                "Audit circuit breaker: 0 closed, 1 half-open (one trial commit), 2 open "
+                "(requests refused with 503 at once)",
+                registry=registry,
+            ),
+            breaker_rejections=Counter(
+                "kzg_audit_breaker_rejections",
+                "Requests refused at once (503 audit_unavailable) by the open audit breaker",
+                registry=registry,
+            ),
+            probes_unrecorded=Counter(
+                "kzg_probes_unrecorded",
+                "Probe and scrape requests answered without an audit record "
+                "([audit] record_probes = false)",
+                ["route"],
+                registry=registry,
+            ),
+            readiness=Gauge(
+                "kzg_readiness_check",
+                "Last result of each readiness check (1 passing, 0 failing)",
+                ["check"],
+                registry=registry,
+            ),
+            verifications=Counter(
+                "kzg_audit_verifications",
+                "Audit log verifications run through GET /v1/audit/verify, by result",
+                ["result"],
+                registry=registry,
+            ),
+            disk_free=Gauge(
+                "kzg_data_dir_free_bytes",
+                "Free space on the file system of the SQLite database's directory (no series "
+                "on PostgreSQL)",
+                ["path"],
+                registry=registry,
+            ),
         )
+
+    def __post_init__(self) -> None:
+        # Exported at 0 from the start: the first failed verification is an increase.
+        for result in ("valid", "invalid"):
+            self.verifications.labels(result)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

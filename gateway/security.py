@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import math
@@ -28,8 +29,10 @@ from prometheus_client import Gauge
 from sqlalchemy.exc import SQLAlchemyError
 
 from audit.events import parse_timestamp
+from auth.credentials import parse_api_key
 from auth.hashing import HashingBusy
 from auth.policy import PolicyError, RbacPolicy, SecurityPolicy
+from auth.principal import Principal
 from auth.ratelimit import RateLimiter, UsageExchange, client_group
 from auth.service import AuthError, AuthService
 from gateway import (
@@ -37,7 +40,7 @@ from gateway import (
     auth_routes,
     identity_jobs,  # noqa: F401  (importing registers the identity jobs)
 )
-from gateway.appkeys import DB_ENGINE, MASTER_KEY, METRICS
+from gateway.appkeys import DB_ENGINE, MASTER_KEY, METRICS, STATE
 from gateway.config import Config
 from gateway.console.session import session_token
 from gateway.context import REQUEST_CONTEXT
@@ -45,6 +48,7 @@ from gateway.errors import ApiError
 from gateway.identity import AUTH_SERVICE, count_logins, policies_for, to_api_error
 from gateway.pool import ENGINE_SHARE, EngineShare
 from gateway.receipts import list_log_keys
+from gateway.state import ProbeSettings
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -56,6 +60,9 @@ KEY_MAX_AGE: web.AppKey[Gauge] = web.AppKey("signing_key_max_age", Gauge)
 
 _NETWORKS = web.AppKey("ip_rules", tuple)
 _SHARES: web.AppKey[dict[str, int]] = web.AppKey("engine_shares", dict)
+# Answered from memory at a fixed small cost; a 429 to kubelet (probes share the node's
+# address with other clients) would restart a healthy pod or take it out of service.
+_PROBES = frozenset({"healthz", "readyz"})
 log = logging.getLogger(__name__)
 
 
@@ -73,6 +80,17 @@ def _address_matches(addr: str | None, networks: tuple[Any, ...]) -> bool:
     except ValueError:
         return False
     return any(ip in net for net in networks)
+
+
+def _cached_scraper(request: web.Request, api_key: str | None) -> Principal | None:
+    """The principal of a /metrics scrape whose API key was verified before, without the
+    database: scrapes keep working through an outage (metrics hold no secrets; every
+    other route fails closed)."""
+    if request[REQUEST_CONTEXT].route_name != "metrics" or api_key is None:
+        return None
+    return request.app[AUTH_SERVICE].cached_api_key_principal(
+        api_key, request[REQUEST_CONTEXT].client_addr
+    )
 
 
 def _is_public(request: web.Request, route: str | None) -> bool:
@@ -95,6 +113,11 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     authorization = request.headers.get("Authorization")
     # The console's session cookie counts on /console/ only: the JSON API stays cookie-free.
     session = session_token(request)
+    if authorization is not None and api_key is None:
+        # Scrapers send an API key as a bearer token (Prometheus' credentials_file).
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() == "bearer" and parse_api_key(token.strip()) is not None:
+            api_key, authorization = token.strip(), None
     try:
         if api_key is not None and authorization is not None:
             raise ApiError(
@@ -103,9 +126,21 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         if api_key is not None:
             # The failure budget is checked before argon2 is paid, not before a cached
             # key: a flood from a shared (NAT) address cannot lock out verified keys.
-            principal = await service.authenticate_api_key(
-                api_key, ctx.client_addr, lambda: _refuse_spent_failure_budget(request)
-            )
+            # While the audit store fails (breaker not closed) a scrape does not even try
+            # the database: a locked SQLite would hold it for the busy timeout.
+            cached = None
+            if request.app[STATE].breaker.state != "closed":
+                cached = _cached_scraper(request, api_key)
+            try:
+                # Otherwise a scrape waits at most a second for a database that hangs.
+                async with asyncio.timeout(1.0 if ctx.route_name == "metrics" else None):
+                    principal = cached or await service.authenticate_api_key(
+                        api_key, ctx.client_addr, lambda: _refuse_spent_failure_budget(request)
+                    )
+            except (SQLAlchemyError, OSError):  # a timeout is an OSError
+                principal = _cached_scraper(request, api_key)
+                if principal is None:
+                    raise
             ctx.credential_ref = service.credential_ref("api_key", principal.id)
         elif authorization is not None:
             scheme, _, token = authorization.partition(" ")
@@ -195,6 +230,8 @@ def _spend_rate_limit(request: web.Request) -> None:
     """Take one token of the caller's bucket (the principal's, else the address's); 429
     with Retry-After when it is spent."""
     ctx = request[REQUEST_CONTEXT]
+    if ctx.route_name in _PROBES:
+        return
     policy = request.app[SECURITY_POLICY]
     if ctx.principal is not None:
         key = f"principal:{ctx.principal.id}"
@@ -275,6 +312,10 @@ def install(app: web.Application, config: Config) -> list[Any]:
     """Register the identity routes and resources; return the middlewares, in order."""
     rbac, policy = policies_for(config)
     auth = config.section("auth")
+    if ProbeSettings.from_sections(
+        config.section("server"), config.section("metrics")
+    ).metrics_public:
+        rbac = dataclasses.replace(rbac, public=rbac.public | {"metrics"})
     app[RBAC] = rbac
     app[SECURITY_POLICY] = policy
     app[RATE_LIMITER] = RateLimiter()

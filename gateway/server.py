@@ -20,13 +20,19 @@ from prometheus_client import Gauge
 
 # One grouping of client addresses for connection and rate limits.
 from auth.ratelimit import client_group
-from gateway.appkeys import METRICS
+from gateway.appkeys import METRICS, STATE
 from gateway.audit_routes import record
 from gateway.context import RequestContext
 from gateway.errors import AUDIT_DOWN, envelope
 from gateway.limits import SERVER_LIMITS, ServerLimits
 
 log = logging.getLogger(__name__)
+# Names the product only: no Python or aiohttp version for a scanner to match.
+SERVER_HEADER = "kzg-gateway"
+
+
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Server"] = SERVER_HEADER
 
 
 class _Admission(asyncio.Protocol):
@@ -124,6 +130,7 @@ class _AuditedRefusal(web.Response):
 
     def __init__(self, app: web.Application, ctx: RequestContext, status: int, message: str):
         super().__init__(status=status, content_type="application/json")
+        self.headers["Server"] = SERVER_HEADER
         self._app = app
         self._ctx = ctx
         self._envelope("malformed_request", message)
@@ -134,7 +141,11 @@ class _AuditedRefusal(web.Response):
         self.headers["X-Request-ID"] = self._ctx.request_id
 
     async def prepare(self, request: web.BaseRequest) -> Any:
-        if await record(self._app, self._ctx, self.status) is None:
+        # With the audit breaker open the store is known down: refuse without waiting.
+        if (
+            not self._app[STATE].breaker.allow()
+            or await record(self._app, self._ctx, self.status) is None
+        ):
             status, code, message = AUDIT_DOWN
             self.set_status(status)
             self._envelope(code, message)
@@ -161,7 +172,9 @@ class _GatewayRequestHandler(web.RequestHandler):
     ) -> web.StreamResponse:
         if not isinstance(exc, HttpProcessingError) or status != 400:
             # Not the parser's: aiohttp's own answer, and its log with the traceback.
-            return super().handle_error(request, status, exc, message)
+            response = super().handle_error(request, status, exc, message)
+            response.headers["Server"] = SERVER_HEADER
+            return response
         if request.writer.output_size > 0:  # the answer has started: only closing is left
             raise ConnectionError("response already started")
         ctx = RequestContext(
@@ -239,6 +252,8 @@ async def start_server(
     runner = web.AppRunner(
         app, handle_signals=False, shutdown_timeout=limits.shutdown_timeout_seconds
     )
+    if _server_header not in app.on_response_prepare:
+        app.on_response_prepare.append(_server_header)
     await runner.setup()
     site = GuardedSite(runner, host, port, ssl_context, handler_options)
     await site.start()

@@ -5,20 +5,25 @@
 # 2 on a usage error.
 #
 #   scripts/health-check.sh [--url https://host:8443] [--cacert FILE] [--timeout SECONDS]
+#                           [--token-file FILE]
 #
 # --cacert defaults to the dev CA that `kzg-gateway init` writes (./.kzg-gateway/tls/ca.pem);
-# KZG_GATEWAY_URL and KZG_GATEWAY_CACERT set the defaults too.
+# --token-file holds an API key of the monitor role (metrics:read), sent as a bearer token
+# as Prometheus does; without it /metrics must be public ([metrics] public = true).
+# KZG_GATEWAY_URL, KZG_GATEWAY_CACERT and KZG_GATEWAY_TOKEN_FILE set the defaults too.
 set -uo pipefail
 
 url=${KZG_GATEWAY_URL:-https://127.0.0.1:8443}
 cacert=${KZG_GATEWAY_CACERT:-.kzg-gateway/tls/ca.pem}
+token_file=${KZG_GATEWAY_TOKEN_FILE:-}
 timeout=5
 while [ $# -gt 0 ]; do
   case "$1" in
     --url) url=${2:?--url needs a value}; shift 2 ;;
     --cacert) cacert=${2:?--cacert needs a value}; shift 2 ;;
     --timeout) timeout=${2:?--timeout needs a value}; shift 2 ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    --token-file) token_file=${2:?--token-file needs a value}; shift 2 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -27,14 +32,23 @@ if [ ! -r "$cacert" ]; then
   exit 2
 fi
 
+if [ -n "$token_file" ] && [ ! -r "$token_file" ]; then
+  echo "token file not readable: $token_file (use --token-file)" >&2
+  exit 2
+fi
+
 failed=0
 body=$(mktemp)
-trap 'rm -f "$body"' EXIT
+headers=$(mktemp)
+chmod 600 "$headers"
+trap 'rm -f "$body" "$headers"' EXIT
+# The token goes through a header file, never the command line (visible in ps).
+[ -n "$token_file" ] && printf 'Authorization: Bearer %s\n' "$(tr -d '[:space:]' <"$token_file")" >"$headers"
 
 # fetch PATH: sets $status (HTTP status, 000 when the connection or TLS failed).
 fetch() {
   status=$(curl --silent --show-error --tlsv1.3 --cacert "$cacert" --max-time "$timeout" \
-    --output "$body" --write-out '%{http_code}' "$url$1" 2>"$body.err")
+    --header "@$headers" --output "$body" --write-out '%{http_code}' "$url$1" 2>"$body.err")
   [ -n "$status" ] || status=000
 }
 

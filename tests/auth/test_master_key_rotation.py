@@ -182,7 +182,7 @@ async def test_a_gateway_left_on_the_old_key_refuses_until_restarted_with_the_ne
         # No outage: the old-key instance stays ready (naming the outdated key) and
         # serves everything that needs no secret: KZG with a receipt (its log key is
         # in memory), API keys, and the bearer token of a person already logged in.
-        response, body = await gateway.request("GET", "/readyz", role=None)
+        response, body = await gateway.readyz()
         assert response.status == 200, body
         assert body["checks"]["master_key"] is False
         assert body["checks"]["database"] is True
@@ -236,7 +236,7 @@ async def test_a_gateway_left_on_the_old_key_refuses_until_restarted_with_the_ne
         # The instance not yet restarted still refuses what needs a secret, still ready.
         response, body = await _login(gateway, mira)
         await _assert_mismatch(gateway, response, body)
-        response, body = await gateway.request("GET", "/readyz", role=None)
+        response, body = await gateway.readyz()
         assert response.status == 200 and body["checks"]["master_key"] is False
     finally:
         await engine.dispose()

@@ -227,7 +227,10 @@ def test_shipped_policy_is_strong() -> None:
     rbac, policy = load_policies()
     assert policy.get("passwords", "memory_kib") >= 19456  # OWASP argon2id minimum
     assert not rbac.roles["client"].mfa
-    assert all(r.mfa for name, r in rbac.roles.items() if name != "client")
+    # Machine-only roles without a second factor: client computes, monitor only scrapes.
+    assert all(r.mfa for name, r in rbac.roles.items() if name not in ("client", "monitor"))
+    assert rbac.roles["monitor"].permissions == {"metrics:read", "log:read"}
+    assert rbac.permission_for("metrics") == "metrics:read" and "metrics" not in rbac.public
     assert not rbac.roles["admin"].api_keys and not rbac.roles["key_admin"].api_keys
     # Least privilege: an auditor computes nothing, a client reads no audit, nobody alters it.
     assert not {"kzg:compute", "kzg:verify"} & rbac.roles["auditor"].permissions

@@ -28,15 +28,25 @@ async def _health_check(*args: str) -> tuple[int, str]:
     return process.returncode or 0, out.decode()
 
 
-async def test_health_check_passes_on_a_healthy_gateway(start_gateway: StartGateway) -> None:  # noqa: F811
+async def test_health_check_passes_on_a_healthy_gateway(
+    start_gateway: StartGateway,  # noqa: F811
+    tmp_path: Path,
+) -> None:
     gw = await start_gateway(security=install, auth=CHEAP_ARGON2)
-    code, out = await _health_check("--url", gw.url, "--cacert", str(gw.ca_file))
+    token = tmp_path / "metrics-token"
+    token.write_text(await gw.api_key("monitor") + "\n")
+    base = ("--url", gw.url, "--cacert", str(gw.ca_file))
+    code, out = await _health_check(*base, "--token-file", str(token))
     assert code == 0, out
     assert [line.split()[:2] for line in out.splitlines()] == [
         ["ok", "healthz"],
         ["ok", "readyz"],
         ["ok", "metrics"],
     ]
+    # /metrics needs the monitor's credential: without it the check fails on 401.
+    code, out = await _health_check(*base)
+    assert code == 1, out
+    assert "FAIL metrics (HTTP 401" in out
 
 
 async def test_health_check_fails_when_nothing_answers(tmp_path: Path) -> None:
@@ -51,7 +61,7 @@ async def test_health_check_fails_when_nothing_answers(tmp_path: Path) -> None:
 
 async def test_alert_rules_use_metrics_the_gateway_serves(start_gateway: StartGateway) -> None:  # noqa: F811
     gw = await start_gateway(security=install, auth=CHEAP_ARGON2)
-    response, body = await gw.request("GET", "/metrics", role=None)
+    response, body = await gw.request("GET", "/metrics", role="monitor")
     assert response.status == 200
     text = body.decode() if isinstance(body, bytes) else str(body)
     families = set(re.findall(r"^# TYPE (\w+) (\w+)$", text, re.MULTILINE))

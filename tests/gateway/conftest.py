@@ -8,8 +8,10 @@ on a real PostgreSQL, with the real security module, helpers for authenticated c
 
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,7 @@ from sqlalchemy import select
 from audit.models import audit_events
 from auth.crypto import MasterKey
 from gateway.app import create_app
+from gateway.appkeys import STATE
 from gateway.config import Config
 from gateway.db import make_engine
 from gateway.identity import AUTH_SERVICE
@@ -94,6 +97,16 @@ class Gateway:
             raw = await response.read()
         body = json.loads(raw) if response.content_type == "application/json" else raw
         return response, body
+
+    async def readyz(self, timeout: float = 15.0) -> tuple[aiohttp.ClientResponse, Any]:
+        """/readyz once its checks were refreshed after this call: it answers from checks
+        the gateway refreshes in the background, so a change shows at the next refresh."""
+        state = self.app[STATE]
+        since = time.monotonic()
+        while state.checked_at is None or state.checked_at <= since:
+            assert time.monotonic() - since < timeout, "readiness checks are not refreshed"
+            await asyncio.sleep(0.05)
+        return await self.request("GET", "/readyz", role=None)
 
     async def post(self, path: str, body: Any, **kwargs: Any) -> tuple[aiohttp.ClientResponse, Any]:
         return await self.request("POST", path, json_body=body, **kwargs)

@@ -33,7 +33,7 @@ async def test_every_request_is_one_record_and_the_chain_verifies(gateway: Gatew
         ("POST", "/v1/kzg/blob-to-commitment", {"blob": hx(BLOB)}, None, 401),
         ("GET", "/v1/nowhere", None, "client", 404),
         ("DELETE", "/v1/kzg/verify-proof", None, "client", 405),
-        ("GET", "/healthz", None, None, 200),
+        ("GET", "/openapi.json", None, None, 200),
         ("GET", "/v1/keys/receipts", None, None, 200),
         ("GET", "/v1/log/keys", None, None, 200),
         ("GET", "/v1/log/checkpoint", None, None, 401),

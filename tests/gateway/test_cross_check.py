@@ -212,7 +212,7 @@ async def test_a_wrong_commitment_is_never_answered(
     assert (response.status, answer["error"]["code"]) == (400, "invalid_blob")
 
     # Every disagreement counts, by operation; the others are exported at zero.
-    response, page = await gw.request("GET", "/metrics", role=None)
+    response, page = await gw.request("GET", "/metrics", role="monitor")
     counted = _disagreements(page.decode())
     assert counted["blob_to_kzg_commitment"] == 2.0
     assert counted["compute_cells_and_kzg_proofs"] == 1.0

@@ -25,8 +25,8 @@ async def test_tls12_only_client_is_refused(sqlite_gateway: Gateway) -> None:
 
 
 async def test_tls13_answers_with_request_id(sqlite_gateway: Gateway) -> None:
-    response, body = await sqlite_gateway.request("GET", "/healthz", role=None)
-    assert response.status == 200 and body == {"status": "ok"}
+    response, _ = await sqlite_gateway.request("GET", "/openapi.json", role=None)
+    assert response.status == 200
     assert len(response.headers["X-Request-ID"]) == 32
     [record] = await sqlite_gateway.audit_records(response.headers["X-Request-ID"])
     assert record["tls_version"] == "TLSv1.3"
@@ -59,7 +59,7 @@ async def test_mtls_requires_a_client_certificate_from_the_client_ca(
     with_cert.load_cert_chain(tmp_path / "client.pem", tmp_path / "client.key")
     async with (
         aiohttp.ClientSession() as session,
-        session.get(f"{gw.url}/healthz", ssl=with_cert) as response,
+        session.get(f"{gw.url}/openapi.json", ssl=with_cert) as response,
     ):
         assert response.status == 200
         request_id = response.headers["X-Request-ID"]
@@ -79,6 +79,8 @@ async def test_readyz_reports_each_dependency_and_turns_503_when_draining(
         "pool": True,
         "keys": True,
         "master_key": True,
+        "disk": True,
+        "audit_breaker": True,
     }
     sqlite_gateway.app[STATE].draining = True
     response, body = await sqlite_gateway.request("GET", "/readyz", role=None)
@@ -88,7 +90,7 @@ async def test_readyz_reports_each_dependency_and_turns_503_when_draining(
 async def test_metrics_count_operations_by_outcome(sqlite_gateway: Gateway) -> None:
     await sqlite_gateway.post("/v1/kzg/blob-to-commitment", {"blob": hx(make_blob(2))})
     await sqlite_gateway.post("/v1/kzg/blob-to-commitment", {"blob": "0x" + "ff" * 131072})
-    response, text = await sqlite_gateway.request("GET", "/metrics", role=None)
+    response, text = await sqlite_gateway.request("GET", "/metrics", role="monitor")
     assert response.status == 200
     metrics = text.decode()
     assert (
