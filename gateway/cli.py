@@ -252,6 +252,11 @@ def run_serve(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.data_dir).with_overrides(
             "server", host=args.host, port=args.port
         )
+    except (ConfigError, PolicyError) as exc:
+        # Exit 2 like every command's configuration error, in serve's log format.
+        log.error("kzg-gateway: %s", exc)
+        return 2
+    try:
         asyncio.run(serve(config))
     except (
         SchemaNotCurrent,

@@ -83,7 +83,7 @@ def test_doctor_on_postgresql(tmp_path: Path, pg_database: PgDatabase) -> None:
     code, checks = _doctor(data_dir, env)
     # Before init: no schema, no master key, no certificate; each named, none a traceback.
     assert code == 1 and checks["database"]["status"] == "ok"
-    assert checks["schema"]["status"] == "fail" and "not current" in checks["schema"]["detail"]
+    assert checks["schema"]["status"] == "fail" and "schema is behind this release" in checks["schema"]["detail"]
     assert checks["master_key"]["status"] == "fail"
     assert checks["tls"]["status"] == "fail"
     assert _run(data_dir, env, "init", "--json")[0] == 0
