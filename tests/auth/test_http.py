@@ -24,7 +24,12 @@ from gateway.db import make_engine
 from gateway.identity import AUTH_SERVICE
 from gateway.security import install
 from tests.auth.conftest import CHEAP_ARGON2, tokens_to_refuse
-from tests.gateway.conftest import Gateway, StartGateway, start_gateway  # noqa: F401
+from tests.gateway.conftest import (  # noqa: F401
+    GENEROUS_LIMITS,
+    Gateway,
+    StartGateway,
+    start_gateway,
+)
 
 RBAC, _ = load_policies()
 # The identity point proves p(0) = 0 for the zero polynomial: valid, and cheap to check.
@@ -76,7 +81,10 @@ async def _identities(gw: Gateway) -> Identities:
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def secured(request: pytest.FixtureRequest, start_gateway: StartGateway) -> Gateway:  # noqa: F811
     database = request.getfixturevalue("pg_database") if request.param == "postgresql" else None
-    return await start_gateway(database, security=install, auth=CHEAP_ARGON2)
+    # The matrix sends a burst per identity, and refusals spend the rate limit too.
+    return await start_gateway(
+        database, security=install, auth={**CHEAP_ARGON2, "ratelimit": GENEROUS_LIMITS}
+    )
 
 
 def _route_requests(gw: Gateway) -> dict[str, tuple[str, str]]:

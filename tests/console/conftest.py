@@ -35,15 +35,11 @@ from gateway.identity import AUTH_SERVICE
 from gateway.server import start_server
 from gateway.tls import server_ssl_context
 from tests.conftest import REPO, PgDatabase, missing
-from tests.gateway.conftest import CHEAP_ARGON2, gateway_config
+from tests.gateway.conftest import CHEAP_ARGON2, GENEROUS_LIMITS, gateway_config
 
 ARTIFACTS = REPO / "test-artifacts" / "console"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
-# A browser is a burst of requests from one address; the limits are tested elsewhere.
-GENEROUS_LIMITS = {
-    role: {"rate": 1000, "burst": 1000} for role in ("anonymous", "auditor", "admin", "key_admin")
-}
 
 T = TypeVar("T")
 

@@ -37,6 +37,12 @@ from tests.conftest import PgDatabase
 ENGINE_NAME = "ckzg"
 # Password hashing cheap enough for tests; API keys are hashed with the same settings.
 CHEAP_ARGON2 = {"passwords": {"time_cost": 1, "memory_kib": 1024, "parallelism": 1}}
+# For tests that send a burst of requests from one address or principal (a browser, a
+# permission matrix); the limits themselves are tested in test_limits.
+GENEROUS_LIMITS = {
+    role: {"rate": 1000, "burst": 1000}
+    for role in ("anonymous", "client", "monitor", "auditor", "admin", "key_admin")
+}
 
 
 @dataclass
