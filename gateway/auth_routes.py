@@ -3,14 +3,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+from typing import TypeVar
+
 from aiohttp import web
 
 from auth.service import AuthError
-from gateway.context import REQUEST_CONTEXT
+from gateway.context import REQUEST_CONTEXT, RequestContext
 from gateway.errors import ApiError
 from gateway.identity import AUTH_SERVICE, audited, json_body, to_api_error
 from gateway.openapi import RouteDoc, document_route
 
+T = TypeVar("T")
 LOGIN_BODY_LIMIT = 4096
 LOGIN_SCHEMA = {
     "type": "object",
@@ -33,15 +37,9 @@ async def login(request: web.Request) -> web.Response:
     if isinstance(username, str):
         # A reference, not the name: a mistyped password in the username field stays secret.
         ctx.detail["username_ref"] = service.credential_ref("username", username)
-    try:
-        result = await service.login(
-            username, body.get("password"), body.get("totp"), ctx.client_addr
-        )
-    except AuthError as exc:
-        ctx.detail["reason"] = exc.reason
-        raise to_api_error(exc) from exc
-    except Exception as exc:
-        raise to_api_error(exc) from exc
+    result = await _identity_call(
+        ctx, service.login(username, body.get("password"), body.get("totp"), ctx.client_addr)
+    )
     ctx.principal = result.principal
     ctx.credential_ref = service.credential_ref("user", result.principal.id)
     return web.json_response(
@@ -51,6 +49,17 @@ async def login(request: web.Request) -> web.Response:
             "expires_in": result.expires_in,
         }
     )
+
+
+async def _identity_call(ctx: RequestContext, call: Awaitable[T]) -> T:
+    """Await an identity operation; a refusal's reason goes to the audit record only."""
+    try:
+        return await call
+    except AuthError as exc:
+        ctx.detail["reason"] = exc.reason
+        raise to_api_error(exc) from exc
+    except Exception as exc:
+        raise to_api_error(exc) from exc
 
 
 def _only(body: dict[str, object], fields: set[str]) -> None:
@@ -66,18 +75,15 @@ async def enroll(request: web.Request) -> web.Response:
     body = await json_body(request, LOGIN_BODY_LIMIT)
     _only(body, {"username", "enrollment_token", "password"})
     service = request.app[AUTH_SERVICE]
-    try:
-        result = await service.enroll(
+    result = await _identity_call(
+        ctx,
+        service.enroll(
             body.get("username"),
             body.get("enrollment_token"),
             body.get("password"),
             audited(request),
-        )
-    except AuthError as exc:
-        ctx.detail["reason"] = exc.reason
-        raise to_api_error(exc) from exc
-    except Exception as exc:
-        raise to_api_error(exc) from exc
+        ),
+    )
     return web.json_response(result)
 
 
@@ -92,18 +98,15 @@ async def change_password(request: web.Request) -> web.Response:
         )
     body = await json_body(request, LOGIN_BODY_LIMIT)
     _only(body, {"current_password", "new_password"})
-    try:
-        await request.app[AUTH_SERVICE].change_password(
+    await _identity_call(
+        ctx,
+        request.app[AUTH_SERVICE].change_password(
             principal.id,
             body.get("current_password"),
             body.get("new_password"),
             audited(request),
-        )
-    except AuthError as exc:
-        ctx.detail["reason"] = exc.reason
-        raise to_api_error(exc) from exc
-    except Exception as exc:
-        raise to_api_error(exc) from exc
+        ),
+    )
     return web.json_response({"changed": True})
 
 

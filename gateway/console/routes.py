@@ -154,9 +154,16 @@ def _safe_next(target: str) -> str:
     return PREFIX + "/"
 
 
+async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer under /console/ carries the security headers, also those made outside
+    the console's middleware (the audit middleware's 503 while the store is down)."""
+    if is_console(request):
+        response.headers.update(SECURITY_HEADERS)
+
+
 @web.middleware
 async def console_pages(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Security headers on every console answer; refusals of pages as HTML (a missing or
+    """Refusals of pages as HTML (a missing or
     expired session shows the login page, with status 401 as the audit records it). The
     console's JSON routes keep the error envelope."""
     if not is_console(request):
@@ -165,12 +172,10 @@ async def console_pages(request: web.Request, handler: Handler) -> web.StreamRes
         response = await handler(request)
     except (ApiError, web.HTTPException) as exc:
         if isinstance(exc, web.HTTPException) and exc.status < 400:
-            exc.headers.update(SECURITY_HEADERS)
             raise
         if request.path.startswith(PREFIX + "/api/"):
             raise
         response = _error_page(request, exc)
-    response.headers.update(SECURITY_HEADERS)
     static = request[REQUEST_CONTEXT].route_name == "console_static"
     response.headers.setdefault("Cache-Control", "private, max-age=300" if static else "no-store")
     return response
@@ -550,6 +555,7 @@ def add_routes(app: web.Application) -> None:
     audit middleware and authentication)."""
     _document_routes()
     app[_CSRF_KEY] = app[MASTER_KEY].derive(CSRF_PURPOSE)
+    app.on_response_prepare.append(_security_headers)
     router = app.router
     router.add_get(PREFIX, redirect_home, name="console_redirect")
     router.add_get(PREFIX + "/login", login_form, name="console_login_form")

@@ -159,15 +159,23 @@ def _events(data: Path) -> list[dict]:
     return asyncio.run(read())
 
 
+def _initialised(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """A data directory after ``init``, its master key in the key file only."""
+    monkeypatch.delenv("KZG_GATEWAY_MASTER_KEY", raising=False)
+    data = tmp_path / "d"
+    assert main(["init", "--data-dir", str(data), "--json"]) == 0
+    capsys.readouterr()
+    return data
+
+
 def test_a_command_that_fails_is_audited_as_an_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Rotation fails half-way (the new key file cannot be staged: a directory is in its
     # place): the audit record must say so, not "success", and nothing is re-sealed.
-    monkeypatch.delenv("KZG_GATEWAY_MASTER_KEY", raising=False)
-    data = tmp_path / "d"
-    assert main(["init", "--data-dir", str(data), "--json"]) == 0
-    capsys.readouterr()
+    data = _initialised(tmp_path, capsys, monkeypatch)
     key_before = (data / "master.key").read_text()
     (data / "master.new").mkdir()  # where the new key is staged
     assert main(["admin", "master-key", "rotate", "--data-dir", str(data)]) != 0
@@ -186,10 +194,7 @@ def test_a_command_under_another_master_key_is_refused_before_it_runs(
     # Under a master key other than the one the database records, the log key does not
     # open: nothing could be audited (every record needs a signed tree head), so the
     # command is refused before it runs, says why, and changes nothing.
-    monkeypatch.delenv("KZG_GATEWAY_MASTER_KEY", raising=False)
-    data = tmp_path / "d"
-    assert main(["init", "--data-dir", str(data), "--json"]) == 0
-    capsys.readouterr()
+    data = _initialised(tmp_path, capsys, monkeypatch)
     before = _events(data)
     other = MasterKey.generate().hex()
     (data / "master.key").write_text(other)
@@ -212,10 +217,7 @@ def test_a_master_key_rotation_whose_audit_record_fails_reseals_nothing(
     # The audit store refuses the CLI's records (fault injected by a trigger): the
     # rotation's re-sealing and its record share one transaction, so neither is stored;
     # the command exits 2 saying why, and the key in use stays the key on record.
-    monkeypatch.delenv("KZG_GATEWAY_MASTER_KEY", raising=False)
-    data = tmp_path / "d"
-    assert main(["init", "--data-dir", str(data), "--json"]) == 0
-    capsys.readouterr()
+    data = _initialised(tmp_path, capsys, monkeypatch)
     key_before = (data / "master.key").read_text()
     database = sqlite3.connect(data / "gateway.db")
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -152,6 +153,30 @@ def test_every_console_answer_carries_the_csp_and_pages_need_nothing_inline(
             assert re.search(r"<style|\sstyle=|\son[a-z]+=", html) is None, answer.url
             assert answer.headers["Cache-Control"] == "no-store"
     assert [a.status_code for a in answers[:3]] == [200, 401, 404]
+
+
+def test_an_audit_outage_answer_carries_the_csp_too(live_gateway: LiveGateway) -> None:
+    # The audit store refuses the console's records (a trigger, as the owner): the audit
+    # middleware answers 503 outside the console's own middleware, with its headers all
+    # the same, and records nothing.
+    auditor, _ = log_in(live_gateway, live_gateway.person("olive", ["auditor"]))
+    database = sqlite3.connect(live_gateway.data_dir / "gateway.db")
+    try:
+        database.execute(
+            "CREATE TRIGGER test_refuse_console BEFORE INSERT ON audit_events "
+            "WHEN NEW.action = 'console_events' BEGIN SELECT RAISE(ABORT, 'injected'); END"
+        )
+        database.commit()
+        refused = live_gateway.http("GET", "/console/events", auditor)
+    finally:
+        database.execute("DROP TRIGGER test_refuse_console")
+        database.commit()
+        database.close()
+    assert refused.status_code == 503
+    assert refused.json()["error"]["code"] == "audit_unavailable"
+    assert refused.headers["Content-Security-Policy"] == CSP
+    assert refused.headers["X-Frame-Options"] == "DENY"
+    assert live_gateway.http("GET", "/console/events", auditor).status_code == 200
 
 
 def test_a_client_api_key_cannot_open_audit_pages(live_gateway: LiveGateway) -> None:
