@@ -36,7 +36,7 @@ from .errors import KZGError
 from .field import BLS_MODULUS, bit_reversal_permutation, bls_field_to_bytes, compute_powers
 from .setup import TrustedSetup, bundled_setup_path, load_trusted_setup, read_setup_bytes
 
-# 13-bit windows: 20 windows of 4096 points; ~86k additions a commitment (see README).
+# 13-bit windows: 20 windows of 4096 points; ~86k additions a commitment (see docs/engine.md).
 DEFAULT_WINDOW = 13
 _TABLE_VERSION = 1
 

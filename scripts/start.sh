@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up and starts the gateway on its embedded default: a virtualenv with the project,
 # `kzg-gateway init` (SQLite database, master key, dev CA and server certificate,
-# receipt key, first admin printed once) and `kzg-gateway serve` on
+# log key, first admin printed once) and `kzg-gateway serve` on
 # https://127.0.0.1:8443. Any arguments are passed to serve. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
