@@ -32,6 +32,7 @@ from auth.crypto import (
     load_master_key,
     write_master_key_file,
 )
+from auth.hashing import HashingBusy
 from auth.policy import PolicyError
 from auth.service import record_master_key
 from gateway import cli_audit, cli_doctor
@@ -170,7 +171,14 @@ def run_init(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.data_dir)
     try:
         result = asyncio.run(initialise(config))
-    except (SchemaNotCurrent, PolicyError, SQLAlchemyError, OSError, ValueError) as exc:
+    except (
+        SchemaNotCurrent,
+        PolicyError,
+        SQLAlchemyError,
+        OSError,
+        ValueError,
+        HashingBusy,
+    ) as exc:
         # One line naming what failed, never a traceback; of a driver's message only its
         # first line (the details may quote row values).
         print(f"kzg-gateway init: {_describe(exc, 'database_owner_url')}", file=sys.stderr)

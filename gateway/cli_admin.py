@@ -29,6 +29,7 @@ from audit.settings import AuditSettings
 from audit.writer import AuditWriter, begin_write
 from auth.core import Committer
 from auth.crypto import MASTER_KEY_ENV, MASTER_KEY_FILE, MasterKey, MasterKeyError, load_master_key
+from auth.hashing import HashingBusy
 from auth.master_key import rewrap_columns
 from auth.policy import PolicyError
 from auth.service import AuthError, AuthService, replace_master_key
@@ -253,7 +254,7 @@ def run(args: argparse.Namespace, command: Command) -> int:
     except (AuthError, PolicyError, LookupError) as exc:
         print(f"kzg-gateway admin: {exc}", file=sys.stderr)
         return 1
-    except (SQLAlchemyError, MasterKeyError, OSError, AuditUnavailable) as exc:
+    except (SQLAlchemyError, MasterKeyError, OSError, AuditUnavailable, HashingBusy) as exc:
         print(f"kzg-gateway admin: cannot reach the gateway's data: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2, default=str))

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from auth.core import Committer
 from auth.crypto import MasterKeyError
+from auth.hashing import HashingBusy
 from auth.policy import PolicyError, RbacPolicy, SecurityPolicy, load_policies
 from auth.service import AuthError, AuthService
 from gateway.appkeys import AUDIT_WRITER
@@ -84,7 +85,7 @@ def to_api_error(exc: Exception) -> ApiError:
             "current one; nothing was done",
             {"Retry-After": MASTER_KEY_RETRY_AFTER},
         )
-    if isinstance(exc, SQLAlchemyError | OSError):
+    if isinstance(exc, SQLAlchemyError | OSError | HashingBusy):
         return ApiError(
             503, "identity_unavailable", "the identity store is unavailable", {"Retry-After": "1"}
         )

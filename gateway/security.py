@@ -137,7 +137,7 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
                     principal = cached or await service.authenticate_api_key(
                         api_key, ctx.client_addr, lambda: _refuse_spent_failure_budget(request)
                     )
-            except (SQLAlchemyError, OSError):  # a timeout is an OSError
+            except (SQLAlchemyError, OSError, HashingBusy):  # a timeout is an OSError
                 principal = _cached_scraper(request, api_key)
                 if principal is None:
                     raise
@@ -158,7 +158,7 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
             raise AuthError(
                 401, "unauthenticated", "credentials are required: X-API-Key or Bearer token"
             )
-    except (AuthError, PolicyError, LookupError, SQLAlchemyError, OSError) as exc:
+    except (AuthError, PolicyError, LookupError, SQLAlchemyError, OSError, HashingBusy) as exc:
         if isinstance(exc, AuthError):
             ctx.detail["reason"] = exc.reason
             _charge_failure(request)
