@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from auth.core import Committer
 from auth.crypto import MasterKeyError
+from auth.errors import NotFound
 from auth.hashing import HashingBusy
 from auth.policy import PolicyError, RbacPolicy, SecurityPolicy, load_policies
 from auth.service import AuthError, AuthService
@@ -71,9 +72,8 @@ def to_api_error(exc: Exception) -> ApiError:
         return ApiError(exc.status, exc.code, exc.message, headers)
     if isinstance(exc, PolicyError):
         return ApiError(400, "invalid_request", str(exc))
-    if isinstance(exc, LookupError):
-        # args[0], not str(): a KeyError's str() adds quotes around the message.
-        return ApiError(404, "not_found", str(exc.args[0]) if exc.args else "not found")
+    if isinstance(exc, NotFound):
+        return ApiError(404, "not_found", str(exc))
     if isinstance(exc, MasterKeyError):
         # The master key was rotated under this process (its secrets no longer open, it
         # may seal nothing): only a restart with the current key cures it.

@@ -30,6 +30,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from audit.events import parse_timestamp
 from auth.credentials import parse_api_key
+from auth.errors import NotFound
 from auth.hashing import HashingBusy
 from auth.policy import PolicyError, RbacPolicy, SecurityPolicy
 from auth.principal import Principal
@@ -158,7 +159,7 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
             raise AuthError(
                 401, "unauthenticated", "credentials are required: X-API-Key or Bearer token"
             )
-    except (AuthError, PolicyError, LookupError, SQLAlchemyError, OSError, HashingBusy) as exc:
+    except (AuthError, PolicyError, NotFound, SQLAlchemyError, OSError, HashingBusy) as exc:
         if isinstance(exc, AuthError):
             ctx.detail["reason"] = exc.reason
             _charge_failure(request)
