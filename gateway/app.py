@@ -57,6 +57,7 @@ from gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from gateway.openapi import RouteDoc, document_route, openapi_document
 from gateway.pool import EnginePool, PoolSettings
 from gateway.receipts import LogKeySigner, ReceiptResponse, list_log_keys, list_receipt_keys
+from gateway.security import install
 from gateway.sqlite_guard import guard_runtime
 from gateway.state import PROBE_ROUTES, ProbeSettings, ServerState, free_bytes
 from gateway.tls import certificate_not_after, tls_files
@@ -231,14 +232,6 @@ async def deny_by_default(request: web.Request, handler: Handler) -> web.StreamR
     if not public and request.match_info.http_exception is None:
         raise ApiError(401, "unauthenticated", "credentials are required for this route")
     return await handler(request)
-
-
-def _default_security() -> SecurityInstaller | None:
-    try:
-        from gateway.security import install
-    except ImportError:
-        return None
-    return install
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -592,8 +585,8 @@ def create_app(
     security: SecurityInstaller | None = None,
 ) -> web.Application:
     """Return the gateway app. ``security`` installs authentication, authorization and
-    rate limiting (default ``gateway.security.install``); without one every route but
-    the public ones answers 401."""
+    rate limiting (default ``gateway.security.install``; ``lambda app, config:
+    [deny_by_default]`` leaves only the public routes open)."""
     ops = kzg_routes.operations(
         max_batch=int(config.get("server", "max_batch_blobs", 64)),
         max_cells=int(config.get("server", "max_batch_cells", 1024)),
@@ -616,11 +609,7 @@ def create_app(
     )
     app.cleanup_ctx.append(_resources)
     app.middlewares.append(console.console_pages)
-    installer = security or _default_security()
-    if installer is None:
-        app.middlewares.append(deny_by_default)
-    else:
-        app.middlewares.extend(installer(app, config))
+    app.middlewares.extend((security or install)(app, config))
     _operational_routes(app)
     audit_routes.add_routes(app, DB_ENGINE)
     kzg_routes.add_routes(app, ops)

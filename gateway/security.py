@@ -36,11 +36,7 @@ from auth.policy import PolicyError, RbacPolicy, SecurityPolicy
 from auth.principal import Principal
 from auth.ratelimit import RateLimiter, UsageExchange, client_group
 from auth.service import AuthError, AuthService
-from gateway import (
-    admin_routes,
-    auth_routes,
-    identity_jobs,  # noqa: F401  (importing registers the identity jobs)
-)
+from gateway import admin_routes, auth_routes
 from gateway.appkeys import DB_ENGINE, MASTER_KEY, METRICS, STATE
 from gateway.config import Config
 from gateway.console.session import session_token
