@@ -55,7 +55,7 @@ from gateway.limits import SERVER_LIMITS, ServerLimits
 from gateway.logs import REQUEST_ID
 from gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from gateway.openapi import RouteDoc, document_route, openapi_document
-from gateway.pool import EnginePool, PoolSettings
+from gateway.pool import EnginePool, pool_settings
 from gateway.receipts import LogKeySigner, ReceiptResponse, list_log_keys, list_receipt_keys
 from gateway.security import install
 from gateway.sqlite_guard import guard_runtime
@@ -480,20 +480,6 @@ def _operational_routes(app: web.Application) -> None:
             response_schema={"type": "string"},
             response_type="application/jsonl",
         ),
-    )
-
-
-def pool_settings(config: Config) -> PoolSettings:
-    """``[engine] name`` and ``cross_check``, and the ``[pool]`` section (see PoolSettings)."""
-    defaults = PoolSettings()
-    pool = config.section("pool")
-    return PoolSettings(
-        engine=str(config.get("engine", "name", defaults.engine)),
-        cross_check=str(config.get("engine", "cross_check", defaults.cross_check) or ""),
-        workers=int(pool.get("workers", defaults.workers)),
-        max_queue=int(pool.get("max_queue", defaults.max_queue)),
-        start_method=str(pool.get("start_method", defaults.start_method)),
-        retry_after_seconds=int(pool.get("retry_after_seconds", defaults.retry_after_seconds)),
     )
 
 

@@ -23,11 +23,25 @@ AUDITOR_COLUMNS = {
     "log_keys": "key_id, vkey, not_before, not_after, status",
     "receipt_keys": "key_id, public_key, not_before, not_after, status",
 }
+# The async driver the gateway uses for each dialect a configuration may name.
+_ASYNC_DRIVERS = {
+    "sqlite": "sqlite+aiosqlite",
+    "postgresql": "postgresql+asyncpg",
+    "postgres": "postgresql+asyncpg",
+}
 
 
 class SchemaNotCurrent(RuntimeError):
     """The database schema is one this code cannot run on (behind it, or ahead of it by a
     migration that is not backward compatible)."""
+
+
+def async_url(url: str) -> str:
+    """Return ``url`` with the async driver the gateway uses for its dialect."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ValueError(f"not a database URL: {url!r}")
+    return f"{_ASYNC_DRIVERS.get(scheme, scheme)}://{rest}"
 
 
 def make_engine(
