@@ -42,6 +42,7 @@ from gateway.appkeys import (
     LOG_SIGNER,
     MASTER_KEY,
     METRICS,
+    PUBLIC_ROUTES,
     STATE,
 )
 from gateway.audit_routes import record
@@ -50,6 +51,7 @@ from gateway.console import routes as console
 from gateway.context import REQUEST_CONTEXT, RequestContext
 from gateway.db import check_schema, make_engine
 from gateway.errors import AUDIT_DOWN, ApiError, envelope
+from gateway.identity import policies_for, public_routes
 from gateway.jobs import JobContext, Scheduler, run_job
 from gateway.limits import SERVER_LIMITS, ServerLimits
 from gateway.logs import REQUEST_ID
@@ -68,9 +70,6 @@ SecurityInstaller = Callable[[web.Application, Config], list[Any]]
 access_log = logging.getLogger("kzg_gateway.access")
 log = logging.getLogger(__name__)
 
-# Routes anyone may call; everything else needs a credential (default deny).
-# /metrics needs metrics:read unless ``[metrics] public = true``.
-PUBLIC_ROUTES = frozenset({"healthz", "readyz", "openapi", "receipt_keys", "log_keys"})
 _HTTP_CODES = {
     400: "bad_request",
     401: "unauthenticated",
@@ -225,10 +224,7 @@ def _breaker_refusal(app: web.Application, ctx: RequestContext) -> web.Response:
 async def deny_by_default(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Stands in for authentication when no security module is installed: only the
     public routes answer."""
-    route = request[REQUEST_CONTEXT].route_name
-    public = route in PUBLIC_ROUTES or (
-        route == "metrics" and request.app[STATE].settings.metrics_public
-    )
+    public = request[REQUEST_CONTEXT].route_name in request.app[PUBLIC_ROUTES]
     if not public and request.match_info.http_exception is None:
         raise ApiError(401, "unauthenticated", "credentials are required for this route")
     return await handler(request)
@@ -368,9 +364,7 @@ def _operational_routes(app: web.Application) -> None:
         ("readyz", "Database, audit writer, worker pool, log key and master key are ready"),
         ("openapi", "This document"),
     ):
-        document_route(
-            name, RouteDoc(summary=summary, tags=("operations",), public=True, errors=(503,))
-        )
+        document_route(name, RouteDoc(summary=summary, tags=("operations",), errors=(503,)))
     document_route(
         "metrics",
         RouteDoc(
@@ -407,7 +401,6 @@ def _operational_routes(app: web.Application) -> None:
         RouteDoc(
             summary="Log verifier keys (C2SP vkeys), current and retired",
             tags=("log",),
-            public=True,
             errors=(503,),
             response_schema={
                 "type": "object",
@@ -420,7 +413,6 @@ def _operational_routes(app: web.Application) -> None:
         RouteDoc(
             summary="First-release BLS receipt public keys (retired, for old receipts)",
             tags=("keys",),
-            public=True,
             errors=(503,),
             response_schema={
                 "type": "object",
@@ -593,6 +585,7 @@ def create_app(
         record_probes=audit.record_probes,
         settings=ProbeSettings.from_sections(config.section("server"), config.section("metrics")),
     )
+    app[PUBLIC_ROUTES] = public_routes(policies_for(config)[0], config)
     app.cleanup_ctx.append(_resources)
     app.middlewares.append(console.console_pages)
     app.middlewares.extend((security or install)(app, config))

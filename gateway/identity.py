@@ -24,6 +24,7 @@ from gateway.config import Config
 from gateway.context import REQUEST_CONTEXT
 from gateway.errors import ApiError
 from gateway.limits import JsonTooDeep, parse_json, read_body
+from gateway.state import ProbeSettings
 
 AUTH_SERVICE: web.AppKey[AuthService] = web.AppKey("auth_service", AuthService)
 # Seconds a client waits before retrying a request this instance cannot serve with its
@@ -40,6 +41,13 @@ def policies_for(config: Config) -> tuple[RbacPolicy, SecurityPolicy]:
     auth = config.section("auth")
     override = {k: v for k, v in auth.items() if isinstance(v, dict)}
     return load_policies(config.data.get("policy_dir"), override)
+
+
+def public_routes(rbac: RbacPolicy, config: Config) -> frozenset[str]:
+    """The routes anyone may call: ``[public] routes`` of rbac.toml, the one list an
+    operator edits, and /metrics when ``[metrics] public = true``."""
+    settings = ProbeSettings.from_sections(config.section("server"), config.section("metrics"))
+    return rbac.public | {"metrics"} if settings.metrics_public else rbac.public
 
 
 def count_logins(service: AuthService, registry: CollectorRegistry) -> None:

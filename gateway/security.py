@@ -42,10 +42,15 @@ from gateway.config import Config
 from gateway.console.session import session_token
 from gateway.context import REQUEST_CONTEXT
 from gateway.errors import ApiError
-from gateway.identity import AUTH_SERVICE, count_logins, policies_for, to_api_error
+from gateway.identity import (
+    AUTH_SERVICE,
+    count_logins,
+    policies_for,
+    public_routes,
+    to_api_error,
+)
 from gateway.pool import ENGINE_SHARE, EngineShare
 from gateway.receipts import list_log_keys
-from gateway.state import ProbeSettings
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -309,11 +314,7 @@ def install(app: web.Application, config: Config) -> list[Any]:
     """Register the identity routes and resources; return the middlewares, in order."""
     rbac, policy = policies_for(config)
     auth = config.section("auth")
-    if ProbeSettings.from_sections(
-        config.section("server"), config.section("metrics")
-    ).metrics_public:
-        rbac = dataclasses.replace(rbac, public=rbac.public | {"metrics"})
-    app[RBAC] = rbac
+    app[RBAC] = dataclasses.replace(rbac, public=public_routes(rbac, config))
     app[SECURITY_POLICY] = policy
     app[RATE_LIMITER] = RateLimiter()
     app[_SHARES] = engine_shares(policy)
