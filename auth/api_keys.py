@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from audit.events import format_timestamp, parse_timestamp
 from auth import credentials
 from auth.core import Committer, ServiceCore
-from auth.errors import AuthError, invalid_key
+from auth.errors import AuthError, NotFound, invalid_key
 from auth.models import api_keys, users
 from auth.policy import PolicyError
 from auth.principal import Principal
@@ -162,7 +162,7 @@ class ApiKeysMixin(ServiceCore):
             .values(revoked_at=format_timestamp(self.now()))
         )
         if result.rowcount != 1:
-            raise LookupError(f"no active API key {key_id!r}")
+            raise NotFound(f"no active API key {key_id!r}")
         await self._bump_revision(conn)
 
     async def revoke_api_key(self, key_id: str, commit: Committer | None = None) -> None:
@@ -181,7 +181,7 @@ class ApiKeysMixin(ServiceCore):
         async with self.engine.connect() as conn:
             row = (await conn.execute(select(api_keys).where(api_keys.c.id == key_id))).first()
         if row is None or row.revoked_at is not None:
-            raise LookupError(f"no active API key {key_id!r}")
+            raise NotFound(f"no active API key {key_id!r}")
         await self._check_issuable(row.role, actor)
         created, new_row = await self._new_api_key(
             row.name, row.role, actor, None, json.loads(row.allowed_cidrs), key_id

@@ -23,6 +23,11 @@ class AuthError(Exception):
         self.retry_after = retry_after
 
 
+class NotFound(Exception):
+    """The user, API key or JWT key named does not exist (or no longer counts: revoked).
+    Its own class so that only this means 404: a stray KeyError stays a bug (500)."""
+
+
 def invalid_login(reason: str) -> AuthError:
     # One answer for unknown user, wrong password, wrong or replayed code, disabled
     # or not yet enrolled account: the reason goes to the audit log only.

@@ -24,9 +24,9 @@ DEFAULT_THREADS = 2
 DEFAULT_QUEUE = 8
 
 
-class HashingBusy(TimeoutError):
-    """Every argon2 slot is taken. A TimeoutError (an OSError) with a zero wait, so every
-    caller maps it like any dependency that is away: 503 with Retry-After."""
+class HashingBusy(Exception):
+    """Every argon2 slot is taken: refused at once, not queued. Callers map it like a
+    dependency that is away (503 with Retry-After), and name it where they do."""
 
 
 class HashingPool:

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from audit.events import format_timestamp, parse_timestamp
 from auth import tokens
 from auth.core import CURRENT, RETIRED, Committer, ServiceCore
-from auth.errors import invalid_key
+from auth.errors import NotFound, invalid_key
 from auth.master_key import JWT_SEALED, claim_master_key
 from auth.models import jwt_keys, users
 from auth.principal import Principal
@@ -123,7 +123,7 @@ class TokensMixin(ServiceCore):
                 await conn.execute(select(jwt_keys.c.status).where(jwt_keys.c.kid == kid))
             ).scalar()
             if status is None or status == REVOKED:
-                raise LookupError(f"no unrevoked JWT key {kid!r}")
+                raise NotFound(f"no unrevoked JWT key {kid!r}")
             if status == CURRENT:
                 await self._make_current(conn, replacement, now)
                 replaced.append(replacement.kid)

@@ -5,6 +5,11 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 metadata = sa.MetaData()
+# A partial index's condition, as the migrations write it for both dialects.
+CURRENT_ONLY = {
+    "sqlite_where": sa.text("status = 'current'"),
+    "postgresql_where": sa.text("status = 'current'"),
+}
 
 users = sa.Table(
     "users",
@@ -15,10 +20,10 @@ users = sa.Table(
     sa.Column("password_hash", sa.String(256)),
     sa.Column("sealed_totp_secret", sa.LargeBinary),
     sa.Column("roles", sa.String(256), nullable=False),
-    sa.Column("disabled", sa.Boolean, nullable=False),
-    sa.Column("failed_logins", sa.Integer, nullable=False),
+    sa.Column("disabled", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("failed_logins", sa.Integer, nullable=False, server_default="0"),
     sa.Column("locked_until", sa.String(27)),
-    sa.Column("last_totp_step", sa.BigInteger, nullable=False),
+    sa.Column("last_totp_step", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("created_at", sa.String(27), nullable=False),
     sa.Column("last_login_at", sa.String(27)),
     sa.Column("password_changed_at", sa.String(27), nullable=False),
@@ -47,7 +52,7 @@ api_keys = sa.Table(
     sa.Column("created_at", sa.String(27), nullable=False),
     sa.Column("created_by", sa.String(64), nullable=False),
     sa.Column("expires_at", sa.String(27), nullable=False),
-    sa.Column("allowed_cidrs", sa.Text, nullable=False),
+    sa.Column("allowed_cidrs", sa.Text, nullable=False, server_default="[]"),
     sa.Column("revoked_at", sa.String(27)),
     sa.Column("last_used_at", sa.String(27)),
     sa.Column("rotated_from", sa.String(40)),
@@ -63,6 +68,8 @@ jwt_keys = sa.Table(
     sa.Column("created_at", sa.String(27), nullable=False),
     sa.Column("retired_at", sa.String(27)),
     sa.Column("status", sa.String(16), nullable=False),
+    # At most one current key, whichever instance rotates.
+    sa.Index("ux_jwt_keys_one_current", "status", unique=True, **CURRENT_ONLY),
 )
 
 auth_revision = sa.Table(

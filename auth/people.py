@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from audit.events import format_timestamp, parse_timestamp
 from auth import credentials
 from auth.core import Committer
-from auth.errors import AuthError
+from auth.errors import AuthError, NotFound
 from auth.jwt_keys import TokensMixin
 from auth.master_key import TOTP_SEALED, claim_master_key
 from auth.models import users
@@ -257,7 +257,7 @@ class PeopleMixin(TokensMixin):
     async def _user_row(self, conn: AsyncConnection, username: str) -> Any:
         row = (await conn.execute(select(users).where(users.c.username == username))).first()
         if row is None:
-            raise LookupError(f"no user {username!r}")
+            raise NotFound(f"no user {username!r}")
         return row
 
     async def set_roles(

@@ -42,6 +42,7 @@ from gateway.appkeys import (
     LOG_SIGNER,
     MASTER_KEY,
     METRICS,
+    PUBLIC_ROUTES,
     STATE,
 )
 from gateway.audit_routes import record
@@ -50,13 +51,15 @@ from gateway.console import routes as console
 from gateway.context import REQUEST_CONTEXT, RequestContext
 from gateway.db import check_schema, make_engine
 from gateway.errors import AUDIT_DOWN, ApiError, envelope
+from gateway.identity import policies_for, public_routes
 from gateway.jobs import JobContext, Scheduler, run_job
 from gateway.limits import SERVER_LIMITS, ServerLimits
 from gateway.logs import REQUEST_ID
 from gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from gateway.openapi import RouteDoc, document_route, openapi_document
-from gateway.pool import EnginePool, PoolSettings
+from gateway.pool import EnginePool, pool_settings
 from gateway.receipts import LogKeySigner, ReceiptResponse, list_log_keys, list_receipt_keys
+from gateway.security import install
 from gateway.sqlite_guard import guard_runtime
 from gateway.state import PROBE_ROUTES, ProbeSettings, ServerState, free_bytes
 from gateway.tls import certificate_not_after, tls_files
@@ -67,9 +70,6 @@ SecurityInstaller = Callable[[web.Application, Config], list[Any]]
 access_log = logging.getLogger("kzg_gateway.access")
 log = logging.getLogger(__name__)
 
-# Routes anyone may call; everything else needs a credential (default deny).
-# /metrics needs metrics:read unless ``[metrics] public = true``.
-PUBLIC_ROUTES = frozenset({"healthz", "readyz", "openapi", "receipt_keys", "log_keys"})
 _HTTP_CODES = {
     400: "bad_request",
     401: "unauthenticated",
@@ -224,21 +224,10 @@ def _breaker_refusal(app: web.Application, ctx: RequestContext) -> web.Response:
 async def deny_by_default(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Stands in for authentication when no security module is installed: only the
     public routes answer."""
-    route = request[REQUEST_CONTEXT].route_name
-    public = route in PUBLIC_ROUTES or (
-        route == "metrics" and request.app[STATE].settings.metrics_public
-    )
+    public = request[REQUEST_CONTEXT].route_name in request.app[PUBLIC_ROUTES]
     if not public and request.match_info.http_exception is None:
         raise ApiError(401, "unauthenticated", "credentials are required for this route")
     return await handler(request)
-
-
-def _default_security() -> SecurityInstaller | None:
-    try:
-        from gateway.security import install
-    except ImportError:
-        return None
-    return install
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -375,9 +364,7 @@ def _operational_routes(app: web.Application) -> None:
         ("readyz", "Database, audit writer, worker pool, log key and master key are ready"),
         ("openapi", "This document"),
     ):
-        document_route(
-            name, RouteDoc(summary=summary, tags=("operations",), public=True, errors=(503,))
-        )
+        document_route(name, RouteDoc(summary=summary, tags=("operations",), errors=(503,)))
     document_route(
         "metrics",
         RouteDoc(
@@ -414,7 +401,6 @@ def _operational_routes(app: web.Application) -> None:
         RouteDoc(
             summary="Log verifier keys (C2SP vkeys), current and retired",
             tags=("log",),
-            public=True,
             errors=(503,),
             response_schema={
                 "type": "object",
@@ -427,7 +413,6 @@ def _operational_routes(app: web.Application) -> None:
         RouteDoc(
             summary="First-release BLS receipt public keys (retired, for old receipts)",
             tags=("keys",),
-            public=True,
             errors=(503,),
             response_schema={
                 "type": "object",
@@ -487,20 +472,6 @@ def _operational_routes(app: web.Application) -> None:
             response_schema={"type": "string"},
             response_type="application/jsonl",
         ),
-    )
-
-
-def pool_settings(config: Config) -> PoolSettings:
-    """``[engine] name`` and ``cross_check``, and the ``[pool]`` section (see PoolSettings)."""
-    defaults = PoolSettings()
-    pool = config.section("pool")
-    return PoolSettings(
-        engine=str(config.get("engine", "name", defaults.engine)),
-        cross_check=str(config.get("engine", "cross_check", defaults.cross_check) or ""),
-        workers=int(pool.get("workers", defaults.workers)),
-        max_queue=int(pool.get("max_queue", defaults.max_queue)),
-        start_method=str(pool.get("start_method", defaults.start_method)),
-        retry_after_seconds=int(pool.get("retry_after_seconds", defaults.retry_after_seconds)),
     )
 
 
@@ -592,8 +563,8 @@ def create_app(
     security: SecurityInstaller | None = None,
 ) -> web.Application:
     """Return the gateway app. ``security`` installs authentication, authorization and
-    rate limiting (default ``gateway.security.install``); without one every route but
-    the public ones answers 401."""
+    rate limiting (default ``gateway.security.install``; ``lambda app, config:
+    [deny_by_default]`` leaves only the public routes open)."""
     ops = kzg_routes.operations(
         max_batch=int(config.get("server", "max_batch_blobs", 64)),
         max_cells=int(config.get("server", "max_batch_cells", 1024)),
@@ -614,13 +585,10 @@ def create_app(
         record_probes=audit.record_probes,
         settings=ProbeSettings.from_sections(config.section("server"), config.section("metrics")),
     )
+    app[PUBLIC_ROUTES] = public_routes(policies_for(config)[0], config)
     app.cleanup_ctx.append(_resources)
     app.middlewares.append(console.console_pages)
-    installer = security or _default_security()
-    if installer is None:
-        app.middlewares.append(deny_by_default)
-    else:
-        app.middlewares.extend(installer(app, config))
+    app.middlewares.extend((security or install)(app, config))
     _operational_routes(app)
     audit_routes.add_routes(app, DB_ENGINE)
     kzg_routes.add_routes(app, ops)

@@ -25,3 +25,6 @@ LOG_SIGNER: web.AppKey[LogKeySigner] = web.AppKey("log_signer")
 KZG_POOL: web.AppKey[EnginePool] = web.AppKey("kzg_pool")
 METRICS: web.AppKey[GatewayMetrics] = web.AppKey("metrics")
 STATE: web.AppKey[ServerState] = web.AppKey("server_state")
+# The routes anyone may call (gateway.identity.public_routes): every other one needs a
+# credential, and the OpenAPI document says so.
+PUBLIC_ROUTES: web.AppKey[frozenset[str]] = web.AppKey("public_routes", frozenset)

@@ -144,7 +144,6 @@ def add_routes(app: web.Application) -> None:
                 "properties": {"totp_uri": {"type": "string"}},
             },
             errors=(400, 401, 429, 503),
-            public=True,
         ),
     )
     document_route(
@@ -181,7 +180,6 @@ def add_routes(app: web.Application) -> None:
                 },
             },
             errors=(400, 401, 429, 503),
-            public=True,
         ),
     )
     document_route(
@@ -191,6 +189,5 @@ def add_routes(app: web.Application) -> None:
             tags=("identity",),
             response_schema={"type": "object", "required": ["keys"]},
             errors=(503,),
-            public=True,
         ),
     )

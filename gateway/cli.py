@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ from audit.events import AuditEvent
 from audit.retention import store_retention_policy
 from audit.settings import AuditSettings
 from audit.writer import AuditWriter
+from auth.bootstrap import ensure_first_admin
 from auth.crypto import (
     MASTER_KEY_ENV,
     MASTER_KEY_FILE,
@@ -32,9 +32,10 @@ from auth.crypto import (
     load_master_key,
     write_master_key_file,
 )
+from auth.hashing import HashingBusy
 from auth.policy import PolicyError
 from auth.service import record_master_key
-from gateway import cli_audit, cli_doctor
+from gateway import cli_admin, cli_audit, cli_doctor
 from gateway.config import Config, ConfigError, cli_actor, load_config
 from gateway.db import SchemaNotCurrent, check_schema, current_heads, make_engine, migrate
 from gateway.logs import LOG_FORMATS, configure_logging
@@ -42,14 +43,6 @@ from gateway.receipts import SEALED_SECRETS, ensure_log_key, load_log_signer
 from gateway.tls import DEV_TLS_DIR, ensure_dev_tls, server_ssl_context, tls_files
 
 log = logging.getLogger("kzg_gateway")
-
-
-def _first_admin_function() -> Any:
-    try:
-        from auth.bootstrap import ensure_first_admin
-    except ImportError:
-        return None
-    return ensure_first_admin
 
 
 async def _store_retention_floor(config: Config) -> None:
@@ -146,16 +139,14 @@ async def initialise(config: Config) -> dict[str, Any]:
         log_key = await ensure_log_key(engine, master_key, origin)
         if log_key is not None:
             acts.append(("log_key", {"key_id": log_key.key_id}))
-        ensure_first_admin = _first_admin_function()
-        if ensure_first_admin is not None:
-            kid = await _current_jwt_kid(engine)
-            admin = await ensure_first_admin(engine, master_key, policy_dir=str(config.policy_dir))
-            new_kid = await _current_jwt_kid(engine)
-            if new_kid != kid:
-                acts.append(("jwt_key", {"kid": new_kid}))
-            if admin is not None:
-                # Who, never the password or TOTP secret.
-                acts.append(("first_admin", {"username": admin["username"], "roles": ["admin"]}))
+        kid = await _current_jwt_kid(engine)
+        admin = await ensure_first_admin(engine, master_key, policy_dir=str(config.policy_dir))
+        new_kid = await _current_jwt_kid(engine)
+        if new_kid != kid:
+            acts.append(("jwt_key", {"kid": new_kid}))
+        if admin is not None:
+            # Who, never the password or TOTP secret.
+            acts.append(("first_admin", {"username": admin["username"], "roles": ["admin"]}))
         await _audit_init(engine, config, master_key, acts)
     finally:
         await engine.dispose()
@@ -170,7 +161,14 @@ def run_init(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.data_dir)
     try:
         result = asyncio.run(initialise(config))
-    except (SchemaNotCurrent, PolicyError, SQLAlchemyError, OSError, ValueError) as exc:
+    except (
+        SchemaNotCurrent,
+        PolicyError,
+        SQLAlchemyError,
+        OSError,
+        ValueError,
+        HashingBusy,
+    ) as exc:
         # One line naming what failed, never a traceback; of a driver's message only its
         # first line (the details may quote row values).
         print(f"kzg-gateway init: {_describe(exc, 'database_owner_url')}", file=sys.stderr)
@@ -309,7 +307,6 @@ async def _run_job(config: Config, name: str) -> dict[str, Any]:
 
 
 def run_jobs(args: argparse.Namespace) -> int:
-    _load_security_jobs()
     config = load_config(args.config, args.data_dir)
     try:
         summary = asyncio.run(_run_job(config, args.name))
@@ -327,12 +324,6 @@ def run_jobs(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps(summary, default=str))
     return 0
-
-
-def _load_security_jobs() -> None:
-    """Importing the security module registers its jobs (rotate-keys, access-review)."""
-    with contextlib.suppress(ImportError):
-        import gateway.security  # noqa: F401
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -363,10 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_audit.register(commands)
     cli_doctor.register(commands, _common)
-    with contextlib.suppress(ImportError):
-        from gateway import cli_admin
-
-        cli_admin.register(commands)
+    cli_admin.register(commands)
 
     jobs = commands.add_parser("jobs", help="run a scheduled job by hand")
     job_commands = jobs.add_subparsers(dest="jobs_command", required=True)

@@ -29,6 +29,8 @@ from audit.settings import AuditSettings
 from audit.writer import AuditWriter, begin_write
 from auth.core import Committer
 from auth.crypto import MASTER_KEY_ENV, MASTER_KEY_FILE, MasterKey, MasterKeyError, load_master_key
+from auth.errors import NotFound
+from auth.hashing import HashingBusy
 from auth.master_key import rewrap_columns
 from auth.policy import PolicyError
 from auth.service import AuthError, AuthService, replace_master_key
@@ -222,7 +224,7 @@ async def _execute(config: Config, args: argparse.Namespace, command: Command) -
         args.commit = commit
         try:
             result = await command(service, args)
-        except (AuthError, PolicyError, LookupError) as exc:
+        except (AuthError, PolicyError, NotFound) as exc:
             outcome, detail = "invalid", {"error": str(exc)}
             raise
         except BaseException as exc:
@@ -250,10 +252,10 @@ def run(args: argparse.Namespace, command: Command) -> int:
     try:
         config = load_config(args.config, args.data_dir)
         result = asyncio.run(_execute(config, args, command))
-    except (AuthError, PolicyError, LookupError) as exc:
+    except (AuthError, PolicyError, NotFound) as exc:
         print(f"kzg-gateway admin: {exc}", file=sys.stderr)
         return 1
-    except (SQLAlchemyError, MasterKeyError, OSError, AuditUnavailable) as exc:
+    except (SQLAlchemyError, MasterKeyError, OSError, AuditUnavailable, HashingBusy) as exc:
         print(f"kzg-gateway admin: cannot reach the gateway's data: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2, default=str))

@@ -29,16 +29,12 @@ from audit.retention import RetentionPolicy
 from audit.signing import bls_signature_valid, key_bytes
 from audit.tlog import PROOF_HEADER, parse_tlog_proof, verify_inclusion_proof
 from audit.verify import VerifyReport, verify_database, verify_export_lines
+from gateway.db import async_url
 
 EXIT_VALID, EXIT_INVALID, EXIT_UNREADABLE = 0, 1, 2
 DATABASE_URL_ENV = "KZG_GATEWAY_DATABASE_URL"
 DEFAULT_DATABASE_FILE = "gateway.db"
 LEGACY_RECEIPT_SCHEME = "bls12381-aug"
-_ASYNC_DRIVERS = {
-    "sqlite": "sqlite+aiosqlite",
-    "postgresql": "postgresql+asyncpg",
-    "postgres": "postgresql+asyncpg",
-}
 
 
 class SourceError(ValueError):
@@ -134,14 +130,6 @@ def _add_receipt_keys(parser: argparse.ArgumentParser, purpose: str) -> None:
         metavar="FILE",
         help=f"{purpose}: the JSON answer of GET /v1/keys/receipts",
     )
-
-
-def async_url(url: str) -> str:
-    """Return ``url`` with the async driver the gateway uses for its dialect."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        raise ValueError(f"not a database URL: {url!r}")
-    return f"{_ASYNC_DRIVERS.get(scheme, scheme)}://{rest}"
 
 
 def data_dir_database_url(data_dir: Path) -> str:

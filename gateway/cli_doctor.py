@@ -22,6 +22,7 @@ from audit.settings import AuditSettings
 from auth.crypto import MasterKey, load_master_key
 from gateway.config import Config, ConfigError, load_config
 from gateway.db import check_schema, make_engine
+from gateway.pool import pool_settings
 from gateway.state import ProbeSettings, free_bytes
 from gateway.tls import certificate_not_after, tls_files
 
@@ -78,7 +79,6 @@ class Doctor:
         return any(r.check == name and r.status == "fail" for r in self.results)
 
     async def _config(self, result: Check) -> None:
-        from gateway.app import pool_settings
         from gateway.identity import policies_for
 
         config = self.config
@@ -183,7 +183,6 @@ class Doctor:
             result.detail = "enough memory available"
 
     async def _engine(self, result: Check) -> None:
-        from gateway.app import pool_settings
         from kzg import load_engine
 
         settings = pool_settings(self.config)

@@ -23,7 +23,8 @@ from typing import Any
 
 from auth.crypto import MASTER_KEY_ENV
 from auth.policy import policy_dir
-from gateway.cli_audit import DEFAULT_DATABASE_FILE, async_url
+from gateway.cli_audit import DEFAULT_DATABASE_FILE
+from gateway.db import async_url
 
 ENV_PREFIX = "KZG_GATEWAY_"
 CONFIG_FILE = "config.toml"

@@ -9,7 +9,18 @@ from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import to_tuple
-from sqlalchemy import event, inspect, text
+from sqlalchemy import (
+    Boolean,
+    Column,
+    MetaData,
+    String,
+    Table,
+    Text,
+    event,
+    insert,
+    inspect,
+    select,
+)
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -23,11 +34,38 @@ AUDITOR_COLUMNS = {
     "log_keys": "key_id, vkey, not_before, not_after, status",
     "receipt_keys": "key_id, public_key, not_before, not_after, status",
 }
+# The async driver the gateway uses for each dialect a configuration may name.
+_ASYNC_DRIVERS = {
+    "sqlite": "sqlite+aiosqlite",
+    "postgresql": "postgresql+asyncpg",
+    "postgres": "postgresql+asyncpg",
+}
+
+
+metadata = MetaData()
+# Every applied migration (migration gateway_0004, branch "schema"), so that an older
+# release can tell whether it may run on a newer schema.
+schema_revisions = Table(
+    "schema_revisions",
+    metadata,
+    Column("revision", String(64), primary_key=True),
+    # Comma-separated; empty for the first revision of a branch.
+    Column("down_revisions", Text, nullable=False),
+    Column("backward_compatible", Boolean, nullable=False),
+)
 
 
 class SchemaNotCurrent(RuntimeError):
     """The database schema is one this code cannot run on (behind it, or ahead of it by a
     migration that is not backward compatible)."""
+
+
+def async_url(url: str) -> str:
+    """Return ``url`` with the async driver the gateway uses for its dialect."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ValueError(f"not a database URL: {url!r}")
+    return f"{_ASYNC_DRIVERS.get(scheme, scheme)}://{rest}"
 
 
 def make_engine(
@@ -70,21 +108,17 @@ def _record_revisions(connection: Connection) -> None:
         return
     script = ScriptDirectory.from_config(alembic_config())
     current = MigrationContext.configure(connection).get_current_heads()
-    recorded = {row[0] for row in connection.execute(text("SELECT revision FROM schema_revisions"))}
+    recorded = set(connection.execute(select(schema_revisions.c.revision)).scalars())
     for rev in script.revision_map.iterate_revisions(current, "base", inclusive=True):
         if rev is None or rev.revision in recorded:
             continue
         connection.execute(
-            text(
-                "INSERT INTO schema_revisions (revision, down_revisions, backward_compatible) "
-                "VALUES (:revision, :down, :compatible)"
-            ),
-            {
-                "revision": rev.revision,
-                "down": ",".join(to_tuple(rev.down_revision, default=())),
+            insert(schema_revisions).values(
+                revision=rev.revision,
+                down_revisions=",".join(to_tuple(rev.down_revision, default=())),
                 # A module without the flag is taken as incompatible: never guess it safe.
-                "compatible": bool(getattr(rev.module, "backward_compatible", False)),
-            },
+                backward_compatible=bool(getattr(rev.module, "backward_compatible", False)),
+            )
         )
 
 
@@ -151,9 +185,7 @@ def _schema_refusal(connection: Connection) -> str | None:
     unknown = current - known
     recorded: dict[str, tuple[list[str], bool]] = {}
     if unknown and inspect(connection).has_table("schema_revisions"):
-        rows = connection.execute(
-            text("SELECT revision, down_revisions, backward_compatible FROM schema_revisions")
-        )
+        rows = connection.execute(select(schema_revisions))
         recorded = {r[0]: ([d for d in r[1].split(",") if d], bool(r[2])) for r in rows}
     # Walk down from each head this code does not know to the revisions it does know.
     reached: set[str] = set()

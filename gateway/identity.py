@@ -14,6 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from auth.core import Committer
 from auth.crypto import MasterKeyError
+from auth.errors import NotFound
+from auth.hashing import HashingBusy
 from auth.policy import PolicyError, RbacPolicy, SecurityPolicy, load_policies
 from auth.service import AuthError, AuthService
 from gateway.appkeys import AUDIT_WRITER
@@ -22,6 +24,7 @@ from gateway.config import Config
 from gateway.context import REQUEST_CONTEXT
 from gateway.errors import ApiError
 from gateway.limits import JsonTooDeep, parse_json, read_body
+from gateway.state import ProbeSettings
 
 AUTH_SERVICE: web.AppKey[AuthService] = web.AppKey("auth_service", AuthService)
 # Seconds a client waits before retrying a request this instance cannot serve with its
@@ -38,6 +41,13 @@ def policies_for(config: Config) -> tuple[RbacPolicy, SecurityPolicy]:
     auth = config.section("auth")
     override = {k: v for k, v in auth.items() if isinstance(v, dict)}
     return load_policies(config.data.get("policy_dir"), override)
+
+
+def public_routes(rbac: RbacPolicy, config: Config) -> frozenset[str]:
+    """The routes anyone may call: ``[public] routes`` of rbac.toml, the one list an
+    operator edits, and /metrics when ``[metrics] public = true``."""
+    settings = ProbeSettings.from_sections(config.section("server"), config.section("metrics"))
+    return rbac.public | {"metrics"} if settings.metrics_public else rbac.public
 
 
 def count_logins(service: AuthService, registry: CollectorRegistry) -> None:
@@ -70,9 +80,8 @@ def to_api_error(exc: Exception) -> ApiError:
         return ApiError(exc.status, exc.code, exc.message, headers)
     if isinstance(exc, PolicyError):
         return ApiError(400, "invalid_request", str(exc))
-    if isinstance(exc, LookupError):
-        # args[0], not str(): a KeyError's str() adds quotes around the message.
-        return ApiError(404, "not_found", str(exc.args[0]) if exc.args else "not found")
+    if isinstance(exc, NotFound):
+        return ApiError(404, "not_found", str(exc))
     if isinstance(exc, MasterKeyError):
         # The master key was rotated under this process (its secrets no longer open, it
         # may seal nothing): only a restart with the current key cures it.
@@ -84,7 +93,7 @@ def to_api_error(exc: Exception) -> ApiError:
             "current one; nothing was done",
             {"Retry-After": MASTER_KEY_RETRY_AFTER},
         )
-    if isinstance(exc, SQLAlchemyError | OSError):
+    if isinstance(exc, SQLAlchemyError | OSError | HashingBusy):
         return ApiError(
             503, "identity_unavailable", "the identity store is unavailable", {"Retry-After": "1"}
         )

@@ -6,7 +6,7 @@ it makes commits together with its own record (``job:rotate-keys:<what>``)."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -15,8 +15,10 @@ from audit.jobs import job_event
 from auth.core import Committer
 from auth.service import AuthService
 from gateway.identity import policies_for
-from gateway.jobs import JobContext, register_job
 from gateway.receipts import list_log_keys, rotate_log_key
+
+if TYPE_CHECKING:  # gateway.jobs lists these jobs: importing it here would be a cycle
+    from gateway.jobs import JobContext
 
 T = TypeVar("T")
 
@@ -84,7 +86,3 @@ async def access_review(ctx: JobContext) -> dict[str, Any]:
     }
     await ctx.writer.append(job_event("access-review", "success", ctx.now(), summary))
     return {**summary, "review": review}
-
-
-register_job("rotate-keys", rotate_keys, 3600.0)
-register_job("access-review", access_review, 86400.0)

@@ -1,5 +1,5 @@
-"""Jobs: a registry of named jobs, run on schedule inside the server and by hand with
-``kzg-gateway jobs run NAME``. Each run writes its own audit record."""
+"""Jobs: every named job, listed in ``JOBS`` below, run on schedule inside the server and
+by hand with ``kzg-gateway jobs run NAME``. Each run writes its own audit record."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from audit.retention import RetentionRefused
 from audit.settings import AuditSettings
 from audit.writer import AuditWriter
 from auth.crypto import MasterKey
+from gateway import identity_jobs
 from gateway.config import Config
 from gateway.receipts import LogKeySigner
 
@@ -50,14 +51,11 @@ class Job:
     interval: Callable[[Config], float | None]
 
 
-JOBS: dict[str, Job] = {}
-
-
-def register_job(
+def _job(
     name: str, fn: JobFn, interval: Callable[[Config], float | None] | float | None = None
-) -> None:
-    """Register ``fn`` under ``name``; ``[jobs] <name>_interval_seconds`` overrides
-    ``interval`` (seconds, or a function of the config) and 0 turns scheduling off."""
+) -> Job:
+    """``fn`` as job ``name``; ``[jobs] <name>_interval_seconds`` overrides ``interval``
+    (seconds, or a function of the config) and 0 turns scheduling off."""
 
     def schedule(config: Config) -> float | None:
         key = f"{name.replace('-', '_')}_interval_seconds"
@@ -66,7 +64,7 @@ def register_job(
             return float(configured) or None
         return interval(config) if callable(interval) else interval
 
-    JOBS[name] = Job(name, fn, schedule)
+    return Job(name, fn, schedule)
 
 
 async def run_job(name: str, ctx: JobContext) -> dict[str, Any]:
@@ -115,8 +113,17 @@ async def _retention(ctx: JobContext) -> dict[str, Any]:
     return await retention_job(ctx.engine, ctx.writer, policy, ctx.now())
 
 
-register_job("checkpoint", _checkpoint, lambda c: _audit_settings(c).checkpoint_interval_seconds)
-register_job("retention", _retention, lambda c: _audit_settings(c).retention_interval_seconds)
+# Every job, in one place: the scheduler, ``jobs run`` and ``run_job`` know these and no
+# others, whichever modules happen to be imported.
+JOBS: dict[str, Job] = {
+    job.name: job
+    for job in (
+        _job("checkpoint", _checkpoint, lambda c: _audit_settings(c).checkpoint_interval_seconds),
+        _job("retention", _retention, lambda c: _audit_settings(c).retention_interval_seconds),
+        _job("rotate-keys", identity_jobs.rotate_keys, 3600.0),
+        _job("access-review", identity_jobs.access_review, 86400.0),
+    )
+}
 
 
 class Scheduler:

@@ -12,6 +12,8 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.appkeys import PUBLIC_ROUTES
+
 VERSION = "0.1.0"
 HEX = {"type": "string", "pattern": "^0x([0-9a-fA-F]{2})*$", "description": "0x-prefixed hex"}
 ERROR_SCHEMA = {
@@ -72,7 +74,6 @@ class RouteDoc:
     response_type: str = "application/json"
     parameters: tuple[dict[str, Any], ...] = ()
     errors: tuple[int, ...] = DEFAULT_ERRORS
-    public: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -84,7 +85,7 @@ def document_route(name: str, doc: RouteDoc) -> None:
     _DOCS[name] = doc
 
 
-def _operation(name: str, method: str, doc: RouteDoc | None) -> dict[str, Any]:
+def _operation(name: str, doc: RouteDoc | None, public: bool) -> dict[str, Any]:
     doc = doc or RouteDoc(summary=name.replace("_", " "))
     operation: dict[str, Any] = {
         "operationId": name,
@@ -111,13 +112,15 @@ def _operation(name: str, method: str, doc: RouteDoc | None) -> dict[str, Any]:
     for status in sorted(errors):
         responses[str(status)] = {"$ref": f"#/components/responses/E{status}"}
     operation["responses"] = responses
-    operation["security"] = [] if doc.public else [{"apiKey": []}, {"bearer": []}]
+    operation["security"] = [] if public else [{"apiKey": []}, {"bearer": []}]
     operation.update(doc.extra)
     return operation
 
 
 def openapi_document(app: web.Application) -> dict[str, Any]:
-    """Return the OpenAPI 3.1 document of every named route of ``app``."""
+    """Return the OpenAPI 3.1 document of every named route of ``app``; those of the
+    app's public routes (rbac.toml's ``[public]``) need no credential."""
+    public = app.get(PUBLIC_ROUTES, frozenset())
     paths: dict[str, dict[str, Any]] = {}
     for route in app.router.routes():
         method = route.method.lower()
@@ -125,7 +128,7 @@ def openapi_document(app: web.Application) -> dict[str, Any]:
             continue
         name = route.resource.name
         path = route.resource.canonical
-        paths.setdefault(path, {})[method] = _operation(name, method, _DOCS.get(name))
+        paths.setdefault(path, {})[method] = _operation(name, _DOCS.get(name), name in public)
     return {
         "openapi": "3.1.0",
         "info": {"title": "kzg-gateway", "version": VERSION},

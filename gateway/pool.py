@@ -47,7 +47,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.config import ConfigError
+from gateway.config import Config, ConfigError
 from kzg import ENGINE_NAMES
 from kzg.cache import CACHE_DIR_ENV
 
@@ -162,6 +162,20 @@ class PoolSettings:
     @property
     def queue_limit(self) -> int:
         return self.max_queue or 8 * self.worker_count
+
+
+def pool_settings(config: Config) -> PoolSettings:
+    """``[engine] name`` and ``cross_check``, and the ``[pool]`` section (see PoolSettings)."""
+    defaults = PoolSettings()
+    pool = config.section("pool")
+    return PoolSettings(
+        engine=str(config.get("engine", "name", defaults.engine)),
+        cross_check=str(config.get("engine", "cross_check", defaults.cross_check) or ""),
+        workers=int(pool.get("workers", defaults.workers)),
+        max_queue=int(pool.get("max_queue", defaults.max_queue)),
+        start_method=str(pool.get("start_method", defaults.start_method)),
+        retry_after_seconds=int(pool.get("retry_after_seconds", defaults.retry_after_seconds)),
+    )
 
 
 _START_METHODS = frozenset({"fork", "forkserver", "spawn"})

@@ -20,7 +20,18 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
-from sqlalchemy import Column, LargeBinary, MetaData, String, Table, Text, insert, select, update
+from sqlalchemy import (
+    Column,
+    Index,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from audit.chain import canonical_json
@@ -32,6 +43,7 @@ from audit.writer import AppendResult
 from auth.core import Committer
 from auth.crypto import MasterKey
 from auth.master_key import LOG_SEALED, RECEIPT_SEALED, SEALED_SECRETS, claim_master_key
+from auth.models import CURRENT_ONLY
 from gateway.context import RequestContext
 
 CURRENT, RETIRED = "current", "retired"
@@ -42,21 +54,24 @@ receipt_keys = Table(
     "receipt_keys",
     metadata,
     Column("key_id", String(64), primary_key=True),
-    Column("public_key", String(96), nullable=False),
+    Column("public_key", String(96), nullable=False, unique=True),
     Column("sealed_private_key", LargeBinary, nullable=False),
     Column("not_before", String(27), nullable=False),
     Column("not_after", String(27)),
     Column("status", String(16), nullable=False),
+    Index("ix_receipt_keys_status", "status"),
+    Index("ux_receipt_keys_one_current", "status", unique=True, **CURRENT_ONLY),
 )
 log_keys = Table(
     "log_keys",
     metadata,
     Column("key_id", String(64), primary_key=True),
-    Column("vkey", Text, nullable=False),
+    Column("vkey", Text, nullable=False, unique=True),
     Column("sealed_private_key", LargeBinary, nullable=False),
     Column("not_before", String(27), nullable=False),
     Column("not_after", String(27)),
     Column("status", String(16), nullable=False),
+    Index("ux_log_keys_one_current", "status", unique=True, **CURRENT_ONLY),
 )
 
 # What rotation re-seals and what a key must open before it is recorded.

@@ -30,25 +30,27 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from audit.events import parse_timestamp
 from auth.credentials import parse_api_key
+from auth.errors import NotFound
 from auth.hashing import HashingBusy
 from auth.policy import PolicyError, RbacPolicy, SecurityPolicy
 from auth.principal import Principal
 from auth.ratelimit import RateLimiter, UsageExchange, client_group
 from auth.service import AuthError, AuthService
-from gateway import (
-    admin_routes,
-    auth_routes,
-    identity_jobs,  # noqa: F401  (importing registers the identity jobs)
-)
+from gateway import admin_routes, auth_routes
 from gateway.appkeys import DB_ENGINE, MASTER_KEY, METRICS, STATE
 from gateway.config import Config
 from gateway.console.session import session_token
 from gateway.context import REQUEST_CONTEXT
 from gateway.errors import ApiError
-from gateway.identity import AUTH_SERVICE, count_logins, policies_for, to_api_error
+from gateway.identity import (
+    AUTH_SERVICE,
+    count_logins,
+    policies_for,
+    public_routes,
+    to_api_error,
+)
 from gateway.pool import ENGINE_SHARE, EngineShare
 from gateway.receipts import list_log_keys
-from gateway.state import ProbeSettings
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -137,7 +139,7 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
                     principal = cached or await service.authenticate_api_key(
                         api_key, ctx.client_addr, lambda: _refuse_spent_failure_budget(request)
                     )
-            except (SQLAlchemyError, OSError):  # a timeout is an OSError
+            except (SQLAlchemyError, OSError, HashingBusy):  # a timeout is an OSError
                 principal = _cached_scraper(request, api_key)
                 if principal is None:
                     raise
@@ -158,7 +160,7 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
             raise AuthError(
                 401, "unauthenticated", "credentials are required: X-API-Key or Bearer token"
             )
-    except (AuthError, PolicyError, LookupError, SQLAlchemyError, OSError) as exc:
+    except (AuthError, PolicyError, NotFound, SQLAlchemyError, OSError, HashingBusy) as exc:
         if isinstance(exc, AuthError):
             ctx.detail["reason"] = exc.reason
             _charge_failure(request)
@@ -312,11 +314,7 @@ def install(app: web.Application, config: Config) -> list[Any]:
     """Register the identity routes and resources; return the middlewares, in order."""
     rbac, policy = policies_for(config)
     auth = config.section("auth")
-    if ProbeSettings.from_sections(
-        config.section("server"), config.section("metrics")
-    ).metrics_public:
-        rbac = dataclasses.replace(rbac, public=rbac.public | {"metrics"})
-    app[RBAC] = rbac
+    app[RBAC] = dataclasses.replace(rbac, public=public_routes(rbac, config))
     app[SECURITY_POLICY] = policy
     app[RATE_LIMITER] = RateLimiter()
     app[_SHARES] = engine_shares(policy)

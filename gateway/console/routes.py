@@ -480,7 +480,6 @@ def _document(
 ) -> None:
     """The console in the OpenAPI document: browser pages (HTML, refusals too) and the
     JSON its scripts read (refusals as the error envelope)."""
-    public = name in _PUBLIC
     extra: dict[str, Any] = {
         "responses": {
             "200": {"description": "success", "content": answer or _HTML},
@@ -492,11 +491,8 @@ def _document(
     }
     if form:
         extra["requestBody"] = _FORM
-    doc = RouteDoc(summary=summary, tags=("console",), parameters=parameters, public=public)
+    doc = RouteDoc(summary=summary, tags=("console",), parameters=parameters)
     document_route(name, dataclasses.replace(doc, extra=extra))
-
-
-_PUBLIC = frozenset({"console_redirect", "console_login_form", "console_login", "console_static"})
 
 
 def _document_routes() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from dataclasses import replace
 
@@ -12,8 +13,9 @@ import pytest
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import DBAPIError
 
-from auth.credentials import parse_api_key
+from auth.credentials import parse_api_key, password_hasher
 from auth.crypto import MasterKey, MasterKeyError
+from auth.hashing import HashingBusy, HashingPool
 from auth.master_key import IDENTITY_SEALED, rewrap_columns
 from auth.models import api_keys, users
 from auth.policy import PolicyError, load_policies
@@ -329,3 +331,24 @@ async def test_master_key_rotation_rewraps_every_identity_secret(store: Store) -
         sealed = (await conn.execute(select(users.c.sealed_totp_secret))).scalar_one()
     with pytest.raises(MasterKeyError, match="does not open"):
         store.master_key.open(sealed, f"totp:{login.principal.id}")
+
+
+async def test_a_full_hashing_pool_refuses_with_its_own_error_not_a_timeout() -> None:
+    """Given argon2's only slot taken, when another hash is asked, then HashingBusy is
+    raised at once, and it is no TimeoutError: a handler that catches timeouts (a body
+    that is slow, a database that hangs) does not mistake it for one."""
+    _, policy = load_policies(None, CHEAP_ARGON2)
+    pool = HashingPool(password_hasher(policy), threads=1, queue=0)
+    release = threading.Event()
+    occupied = asyncio.ensure_future(pool.run(release.wait))
+    try:
+        while pool.pending < 1:
+            await asyncio.sleep(0.01)
+        with pytest.raises(HashingBusy) as refused:
+            await pool.hash("a secret")
+        assert not isinstance(refused.value, OSError)
+    finally:
+        release.set()
+        await occupied
+        pool.close()
+    assert pool.pending == 0

@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 
+from auth.errors import NotFound
+from gateway.identity import AUTH_SERVICE
 from tests.gateway.conftest import Gateway
 from tests.gateway.helpers import hx, make_blob
 
@@ -78,6 +80,34 @@ async def test_not_json_is_400(sqlite_gateway: Gateway) -> None:
 async def test_unknown_path_is_404(sqlite_gateway: Gateway) -> None:
     response, body = await sqlite_gateway.request("GET", "/v1/kzg/nothing-here")
     await _refused(sqlite_gateway, response, body, 404, "not_found", "not_found")
+
+
+@pytest.mark.parametrize(
+    ("raised", "status", "code", "outcome"),
+    [
+        (NotFound("no user 'nobody'"), 404, "not_found", "not_found"),
+        (KeyError("kid"), 500, "internal_error", "error"),
+    ],
+)
+async def test_only_a_missing_thing_is_404_not_a_key_error_bug(
+    sqlite_gateway: Gateway,
+    monkeypatch: pytest.MonkeyPatch,
+    raised: Exception,
+    status: int,
+    code: str,
+    outcome: str,
+) -> None:
+    """Given the identity service failing under a route (fault injected), then NotFound
+    is answered 404 naming what is missing, while a KeyError, which is a bug, is a 500
+    that says nothing of it; both audited."""
+
+    async def fail() -> None:
+        raise raised
+
+    monkeypatch.setattr(sqlite_gateway.app[AUTH_SERVICE], "jwks", fail)
+    response, body = await sqlite_gateway.request("GET", "/.well-known/jwks.json", role=None)
+    error = await _refused(sqlite_gateway, response, body, status, code, outcome)
+    assert ("nobody" in error["message"]) == (status == 404)
 
 
 async def test_wrong_method_is_405_with_allow(sqlite_gateway: Gateway) -> None:

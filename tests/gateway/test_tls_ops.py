@@ -4,12 +4,15 @@ OpenAPI document against the registered routes, and draining."""
 from __future__ import annotations
 
 import re
+import shutil
 import ssl
 import time
+from pathlib import Path
 
 import aiohttp
 import pytest
 
+from auth.policy import POLICY_DIR
 from gateway.appkeys import STATE
 from gateway.openapi import openapi_document
 from gateway.tls import issue_certificate
@@ -162,6 +165,34 @@ async def test_openapi_documents_exactly_the_registered_routes(sqlite_gateway: G
             (first, "query", True),
             ("size", "query", True),
         }, path
+
+
+async def test_the_policy_file_alone_decides_which_routes_are_public(
+    start_gateway: StartGateway, tmp_path: Path
+) -> None:
+    """Given rbac.toml's [public] without log_keys, then /v1/log/keys needs a credential
+    and the OpenAPI document says so; given [metrics] public = true, then /metrics needs
+    none and the document says that too."""
+    edited = tmp_path / "policies"
+    shutil.copytree(POLICY_DIR, edited)
+    rbac = (edited / "rbac.toml").read_text()
+    assert '"receipt_keys", "log_keys", ' in rbac
+    (edited / "rbac.toml").write_text(
+        rbac.replace('"receipt_keys", "log_keys", ', '"receipt_keys", ')
+    )
+    gw = await start_gateway(name="closed", policy_dir=str(edited))
+    response, body = await gw.request("GET", "/v1/log/keys", role=None)
+    assert (response.status, body["error"]["code"]) == (401, "unauthenticated")
+    _, document = await gw.request("GET", "/openapi.json", role=None)
+    assert document["paths"]["/v1/log/keys"]["get"]["security"] != []
+    assert document["paths"]["/v1/keys/receipts"]["get"]["security"] == []
+
+    gw = await start_gateway(name="open", metrics={"public": True})
+    response, _ = await gw.request("GET", "/metrics", role=None)
+    assert response.status == 200
+    _, document = await gw.request("GET", "/openapi.json", role=None)
+    assert document["paths"]["/metrics"]["get"]["security"] == []
+    assert document["paths"]["/v1/log/keys"]["get"]["security"] == []
 
 
 async def test_one_json_access_line_per_request_without_secrets(
