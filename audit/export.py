@@ -52,6 +52,7 @@ from audit.checkpoints import legacy_checkpoints
 from audit.events import format_timestamp
 from audit.log import latest_tree_head
 from audit.models import (
+    StoredRow,
     audit_anchors,
     audit_events,
     audit_legacy_chain,
@@ -66,7 +67,7 @@ __all__ = ["EXPORT_FORMAT", "EXPORT_VERSION", "export_lines"]
 _PAGE = 5000
 
 
-def _line(kind: str, values: Mapping[str, Any]) -> str:
+def _line(kind: str, values: StoredRow) -> str:
     return canonical_json({"type": kind, **values}) + "\n"
 
 
@@ -126,8 +127,8 @@ async def export_lines(
             key_rows = [_given_log_key(vkey) for vkey in log_keys]
         else:
             key_rows = await _log_key_rows(conn)
-        for row in key_rows:
-            yield _line("log_key", row)
+        for key_row in key_rows:
+            yield _line("log_key", key_row)
         keys = dict(public_keys) if public_keys is not None else await load_public_keys(conn)
         for key_id in sorted(keys):
             yield _line("key", {"key_id": key_id, "public_key": keys[key_id].hex()})

@@ -9,11 +9,12 @@ one range per proof node (all in one query) and never rehashes an entry.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import select
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from audit.merkle import (
@@ -25,7 +26,13 @@ from audit.merkle import (
     node_hash,
     proof_from_nodes,
 )
-from audit.models import TILE_HEIGHT, audit_log_head, audit_tree, audit_tree_heads
+from audit.models import (
+    TILE_HEIGHT,
+    StoredRow,
+    audit_log_head,
+    audit_tree,
+    audit_tree_heads,
+)
 
 HEAD_ID = 1
 
@@ -61,7 +68,7 @@ class TreeHead:
     note: str
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> TreeHead:
+    def from_row(cls, row: StoredRow) -> TreeHead:
         return cls(
             int(row["size"]), bytes(row["root"]), row["issued_at"], row["key_id"], row["note"]
         )
@@ -150,7 +157,9 @@ async def read_nodes(conn: AsyncConnection, nodes: Iterable[Node]) -> dict[Node,
         chunk = distinct[start : start + 64]
         sql = _ranges_sql(len(chunk), conn.dialect.paramstyle)
         params = tuple(value for bounds in chunk for value in bounds)
-        for level, idx, value in await conn.exec_driver_sql(sql, params):
+        # SQLAlchemy types exec_driver_sql's rows as one column; these have three.
+        rows = cast("CursorResult[Any, Any, Any]", await conn.exec_driver_sql(sql, params))
+        for level, idx, value in rows:
             stored[(int(level), int(idx))] = bytes(value)
     result: dict[Node, bytes] = {}
     for node, (base, first, last) in zip(wanted, ranges, strict=True):

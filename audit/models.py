@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeAlias
 
 from sqlalchemy import (
     BigInteger,
@@ -18,9 +18,13 @@ from sqlalchemy import (
     Table,
     Text,
 )
+from sqlalchemy.engine import RowMapping
 
 from audit.chain import canonical_json, record_for
 from audit.events import EVENT_FIELDS, JSON_FIELDS
+
+# A stored row as read: SQLAlchemy's RowMapping (keyed by name or column) or a plain dict.
+StoredRow: TypeAlias = Mapping[str, Any] | RowMapping
 
 metadata = MetaData()
 
@@ -139,13 +143,13 @@ def columns_for(fields: Mapping[str, Any]) -> dict[str, Any]:
     return dict(zip(EVENT_FIELDS, column_values(fields), strict=True))
 
 
-def fields_from_row(row: Mapping[str, Any]) -> dict[str, Any]:
+def fields_from_row(row: StoredRow) -> dict[str, Any]:
     """Return an event's fields, as hashed, from its stored columns."""
     return {
         name: json.loads(row[name]) if name in JSON_FIELDS else row[name] for name in EVENT_FIELDS
     }
 
 
-def entry_from_row(row: Mapping[str, Any]) -> str:
+def entry_from_row(row: StoredRow) -> str:
     """Return the logged entry of a stored record: the canonical JSON its leaf hashes."""
     return canonical_json(record_for(row["seq"], fields_from_row(row)))

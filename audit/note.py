@@ -312,13 +312,13 @@ def open_note(note: str, verifiers: Iterable[NoteVerifier]) -> tuple[str, list[N
             raise NoteError(f"verifiers: two keys share the name {verifier.name!r} and key ID")
     verified: list[NoteVerifier] = []
     for sig in parsed.signatures:
-        verifier = known.get((sig.name, sig.key_hash))
-        if verifier is None:
+        match = known.get((sig.name, sig.key_hash))
+        if match is None:
             continue
-        if not verifier.verify(parsed.text, sig.signature):
+        if not match.verify(parsed.text, sig.signature):
             raise NoteError(f"note: signature by {sig.name}+{sig.key_hash.hex()} does not verify")
-        if verifier not in verified:
-            verified.append(verifier)
+        if match not in verified:
+            verified.append(match)
     if not verified:
         raise NoteError("note: no signature by a known key")
     return parsed.text, verified

@@ -68,6 +68,7 @@ from audit.merkle import (
 )
 from audit.models import (
     TILE_HEIGHT,
+    StoredRow,
     audit_anchors,
     audit_events,
     audit_legacy_chain,
@@ -165,7 +166,7 @@ class _Problems:
     def first(self) -> tuple[int | None, str | None]:
         if not self.found:
             return None, None
-        numbered = [p for p in self.found if p[0] is not None]
+        numbered = [(seq, why) for seq, why in self.found if seq is not None]
         return min(numbered, key=lambda p: p[0]) if numbered else self.found[0]
 
 
@@ -178,7 +179,9 @@ class _LogKeys:
     verifiers: list[NoteVerifier]
     retired: Mapping[str, str] = field(default_factory=dict)
 
-    def open(self, note: str, issued_at: Any = None, *, timed: bool = True) -> tuple[str, list]:
+    def open(
+        self, note: str, issued_at: Any = None, *, timed: bool = True
+    ) -> tuple[str, list[NoteVerifier]]:
         """``open_note``, then (``timed``) a signer must not have been retired before
         ``issued_at``: a retired key's signature on something issued later, or on
         something that states no time, proves nothing. Raises NoteError."""
@@ -471,8 +474,9 @@ class _Walk:
             self.broken = seq
             self.problems.add(seq, reason)
 
-    def append(self, seq: int, data: bytes) -> None:
-        """Add the entry ``data`` of record ``seq`` (the next one, or the walk breaks)."""
+    def append(self, seq: object, data: bytes) -> None:
+        """Add the entry ``data`` of record ``seq`` (the next one, or the walk breaks: an
+        export line's seq may be anything)."""
         if self.broken is not None:
             return
         size = self.size
@@ -485,6 +489,7 @@ class _Walk:
                 self.fail(seq, f"record {seq} appears again after record {size}")
             return
         if seq <= self.legacy_through:
+            # legacy_through is 0 when legacy is None, which mypy cannot relate.
             self.legacy.feed(seq, data)  # type: ignore[union-attr]
         hashes = self.hashes
         h = _sha256(b"\x00" + data).digest()
@@ -603,7 +608,7 @@ async def _legacy_row(conn: AsyncConnection) -> tuple[int, str]:
     return (int(row.through_seq), str(row.hash)) if row is not None else (0, GENESIS_HASH)
 
 
-def _entry(row: Mapping[str, Any]) -> bytes:
+def _entry(row: StoredRow) -> bytes:
     return entry_from_row(row).encode("utf-8")
 
 
@@ -856,7 +861,7 @@ async def _sample(ctx: _DbContext, count: int, rng: random.Random) -> tuple[int,
     if latest.size <= first:
         return 0, 0
     indexes = sorted(rng.sample(range(first, latest.size), min(count, latest.size - first)))
-    rows: dict[int, Mapping[str, Any]] = {}
+    rows: dict[int, StoredRow] = {}
     for chunk in range(0, len(indexes), 1000):
         seqs = [i + 1 for i in indexes[chunk : chunk + 1000]]
         result = await ctx.conn.execute(select(audit_events).where(audit_events.c.seq.in_(seqs)))
@@ -1146,6 +1151,7 @@ def _walk_events(
                     walk.fail(seq, f"export line {number}: the entry is not valid UTF-8")
                 else:
                     if seq <= legacy_through:
+                        # Never None here (legacy_through is 0 then); no check on the hot path.
                         legacy.feed(seq, data)  # type: ignore[union-attr]
                     h = sha(b"\x00" + data).digest()
                     index = size
