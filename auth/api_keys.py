@@ -240,7 +240,7 @@ class ApiKeysMixin(ServiceCore):
         key was never verified here or has expired. For read-only routes while the
         database is away."""
         digest = hmac.new(self._cache_key, presented.encode(), hashlib.sha256).digest()
-        cached = self._key_cache.get(digest)
+        cached: _CachedKey | None = self._key_cache.get(digest)
         if cached is None or cached.expires_at <= self.now():
             return None
         if cached.networks and not _address_in(client_addr, cached.networks):

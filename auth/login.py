@@ -50,10 +50,8 @@ class LoginMixin(PeopleMixin):
         free = int(self._setting("free_failures"))
         if failures < free:
             return 0.0
-        exponent = min(failures - free, 32)
-        return min(
-            self._setting("base_delay_seconds") * 2**exponent, self._setting("max_delay_seconds")
-        )
+        factor: int = 2 ** min(failures - free, 32)  # typeshed: int ** int may be a float
+        return min(self._setting("base_delay_seconds") * factor, self._setting("max_delay_seconds"))
 
     async def _check_throttle(self, account: str, source: str, now: float) -> None:
         async with self.engine.connect() as conn:

@@ -40,7 +40,7 @@ class SealedColumn:
         clause = sa.table(table, sa.column(key, sa.String), sa.column(sealed, sa.LargeBinary))
         return cls(clause, clause.c[key], clause.c[sealed], purpose)
 
-    def select_sealed(self) -> sa.Select[tuple[str, bytes]]:
+    def select_sealed(self) -> sa.Select[str, bytes]:
         """(key, sealed) of every row holding a secret (a person not yet enrolled has none)."""
         return select(self.key, self.sealed).where(self.sealed.is_not(None))
 

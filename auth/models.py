@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 
 metadata = sa.MetaData()
 # A partial index's condition, as the migrations write it for both dialects.
-CURRENT_ONLY = {
+CURRENT_ONLY: dict[str, Any] = {
     "sqlite_where": sa.text("status = 'current'"),
     "postgresql_where": sa.text("status = 'current'"),
 }

@@ -143,8 +143,11 @@ class UsageExchange:
         self._purged = float("-inf")
 
     def _build_upsert(self) -> sa.Insert:
-        dialect = postgresql if self._engine.dialect.name == "postgresql" else sqlite
-        statement = dialect.insert(rate_usage)
+        statement: postgresql.Insert | sqlite.Insert
+        if self._engine.dialect.name == "postgresql":
+            statement = postgresql.insert(rate_usage)
+        else:
+            statement = sqlite.insert(rate_usage)
         return statement.on_conflict_do_update(
             index_elements=[rate_usage.c.instance_id, rate_usage.c.key],
             set_={
