@@ -14,7 +14,6 @@ from blspy import G1Element, G2Element
 
 from . import cache
 from .curve import (
-    BYTES_PER_G1,
     FixedBaseMSM,
     g1_from_bytes,
     g1_generator_mul,
@@ -34,7 +33,13 @@ from .eip4844 import (
 from .eip7594.engine import CellEngine
 from .errors import KZGError
 from .field import BLS_MODULUS, bit_reversal_permutation, bls_field_to_bytes, compute_powers
-from .setup import TrustedSetup, bundled_setup_path, load_trusted_setup, read_setup_bytes
+from .setup import (
+    BYTES_PER_G1,
+    TrustedSetup,
+    bundled_setup_path,
+    load_trusted_setup,
+    read_setup_bytes,
+)
 
 # 13-bit windows: 20 windows of 4096 points; ~86k additions a commitment (see docs/engine.md).
 DEFAULT_WINDOW = 13
@@ -61,12 +66,13 @@ class BlspyEngine:
         self.setup_sha256 = raw.sha256
         self._setup: TrustedSetup | None = None
         self.table_from_cache = True
+        windows = table_windows or windows_for(window, 255)
         meta = {
             "kind": "lagrange-brp",
             "version": _TABLE_VERSION,
             "setup_sha256": raw.sha256,
             "window": window,
-            "windows": table_windows or windows_for(window, 255),
+            "windows": windows,
         }
         path = cache.table_path(self.cache_dir, "lagrange", meta)
         lagrange_brp = b"".join(bit_reversal_permutation(raw.g1_lagrange))
@@ -75,7 +81,7 @@ class BlspyEngine:
             # Cold start: validate every setup point, then build and store the table.
             self.table_from_cache = False
             setup = self.setup
-            table = FixedBaseMSM.build(setup.g1_lagrange_brp, window, windows=meta["windows"])
+            table = FixedBaseMSM.build(setup.g1_lagrange_brp, window, windows=windows)
             cache.write_table(path, meta, b"".join(bytes(p) for row in table.rows for p in row))
             self._lagrange = table
             g2 = setup.g2_monomial
@@ -126,7 +132,7 @@ class BlspyEngine:
         # e(C − [y]G1 + [z]π, G2) = e(π, [τ]G2), i.e. e(π, [τ − z]G2) = e(C − [y]G1, G2)
         # with the G2 scalar multiplication moved to G1, where blspy lets us build it.
         lhs = commitment + g1_generator_mul(-y) + g1_mul(proof, z)
-        return lhs.pair(self._g2_generator) == proof.pair(self._g2_tau)
+        return bool(lhs.pair(self._g2_generator) == proof.pair(self._g2_tau))
 
     def verify_kzg_proof(self, commitment: bytes, z: bytes, y: bytes, proof: bytes) -> bool:
         c = g1_from_bytes(commitment, "commitment")
@@ -170,7 +176,7 @@ class BlspyEngine:
         weights = powers + [p * z % BLS_MODULUS for p, z in zip(powers, zs, strict=True)]
         rhs = g1_lincomb(cs + ps, weights)
         rhs = rhs + g1_generator_mul(-sum(p * y for p, y in zip(powers, ys, strict=True)))
-        return proof_lincomb.pair(self._g2_tau) == rhs.pair(self._g2_generator)
+        return bool(proof_lincomb.pair(self._g2_tau) == rhs.pair(self._g2_generator))
 
     # -- EIP-7594 ---------------------------------------------------------------------
 

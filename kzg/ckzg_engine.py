@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any, cast
 
 from .curve import g1_from_bytes
 from .eip4844 import blob_to_polynomial, field_from_bytes
@@ -27,7 +28,9 @@ class CkzgEngine:
             raise KZGError("engine: ckzg is not installed (pip install 'kzg-gateway[ckzg]')")
         self._ts = ckzg.load_trusted_setup(str(trusted_setup), precompute)
 
-    def _call(self, fn_name: str, *args, named: Iterable[tuple[str, object]] | None = None):
+    def _call(
+        self, fn_name: str, *args: object, named: Iterable[tuple[str, object]] | None = None
+    ) -> Any:
         """Call c-kzg-4844. On a refusal, name the argument at fault as the blspy engine
         would (c-kzg's message does not), by checking the ``named`` arguments (the call's
         own, by default) with the engine's validators: only on this error path."""
@@ -39,20 +42,20 @@ class CkzgEngine:
             raise KZGError(f"{fn_name}: rejected by c-kzg-4844 ({exc})") from exc
 
     def blob_to_kzg_commitment(self, blob: bytes) -> bytes:
-        return self._call("blob_to_kzg_commitment", blob)
+        return cast(bytes, self._call("blob_to_kzg_commitment", blob))
 
     def compute_kzg_proof(self, blob: bytes, z: bytes) -> tuple[bytes, bytes]:
         proof, y = self._call("compute_kzg_proof", blob, z)
         return proof, y
 
     def compute_blob_kzg_proof(self, blob: bytes, commitment: bytes) -> bytes:
-        return self._call("compute_blob_kzg_proof", blob, commitment)
+        return cast(bytes, self._call("compute_blob_kzg_proof", blob, commitment))
 
     def verify_kzg_proof(self, commitment: bytes, z: bytes, y: bytes, proof: bytes) -> bool:
-        return self._call("verify_kzg_proof", commitment, z, y, proof)
+        return cast(bool, self._call("verify_kzg_proof", commitment, z, y, proof))
 
     def verify_blob_kzg_proof(self, blob: bytes, commitment: bytes, proof: bytes) -> bool:
-        return self._call("verify_blob_kzg_proof", blob, commitment, proof)
+        return cast(bool, self._call("verify_blob_kzg_proof", blob, commitment, proof))
 
     def verify_blob_kzg_proof_batch(
         self, blobs: list[bytes], commitments: list[bytes], proofs: list[bytes]
@@ -61,13 +64,14 @@ class CkzgEngine:
             raise KZGError(
                 "verify_blob_kzg_proof_batch: blobs, commitments, proofs differ in length"
             )
-        return self._call(
+        valid: bool = self._call(
             "verify_blob_kzg_proof_batch",
             b"".join(blobs),
             b"".join(commitments),
             b"".join(proofs),
             named=(("blobs", blobs), ("commitments", commitments), ("proofs", proofs)),
         )
+        return valid
 
     def compute_cells(self, blob: bytes) -> list[bytes]:
         return list(self._call("compute_cells", blob))
@@ -89,7 +93,10 @@ class CkzgEngine:
         cells: list[bytes],
         proofs: list[bytes],
     ) -> bool:
-        return self._call("verify_cell_kzg_proof_batch", commitments, cell_indices, cells, proofs)
+        valid: bool = self._call(
+            "verify_cell_kzg_proof_batch", commitments, cell_indices, cells, proofs
+        )
+        return valid
 
 
 # The engine API's argument names of each c-kzg-4844 call, in order.

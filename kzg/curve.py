@@ -51,7 +51,7 @@ def g1_mul(point: G1Element, k: int) -> G1Element:
     return _straus([(point, k)])
 
 
-def _sum_buckets(pos: list, neg: list) -> G1Element | None:
+def _sum_buckets(pos: list[G1Element | None], neg: list[G1Element | None]) -> G1Element | None:
     """Return Σ k·(pos[k] − neg[k]) over k ≥ 1 with the running-sum trick (two additions per
     bucket); None entries are empty buckets."""
     running = None
@@ -162,8 +162,8 @@ def g1_lincomb(points: Sequence[G1Element], scalars: Sequence[int]) -> G1Element
         if result is not None:
             for _ in range(c):
                 result = result + result
-        pos: list = [None] * (half + 1)
-        neg: list = [None] * (half + 1)
+        pos: list[G1Element | None] = [None] * (half + 1)
+        neg: list[G1Element | None] = [None] * (half + 1)
         for (p, _), row in zip(pairs, digits, strict=True):
             d = row[w]
             if d > 0:

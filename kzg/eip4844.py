@@ -9,6 +9,7 @@ import hashlib
 import operator
 from collections.abc import Sequence
 from functools import cache
+from typing import Any
 
 from .errors import KZGError
 from .field import (
@@ -56,7 +57,7 @@ def check_bytes(value: object, size: int, name: str) -> bytes:
     return bytes(value)
 
 
-def check_list(value: object, name: str) -> list:
+def check_list(value: object, name: str) -> list[Any]:
     """``value`` as a list; KZGError naming ``name`` unless it is a list or tuple."""
     if not isinstance(value, list | tuple):
         raise KZGError(f"{name}: expected a list, got {type(value).__name__}")

@@ -6,6 +6,7 @@ import hashlib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import TypeVar
 
 from blspy import G1Element, G2Element
 
@@ -15,6 +16,9 @@ from .field import FIELD_ELEMENTS_PER_BLOB, bit_reversal_permutation
 NUM_G2_POINTS = 65
 BYTES_PER_G1 = 48
 BYTES_PER_G2 = 96
+
+# A setup point: G1 or G2, as the caller asks.
+Point = TypeVar("Point", G1Element, G2Element)
 
 
 @dataclass(frozen=True)
@@ -47,8 +51,8 @@ def _hex_points(lines: list[str], start: int, count: int, size: int, what: str) 
     return raws
 
 
-def _points(raws: list[bytes], cls, what: str) -> list:
-    points = []
+def _points(raws: list[bytes], cls: type[Point], what: str) -> list[Point]:
+    points: list[Point] = []
     for i, raw in enumerate(raws):
         try:
             points.append(cls.from_bytes(raw))

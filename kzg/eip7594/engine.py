@@ -8,10 +8,10 @@ from pathlib import Path
 from blspy import G1Element, G2Element
 
 from .. import cache
-from ..curve import BYTES_PER_G1, g1_from_bytes
+from ..curve import g1_from_bytes
 from ..eip4844 import blob_to_polynomial, check_bytes, check_list
 from ..errors import KZGError
-from ..setup import SetupBytes, TrustedSetup
+from ..setup import BYTES_PER_G1, Point, SetupBytes, TrustedSetup
 from . import fk20
 from .cells import (
     CELLS_PER_EXT_BLOB,
@@ -26,7 +26,7 @@ from .verify import verify_batch
 _VERSION = 3
 
 
-def _setup_point(cls: type, encoded: Sequence[bytes], index: int, what: str):
+def _setup_point(cls: type[Point], encoded: Sequence[bytes], index: int, what: str) -> Point:
     try:
         return cls.from_bytes(encoded[index])
     except (ValueError, RuntimeError) as exc:

@@ -101,4 +101,4 @@ def verify_batch(
         [*commitments, *monomial[:n], *proofs],
         [*weights, *((R - c) % R for c in interpolation), *shifted_weights],
     )
-    return left.pair(g2_tau_n) == right.pair(g2_generator)
+    return bool(left.pair(g2_tau_n) == right.pair(g2_generator))
