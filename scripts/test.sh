@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Sets up everything the test suite needs on a fresh Debian machine, then runs it:
 # a virtualenv with the project and its dev extras, a local PostgreSQL 15 with the
-# gateway's two roles (migration owner and runtime), promtool for the alert rules, and
-# pytest over the whole suite.
+# gateway's two roles (migration owner and runtime), promtool for the alert rules; then
+# ruff, mypy (strict over kzg, audit and auth, as pyproject.toml says) and pytest over
+# the whole suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,4 +20,5 @@ bash scripts/postgres.sh
 source .pg-test-env
 
 .venv/bin/ruff check .
+.venv/bin/mypy  # the packages and strictness in pyproject.toml [tool.mypy]
 exec .venv/bin/python -m pytest -q -ra "$@"
