@@ -273,4 +273,4 @@ _ROUTES: tuple[tuple[str, str, str, Callable[[web.Request], Awaitable[Any]], Rou
 def add_routes(app: web.Application) -> None:
     for method, path, name, fn, doc in _ROUTES:
         app.router.add_route(method, path, _guarded(fn), name=name)
-        document_route(name, doc)
+        document_route(app, name, doc)

@@ -364,8 +364,9 @@ def _operational_routes(app: web.Application) -> None:
         ("readyz", "Database, audit writer, worker pool, log key and master key are ready"),
         ("openapi", "This document"),
     ):
-        document_route(name, RouteDoc(summary=summary, tags=("operations",), errors=(503,)))
+        document_route(app, name, RouteDoc(summary=summary, tags=("operations",), errors=(503,)))
     document_route(
+        app,
         "metrics",
         RouteDoc(
             summary="Prometheus metrics; needs metrics:read (the monitor role) unless "
@@ -397,6 +398,7 @@ def _operational_routes(app: web.Application) -> None:
         },
     }
     document_route(
+        app,
         "log_keys",
         RouteDoc(
             summary="Log verifier keys (C2SP vkeys), current and retired",
@@ -409,6 +411,7 @@ def _operational_routes(app: web.Application) -> None:
         ),
     )
     document_route(
+        app,
         "receipt_keys",
         RouteDoc(
             summary="First-release BLS receipt public keys (retired, for old receipts)",
@@ -418,59 +421,6 @@ def _operational_routes(app: web.Application) -> None:
                 "type": "object",
                 "properties": {"keys": {"type": "array", "items": key}},
             },
-        ),
-    )
-    for name, summary in (
-        ("audit_events", "Audit events with filters and cursor pagination"),
-        ("audit_verify", "Verify the retained audit log"),
-        ("audit_checkpoint_latest", "The latest signed checkpoint, its tree size and age"),
-    ):
-        document_route(name, RouteDoc(summary=summary, tags=("audit",)))
-    document_route(
-        "log_checkpoint",
-        RouteDoc(
-            summary="The latest signed checkpoint (C2SP signed note)",
-            tags=("log",),
-            response_schema={"type": "string"},
-            response_type="text/plain",
-        ),
-    )
-    hashes = {"type": "array", "items": {"type": "string", "contentEncoding": "base64"}}
-    for name, summary, first in (
-        ("log_proof_inclusion", "RFC 9162 inclusion proof at a checkpointed size", "index"),
-        ("log_proof_consistency", "RFC 9162 consistency proof between checkpointed sizes", "old"),
-    ):
-        document_route(
-            name,
-            RouteDoc(
-                summary=summary,
-                tags=("log",),
-                parameters=tuple(
-                    {
-                        "name": name,
-                        "in": "query",
-                        "required": True,
-                        "schema": {"type": "integer", "minimum": 0 if name == "index" else 1},
-                    }
-                    for name in (first, "size")
-                ),
-                response_schema={
-                    "type": "object",
-                    "properties": {
-                        first: {"type": "integer"},
-                        "size": {"type": "integer"},
-                        "hashes": hashes,
-                    },
-                },
-            ),
-        )
-    document_route(
-        "audit_export",
-        RouteDoc(
-            summary="JSON Lines export for offline verification",
-            tags=("audit",),
-            response_schema={"type": "string"},
-            response_type="application/jsonl",
         ),
     )
 

@@ -27,6 +27,7 @@ from audit.writer import AppendResult
 from gateway.appkeys import AUDIT_WRITER, CONFIG, METRICS
 from gateway.context import REQUEST_CONTEXT, RequestContext
 from gateway.errors import ApiError
+from gateway.openapi import RouteDoc, document_route
 
 EXPORT_CONTENT_TYPE = "application/jsonl"
 _OUTCOMES = {
@@ -92,8 +93,9 @@ async def record(app: web.Application, ctx: RequestContext, status: int) -> Appe
 
 
 def add_routes(app: web.Application, engine_key: web.AppKey[AsyncEngine]) -> None:
-    """Register the four auditor routes; ``engine_key`` is where the app keeps its
-    database engine (read at request time, so it may be opened in ``cleanup_ctx``)."""
+    """Register the auditor and log routes (and their documentation); ``engine_key`` is
+    where the app keeps its database engine (read at request time, so it may be opened in
+    ``cleanup_ctx``)."""
     app[_ENGINE_KEY] = engine_key
     app.router.add_get("/v1/audit/events", events, name="audit_events")
     app.router.add_get("/v1/audit/verify", verify, name="audit_verify")
@@ -104,6 +106,66 @@ def add_routes(app: web.Application, engine_key: web.AppKey[AsyncEngine]) -> Non
     app.router.add_get("/v1/log/checkpoint", log_checkpoint, name="log_checkpoint")
     app.router.add_get("/v1/log/proof/inclusion", log_inclusion, name="log_proof_inclusion")
     app.router.add_get("/v1/log/proof/consistency", log_consistency, name="log_proof_consistency")
+    _document_routes(app)
+
+
+def _document_routes(app: web.Application) -> None:
+    for name, summary in (
+        ("audit_events", "Audit events with filters and cursor pagination"),
+        ("audit_verify", "Verify the retained audit log"),
+        ("audit_checkpoint_latest", "The latest signed checkpoint, its tree size and age"),
+    ):
+        document_route(app, name, RouteDoc(summary=summary, tags=("audit",)))
+    document_route(
+        app,
+        "log_checkpoint",
+        RouteDoc(
+            summary="The latest signed checkpoint (C2SP signed note)",
+            tags=("log",),
+            response_schema={"type": "string"},
+            response_type="text/plain",
+        ),
+    )
+    hashes = {"type": "array", "items": {"type": "string", "contentEncoding": "base64"}}
+    for name, summary, first in (
+        ("log_proof_inclusion", "RFC 9162 inclusion proof at a checkpointed size", "index"),
+        ("log_proof_consistency", "RFC 9162 consistency proof between checkpointed sizes", "old"),
+    ):
+        document_route(
+            app,
+            name,
+            RouteDoc(
+                summary=summary,
+                tags=("log",),
+                parameters=tuple(
+                    {
+                        "name": name,
+                        "in": "query",
+                        "required": True,
+                        "schema": {"type": "integer", "minimum": 0 if name == "index" else 1},
+                    }
+                    for name in (first, "size")
+                ),
+                response_schema={
+                    "type": "object",
+                    "properties": {
+                        first: {"type": "integer"},
+                        "size": {"type": "integer"},
+                        "hashes": hashes,
+                    },
+                },
+            ),
+        )
+    document_route(
+        app,
+        "audit_export",
+        RouteDoc(
+            summary="JSON Lines export for offline verification",
+            tags=("audit",),
+            response_schema={"type": "string"},
+            response_type=EXPORT_CONTENT_TYPE,
+        ),
+    )
 
 
 def _engine(request: web.Request) -> AsyncEngine:

@@ -124,6 +124,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/auth/password", change_password, name="auth_password")
     app.router.add_get("/.well-known/jwks.json", jwks, name="jwks")
     document_route(
+        app,
         "auth_enroll",
         RouteDoc(
             summary="Enrol with a single-use token: choose the password, receive the TOTP URI",
@@ -147,6 +148,7 @@ def add_routes(app: web.Application) -> None:
         ),
     )
     document_route(
+        app,
         "auth_password",
         RouteDoc(
             summary="Change one's own password (bearer token of the person)",
@@ -165,6 +167,7 @@ def add_routes(app: web.Application) -> None:
         ),
     )
     document_route(
+        app,
         "auth_login",
         RouteDoc(
             summary="Log in with password and TOTP; returns a short-lived JWT",
@@ -183,6 +186,7 @@ def add_routes(app: web.Application) -> None:
         ),
     )
     document_route(
+        app,
         "jwks",
         RouteDoc(
             summary="Public keys of the JWT signers (current and still-valid retired)",

@@ -535,12 +535,13 @@ _ITEM_ERROR = {
 }
 
 
-def _document_batch(ops: tuple[Operation, ...], max_operations: int) -> None:
+def _document_batch(app: web.Application, ops: tuple[Operation, ...], max_operations: int) -> None:
     results = [
         {"type": "object", "required": list(op.output_schema), "properties": op.output_schema}
         for op in ops
     ]
     document_route(
+        app,
         "kzg_batch",
         RouteDoc(
             summary="Run several KZG operations in parallel: one request, one audit entry, "
@@ -584,6 +585,7 @@ def add_routes(app: web.Application, ops: tuple[Operation, ...]) -> None:
         # Exported at zero from the start, so that the first disagreement is an increase.
         app[METRICS].engine_disagreements.labels(op.name)
         document_route(
+            app,
             op.name,
             RouteDoc(
                 summary=op.summary,
@@ -597,4 +599,4 @@ def add_routes(app: web.Application, ops: tuple[Operation, ...]) -> None:
     by_name = {op.name: op for op in ops}
     handler = _batch_handler(by_name, max_operations, batch_body_limit(ops, max_operations))
     app.router.add_post(BATCH_PATH, handler, name="kzg_batch")
-    _document_batch(ops, max_operations)
+    _document_batch(app, ops, max_operations)

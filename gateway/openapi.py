@@ -1,8 +1,9 @@
 """OpenAPI 3.1 of the whole API, built from the routes the app actually registered.
 
-Routes declare their documentation next to their registration with ``document_route``
-(one table keyed by route name, which other modules extend); ``openapi_document`` walks
-the router, so a registered route can never be missing from the document.
+Each route module declares the documentation of its routes next to their registration
+with ``document_route``, into a table keyed by route name that the app itself holds (two
+apps in one process keep their own); ``openapi_document`` walks the router, so a
+registered route can never be missing from the document.
 """
 
 from __future__ import annotations
@@ -77,12 +78,12 @@ class RouteDoc:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-_DOCS: dict[str, RouteDoc] = {}
+ROUTE_DOCS: web.AppKey[dict[str, RouteDoc]] = web.AppKey("route_docs", dict)
 
 
-def document_route(name: str, doc: RouteDoc) -> None:
-    """Declare (or replace) the documentation of the route named ``name``."""
-    _DOCS[name] = doc
+def document_route(app: web.Application, name: str, doc: RouteDoc) -> None:
+    """Declare (or replace) the documentation of ``app``'s route named ``name``."""
+    app.setdefault(ROUTE_DOCS, {})[name] = doc
 
 
 def _operation(name: str, doc: RouteDoc | None, public: bool) -> dict[str, Any]:
@@ -121,6 +122,7 @@ def openapi_document(app: web.Application) -> dict[str, Any]:
     """Return the OpenAPI 3.1 document of every named route of ``app``; those of the
     app's public routes (rbac.toml's ``[public]``) need no credential."""
     public = app.get(PUBLIC_ROUTES, frozenset())
+    docs = app.get(ROUTE_DOCS, {})
     paths: dict[str, dict[str, Any]] = {}
     for route in app.router.routes():
         method = route.method.lower()
@@ -128,7 +130,7 @@ def openapi_document(app: web.Application) -> dict[str, Any]:
             continue
         name = route.resource.name
         path = route.resource.canonical
-        paths.setdefault(path, {})[method] = _operation(name, _DOCS.get(name), name in public)
+        paths.setdefault(path, {})[method] = _operation(name, docs.get(name), name in public)
     return {
         "openapi": "3.1.0",
         "info": {"title": "kzg-gateway", "version": VERSION},

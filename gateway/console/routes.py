@@ -472,6 +472,7 @@ _FORM = {
 
 
 def _document(
+    app: web.Application,
     name: str,
     summary: str,
     answer: dict[str, Any] | None = None,
@@ -492,10 +493,10 @@ def _document(
     if form:
         extra["requestBody"] = _FORM
     doc = RouteDoc(summary=summary, tags=("console",), parameters=parameters)
-    document_route(name, dataclasses.replace(doc, extra=extra))
+    document_route(app, name, dataclasses.replace(doc, extra=extra))
 
 
-def _document_routes() -> None:
+def _document_routes(app: web.Application) -> None:
     for name, summary in (
         ("console_redirect", "Redirect to the console"),
         ("console_login_form", "Console login page"),
@@ -507,19 +508,21 @@ def _document_routes() -> None:
         ("console_export", "Export page"),
         ("console_static", "The console's scripts and stylesheet"),
     ):
-        _document(name, summary)
-    _document("console_login", "Log in (password and one-time code)", form=True)
-    _document("console_logout", "Log out", form=True)
-    _document("console_verify_run", "Full verification by the gateway", form=True)
-    _document("console_events", "Audit events", parameters=_EVENT_FILTERS)
-    _document("console_event", "One audit event, verified in the browser", parameters=(_SEQ,))
+        _document(app, name, summary)
+    _document(app, "console_login", "Log in (password and one-time code)", form=True)
+    _document(app, "console_logout", "Log out", form=True)
+    _document(app, "console_verify_run", "Full verification by the gateway", form=True)
+    _document(app, "console_events", "Audit events", parameters=_EVENT_FILTERS)
+    _document(app, "console_event", "One audit event, verified in the browser", parameters=(_SEQ,))
     _document(
+        app,
         "console_event_proof",
         "An entry, its inclusion proof and checkpoint",
         {"application/json": {"schema": {"type": "object"}}},
         parameters=(_SEQ,),
     )
     _document(
+        app,
         "console_checkpoint",
         "The latest signed checkpoint",
         {"text/plain": {"schema": {"type": "string"}}},
@@ -529,17 +532,20 @@ def _document_routes() -> None:
         for n in ("old", "size")
     )
     _document(
+        app,
         "console_proof_consistency",
         "RFC 9162 consistency proof",
         {"application/json": {"schema": {"type": "object"}}},
         parameters=consistency,
     )
     _document(
+        app,
         "console_export_download",
         "JSON Lines export",
         {audit_routes.EXPORT_CONTENT_TYPE: {"schema": {"type": "string"}}},
     )
     _document(
+        app,
         "console_access_review_csv",
         "Access review as CSV",
         {"text/csv": {"schema": {"type": "string"}}},
@@ -549,7 +555,7 @@ def _document_routes() -> None:
 def add_routes(app: web.Application) -> None:
     """Register the console under /console/ and its middleware (to be placed between the
     audit middleware and authentication)."""
-    _document_routes()
+    _document_routes(app)
     app[_CSRF_KEY] = app[MASTER_KEY].derive(CSRF_PURPOSE)
     app.on_response_prepare.append(_security_headers)
     router = app.router

@@ -11,12 +11,15 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
+from auth.crypto import MasterKey
 from auth.policy import POLICY_DIR
+from gateway.app import create_app, deny_by_default
 from gateway.appkeys import STATE
-from gateway.openapi import openapi_document
+from gateway.openapi import ROUTE_DOCS, openapi_document
 from gateway.tls import issue_certificate
-from tests.gateway.conftest import Gateway, StartGateway
+from tests.gateway.conftest import Gateway, StartGateway, gateway_config
 from tests.gateway.helpers import hx, make_blob
 
 
@@ -165,6 +168,37 @@ async def test_openapi_documents_exactly_the_registered_routes(sqlite_gateway: G
             (first, "query", True),
             ("size", "query", True),
         }, path
+
+
+def _max_blobs(app: web.Application) -> int:
+    body = openapi_document(app)["paths"]["/v1/kzg/verify-blob-proof-batch"]["post"]
+    return body["requestBody"]["content"]["application/json"]["schema"]["properties"]["blobs"][
+        "maxItems"
+    ]
+
+
+def test_two_apps_in_one_process_keep_their_own_route_docs(tmp_path: Path) -> None:
+    """Given an app, when a second one with another batch limit and without the identity
+    routes is built in the same process, then the first app's document is unchanged, each
+    states its own limit, and each app documents exactly the routes it registered."""
+    key = MasterKey(MasterKey.generate())
+    first = create_app(gateway_config(tmp_path / "first"), master_key=key)
+    before = openapi_document(first)
+    second = create_app(
+        gateway_config(tmp_path / "second", server={"max_batch_blobs": 8}),
+        master_key=key,
+        security=lambda app, config: [deny_by_default],
+    )
+    assert openapi_document(first) == before
+    assert (_max_blobs(first), _max_blobs(second)) == (64, 8)  # 64: the default limit
+    assert "auth_login" in first[ROUTE_DOCS] and "auth_login" not in second[ROUTE_DOCS]
+    for app in (first, second):
+        named = {
+            route.resource.name
+            for route in app.router.routes()
+            if route.resource is not None and route.resource.name is not None
+        }
+        assert set(app[ROUTE_DOCS]) == named
 
 
 async def test_the_policy_file_alone_decides_which_routes_are_public(
