@@ -310,27 +310,23 @@ def parse_batch(
     return [_parse_batch_item(item, f"operations[{i}]", ops) for i, item in enumerate(items)]
 
 
-# The engine names the offending argument first ("blobs[3]: ..."); its arguments carry
-# the request's field names, so the code names the field as the validators' codes do.
-_ENGINE_ARGUMENT = re.compile(r"^([a-z_]+)(?:\[\d+\])?: ")
+# The engine's arguments carry the request's field names, so an error naming one gets
+# the code the request validators give that field.
 _REQUEST_FIELDS = frozenset(f.name for op in operations() for f in op.inputs)
 
 
 def _code_for(exc: KZGError) -> str:
-    named = _ENGINE_ARGUMENT.match(str(exc))
-    if named and named.group(1) in _REQUEST_FIELDS:
-        return f"invalid_{named.group(1)}"
+    if exc.argument in _REQUEST_FIELDS:
+        return f"invalid_{exc.argument}"
     return "invalid_input"
 
 
 def _item_message(where: str, exc: KZGError) -> str:
     """The engine's message placed in the batch: "operations[2].blob: ..." when it names
     a field, "operations[2]: ..." otherwise."""
-    message = str(exc)
-    named = _ENGINE_ARGUMENT.match(message)
-    if named and named.group(1) in _REQUEST_FIELDS:
-        return f"{where}.{message}"
-    return f"{where}: {message}"
+    if exc.argument in _REQUEST_FIELDS:
+        return f"{where}.{exc}"
+    return f"{where}: {exc}"
 
 
 def _answer_of(op: Operation, outcome: Outcome) -> dict[str, Any]:

@@ -15,7 +15,6 @@ from blspy import G1Element, G2Element
 from . import cache
 from .curve import (
     FixedBaseMSM,
-    g1_from_bytes,
     g1_generator_mul,
     g1_lincomb,
     g1_mul,
@@ -23,12 +22,9 @@ from .curve import (
 )
 from .eip4844 import (
     batch_challenge,
-    blob_to_polynomial,
-    check_list,
     compute_challenge,
     evaluate_polynomial,
     evaluate_with_quotient,
-    field_from_bytes,
 )
 from .eip7594.engine import CellEngine
 from .errors import KZGError
@@ -40,6 +36,7 @@ from .setup import (
     load_trusted_setup,
     read_setup_bytes,
 )
+from .validate import blob_to_polynomial, check_list, field_from_bytes, g1_from_bytes
 
 # 13-bit windows: 20 windows of 4096 points; ~86k additions a commitment (see docs/engine.md).
 DEFAULT_WINDOW = 13
@@ -161,9 +158,9 @@ class BlspyEngine:
             )
         if not blobs:
             return True
-        polys = [blob_to_polynomial(b, f"blobs[{i}]") for i, b in enumerate(blobs)]
-        cs = [g1_from_bytes(c, f"commitments[{i}]") for i, c in enumerate(commitments)]
-        ps = [g1_from_bytes(p, f"proofs[{i}]") for i, p in enumerate(proofs)]
+        polys = [blob_to_polynomial(b, "blobs", i) for i, b in enumerate(blobs)]
+        cs = [g1_from_bytes(c, "commitments", i) for i, c in enumerate(commitments)]
+        ps = [g1_from_bytes(p, "proofs", i) for i, p in enumerate(proofs)]
         if len(blobs) == 1:
             z = compute_challenge(blobs[0], commitments[0])
             return self._check(cs[0], z, evaluate_polynomial(polys[0], z), ps[0])

@@ -6,11 +6,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, cast
 
-from .curve import g1_from_bytes
-from .eip4844 import blob_to_polynomial, field_from_bytes
-from .eip7594.cells import cell_to_evals
-from .eip7594.engine import check_cell_index
 from .errors import KZGError
+from .validate import (
+    blob_to_polynomial,
+    cell_to_evals,
+    check_cell_index,
+    field_from_bytes,
+    g1_from_bytes,
+)
 
 try:
     import ckzg
@@ -25,15 +28,15 @@ class CkzgEngine:
 
     def __init__(self, trusted_setup: str | Path, precompute: int = 8) -> None:
         if ckzg is None:
-            raise KZGError("engine: ckzg is not installed (pip install 'kzg-gateway[ckzg]')")
+            raise KZGError("ckzg is not installed (pip install 'kzg-gateway[ckzg]')", "engine")
         self._ts = ckzg.load_trusted_setup(str(trusted_setup), precompute)
 
     def _call(
         self, fn_name: str, *args: object, named: Iterable[tuple[str, object]] | None = None
     ) -> Any:
-        """Call c-kzg-4844. On a refusal, name the argument at fault as the blspy engine
-        would (c-kzg's message does not), by checking the ``named`` arguments (the call's
-        own, by default) with the engine's validators: only on this error path."""
+        """Call c-kzg-4844. On a refusal, name the argument at fault (c-kzg's message does
+        not) by checking the ``named`` arguments (the call's own, by default) with the
+        validators both engines share: only on this error path."""
         try:
             return getattr(ckzg, fn_name)(*args, self._ts)
         except (RuntimeError, ValueError, TypeError) as exc:
@@ -111,8 +114,8 @@ _ARGUMENTS: dict[str, tuple[str, ...]] = {
     "recover_cells_and_kzg_proofs": ("cell_indices", "cells"),
     "verify_cell_kzg_proof_batch": ("commitments", "cell_indices", "cells", "proofs"),
 }
-# How the engine validates each argument (a list: each item, named with its index).
-_CHECKS: dict[str, Callable[[object, str], object]] = {
+# How each argument is validated (a list: each item, with its index).
+_CHECKS: dict[str, Callable[[object, str, int | None], object]] = {
     "blob": blob_to_polynomial,
     "blobs": blob_to_polynomial,
     "commitment": g1_from_bytes,
@@ -133,6 +136,6 @@ def _raise_first_invalid(arguments: Iterable[tuple[str, object]]) -> None:
         check = _CHECKS[name]
         if name in _LISTS and isinstance(value, list | tuple):
             for i, item in enumerate(value):
-                check(item, f"{name}[{i}]")
+                check(item, name, i)
         else:
-            check(value, name)
+            check(value, name, None)

@@ -15,22 +15,9 @@ from functools import reduce
 
 from blspy import G1Element, PrivateKey
 
-from .eip4844 import check_bytes
-from .errors import KZGError
 from .field import BLS_MODULUS
-from .setup import BYTES_PER_G1
 
 _HALF_MODULUS = BLS_MODULUS // 2
-
-
-def g1_from_bytes(data: object, name: str) -> G1Element:
-    """Return the G1 point encoded in ``data``; KZGError naming ``name`` unless it is a
-    compressed point on the curve and in the subgroup (the identity included)."""
-    raw = check_bytes(data, BYTES_PER_G1, name)
-    try:
-        return G1Element.from_bytes(raw)
-    except (ValueError, RuntimeError) as exc:
-        raise KZGError(f"{name}: not a valid G1 point ({exc})") from exc
 
 
 def g1_generator_mul(k: int) -> G1Element:

@@ -9,13 +9,9 @@ import hashlib
 import operator
 from collections.abc import Sequence
 from functools import cache
-from typing import Any
 
-from .errors import KZGError
 from .field import (
     BLS_MODULUS,
-    BYTES_PER_BLOB,
-    BYTES_PER_FIELD_ELEMENT,
     FIELD_ELEMENTS_PER_BLOB,
     batch_inverse,
     bit_reversal_permutation,
@@ -24,6 +20,7 @@ from .field import (
     hash_to_bls_field,
     inv,
 )
+from .validate import check_bytes
 
 FIAT_SHAMIR_PROTOCOL_DOMAIN = b"FSBLOBVERIFY_V1_"
 RANDOM_CHALLENGE_KZG_BATCH_DOMAIN = b"RCKZGBATCH___V1_"
@@ -43,52 +40,11 @@ def _root_index() -> dict[int, int]:
     return {w: i for i, w in enumerate(roots_of_unity_brp())}
 
 
-_ELEMENT_SLICES = tuple(
-    slice(i, i + BYTES_PER_FIELD_ELEMENT) for i in range(0, BYTES_PER_BLOB, BYTES_PER_FIELD_ELEMENT)
-)
-
-
-def check_bytes(value: object, size: int, name: str) -> bytes:
-    """Return ``value`` as bytes of exactly ``size``; KZGError naming ``name`` otherwise."""
-    if not isinstance(value, bytes | bytearray | memoryview):
-        raise KZGError(f"{name}: expected bytes, got {type(value).__name__}")
-    if len(value) != size:
-        raise KZGError(f"{name}: expected {size} bytes, got {len(value)}")
-    return bytes(value)
-
-
-def check_list(value: object, name: str) -> list[Any]:
-    """``value`` as a list; KZGError naming ``name`` unless it is a list or tuple."""
-    if not isinstance(value, list | tuple):
-        raise KZGError(f"{name}: expected a list, got {type(value).__name__}")
-    return list(value)
-
-
 def kzg_to_versioned_hash(commitment: bytes) -> bytes:
     """Return the versioned hash a blob transaction carries for ``commitment`` (EIP-4844):
     the version byte, then the SHA-256 digest of the commitment minus the digest's first byte."""
     digest = hashlib.sha256(check_bytes(commitment, BYTES_PER_COMMITMENT, "commitment")).digest()
     return bytes([VERSIONED_HASH_VERSION_KZG]) + digest[1:]
-
-
-def field_from_bytes(value: object, name: str) -> int:
-    """Return the canonical field element in ``value`` (32 bytes, big-endian, < r)."""
-    x = int.from_bytes(check_bytes(value, BYTES_PER_FIELD_ELEMENT, name), "big")
-    if x >= BLS_MODULUS:
-        raise KZGError(f"{name}: not a canonical field element (>= BLS_MODULUS)")
-    return x
-
-
-def blob_to_polynomial(blob: object, name: str = "blob") -> list[int]:
-    """Return the blob's 4096 field elements; KZGError naming the first non-canonical one."""
-    data = check_bytes(blob, BYTES_PER_BLOB, name)
-    # int.from_bytes is big-endian by default; map keeps the 4096 slices and conversions
-    # out of the interpreter loop (~1/3 faster than a comprehension).
-    poly = list(map(int.from_bytes, map(data.__getitem__, _ELEMENT_SLICES)))
-    if max(poly) >= BLS_MODULUS:
-        index = next(i for i, x in enumerate(poly) if x >= BLS_MODULUS)
-        raise KZGError(f"{name}: field element {index} is not canonical (>= BLS_MODULUS)")
-    return poly
 
 
 @cache

@@ -57,4 +57,4 @@ def load_engine(
         from .blspy_engine import BlspyEngine
 
         return BlspyEngine(trusted_setup, cache_dir=cache_dir, table_windows=table_windows)
-    raise KZGError(f"engine: unknown engine {name!r}, expected one of {ENGINE_NAMES}")
+    raise KZGError(f"unknown engine {name!r}, expected one of {ENGINE_NAMES}", "engine")

@@ -6,8 +6,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import cache
 
-from ..eip4844 import check_bytes
-from ..errors import KZGError
 from ..fft import brp, fft, roots_of_unity
 from ..field import BLS_MODULUS, BYTES_PER_FIELD_ELEMENT, FIELD_ELEMENTS_PER_BLOB
 
@@ -29,17 +27,6 @@ def coset_for_cell(index: int) -> tuple[int, ...]:
 
 def coset_shift_for_cell(index: int) -> int:
     return ext_roots_brp()[index * FIELD_ELEMENTS_PER_CELL]
-
-
-def cell_to_evals(cell: object, name: str) -> list[int]:
-    """The 64 field elements of a cell; KZGError naming the cell and element otherwise."""
-    data = check_bytes(cell, BYTES_PER_CELL, name)
-    step = BYTES_PER_FIELD_ELEMENT
-    evals = [int.from_bytes(data[i : i + step], "big") for i in range(0, BYTES_PER_CELL, step)]
-    for j, value in enumerate(evals):
-        if value >= BLS_MODULUS:
-            raise KZGError(f"{name}: field element {j} is not canonical (>= BLS_MODULUS)")
-    return evals
 
 
 def evals_to_cell(evals: Sequence[int]) -> bytes:

@@ -8,16 +8,21 @@ from pathlib import Path
 from blspy import G1Element, G2Element
 
 from .. import cache
-from ..curve import g1_from_bytes
-from ..eip4844 import blob_to_polynomial, check_bytes, check_list
 from ..errors import KZGError
 from ..setup import BYTES_PER_G1, Point, SetupBytes, TrustedSetup
+from ..validate import (
+    blob_to_polynomial,
+    cell_to_evals,
+    check_bytes,
+    check_cell_index,
+    check_list,
+    g1_from_bytes,
+)
 from . import fk20
 from .cells import (
     CELLS_PER_EXT_BLOB,
     FIELD_ELEMENTS_PER_CELL,
     blob_coefficients,
-    cell_to_evals,
     cells_from_coefficients,
 )
 from .recovery import recover_coefficients
@@ -31,14 +36,6 @@ def _setup_point(cls: type[Point], encoded: Sequence[bytes], index: int, what: s
         return cls.from_bytes(encoded[index])
     except (ValueError, RuntimeError) as exc:
         raise KZGError(f"trusted setup: {what}[{index}] is not a valid point") from exc
-
-
-def check_cell_index(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise KZGError(f"{name}: expected an integer cell index")
-    if not 0 <= value < CELLS_PER_EXT_BLOB:
-        raise KZGError(f"{name}: cell index {value} out of range 0..{CELLS_PER_EXT_BLOB - 1}")
-    return value
 
 
 class CellEngine:
@@ -102,16 +99,15 @@ class CellEngine:
             )
         half = CELLS_PER_EXT_BLOB // 2
         if not half <= len(indices) <= CELLS_PER_EXT_BLOB:
-            raise KZGError(
-                f"cells: recovery needs {half} to {CELLS_PER_EXT_BLOB} cells, got {len(indices)}"
-            )
-        checked = [check_cell_index(v, f"cell_indices[{i}]") for i, v in enumerate(indices)]
+            reason = f"recovery needs {half} to {CELLS_PER_EXT_BLOB} cells, got {len(indices)}"
+            raise KZGError(reason, "cells")
+        checked = [check_cell_index(v, "cell_indices", i) for i, v in enumerate(indices)]
         for i in range(1, len(checked)):
             if checked[i] == checked[i - 1]:
-                raise KZGError(f"cell_indices[{i}]: duplicate cell index {checked[i]}")
+                raise KZGError(f"duplicate cell index {checked[i]}", "cell_indices", i)
             if checked[i] < checked[i - 1]:
-                raise KZGError(f"cell_indices[{i}]: indices must be in ascending order")
-        evals = [cell_to_evals(c, f"cells[{i}]") for i, c in enumerate(cells)]
+                raise KZGError("indices must be in ascending order", "cell_indices", i)
+        evals = [cell_to_evals(c, "cells", i) for i, c in enumerate(cells)]
         return self._cells_and_proofs(recover_coefficients(checked, evals))
 
     def verify_cell_kzg_proof_batch(
@@ -130,18 +126,18 @@ class CellEngine:
                 "commitments, cell_indices, cells and proofs must have the same length, got "
                 f"{len(commitments)}, {len(indices)}, {len(cells)} and {len(proofs)}"
             )
-        raw = [check_bytes(c, BYTES_PER_G1, f"commitments[{i}]") for i, c in enumerate(commitments)]
-        checked = [check_cell_index(v, f"cell_indices[{i}]") for i, v in enumerate(indices)]
-        evals = [cell_to_evals(c, f"cells[{i}]") for i, c in enumerate(cells)]
-        proof_bytes = [check_bytes(p, BYTES_PER_G1, f"proofs[{i}]") for i, p in enumerate(proofs)]
+        raw = [check_bytes(c, BYTES_PER_G1, "commitments", i) for i, c in enumerate(commitments)]
+        checked = [check_cell_index(v, "cell_indices", i) for i, v in enumerate(indices)]
+        evals = [cell_to_evals(c, "cells", i) for i, c in enumerate(cells)]
+        proof_bytes = [check_bytes(p, BYTES_PER_G1, "proofs", i) for i, p in enumerate(proofs)]
         # Each distinct commitment is parsed once, and named by its first position.
         unique: dict[bytes, int] = {}
         points = []
         for i, c in enumerate(raw):
             if c not in unique:
                 unique[c] = len(unique)
-                points.append(g1_from_bytes(c, f"commitments[{i}]"))
-        proof_points = [g1_from_bytes(p, f"proofs[{i}]") for i, p in enumerate(proof_bytes)]
+                points.append(g1_from_bytes(c, "commitments", i))
+        proof_points = [g1_from_bytes(p, "proofs", i) for i, p in enumerate(proof_bytes)]
         if not checked:
             return True
         return verify_batch(

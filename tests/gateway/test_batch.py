@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 
 from gateway.appkeys import KZG_POOL
+from gateway.kzg_routes import _code_for, _item_message
+from kzg import KZGError
 from tests.gateway.conftest import Gateway, StartGateway
 from tests.gateway.helpers import (
     body_digest,
@@ -335,3 +337,22 @@ async def test_the_batch_route_is_documented(start_gateway: StartGateway) -> Non
     commitment = document["paths"][PATHS["blob_to_kzg_commitment"]]["post"]["responses"]["200"]
     properties = commitment["content"]["application/json"]["schema"]["properties"]
     assert {"commitment", "versioned_hash", "receipt"} <= set(properties)
+
+
+def test_engine_refusals_are_placed_by_their_argument_not_their_text() -> None:
+    named = KZGError("field element 0 is not canonical (>= BLS_MODULUS)", "blobs", 3)
+    assert _code_for(named) == "invalid_blobs"
+    assert _item_message("operations[2]", named) == (
+        "operations[2].blobs[3]: field element 0 is not canonical (>= BLS_MODULUS)"
+    )
+    # A reason that merely begins like a field names none: the engine said no argument.
+    unnamed = KZGError("blob: rejected by c-kzg-4844 (bad)")
+    assert _code_for(unnamed) == "invalid_input"
+    assert (
+        _item_message("operations[2]", unnamed)
+        == "operations[2]: blob: rejected by c-kzg-4844 (bad)"
+    )
+    # An argument that is no field of any request (the engine choice) names none either.
+    engine = KZGError("unknown engine 'x'", "engine")
+    assert _code_for(engine) == "invalid_input"
+    assert _item_message("operations[0]", engine) == "operations[0]: engine: unknown engine 'x'"

@@ -3,8 +3,10 @@ corrupted proofs; the cached tables rebuild themselves when damaged."""
 
 from __future__ import annotations
 
+import pickle
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -78,27 +80,73 @@ def test_both_refuse_corrupted_proofs(blspy_engine: Engine, ckzg_engine: Engine)
         assert eng.verify_blob_kzg_proof_batch(blobs, commitments, swapped) is False
 
 
+def _refusal(call: Callable[[], object], message: str) -> KZGError:
+    """The KZGError ``call`` raises, whose message matches ``message``."""
+    with pytest.raises(KZGError, match=message) as refused:
+        call()
+    return refused.value
+
+
 def test_errors_name_the_argument_and_index(engine: Engine) -> None:
     # Both engines: c-kzg-4844's own messages name no argument, so the ckzg engine finds
     # the one at fault with the same validators.
     bad = bytearray(BLOBS["random"])
     bad[32 * 17 : 32 * 18] = R.to_bytes(32, "big")
     identity = bytes([0xC0]) + bytes(47)
-    with pytest.raises(KZGError, match=r"blobs\[1\]: field element 17"):
-        engine.verify_blob_kzg_proof_batch(
-            [BLOBS["zeros"], bytes(bad)], [identity] * 2, [identity] * 2
-        )
-    with pytest.raises(KZGError, match=r"proofs\[1\]: not a valid G1 point"):
-        engine.verify_blob_kzg_proof_batch(
-            [BLOBS["zeros"]] * 2, [identity] * 2, [identity, b"\xab" * 48]
-        )
-    with pytest.raises(KZGError, match="z: not a canonical"):
-        engine.compute_kzg_proof(BLOBS["zeros"], R.to_bytes(32, "big"))
-    with pytest.raises(KZGError, match="commitment: expected 48 bytes"):
-        engine.verify_kzg_proof(b"\x00", bytes(32), bytes(32), bytes(48))
-    with pytest.raises(KZGError, match=r"cells\[0\]: field element 0 is not canonical"):
-        engine.verify_cell_kzg_proof_batch(
-            [identity], [0], [R.to_bytes(32, "big") * 64], [identity]
+    zeros = BLOBS["zeros"]
+    refusals = [
+        (
+            _refusal(
+                lambda: engine.verify_blob_kzg_proof_batch(
+                    [zeros, bytes(bad)], [identity] * 2, [identity] * 2
+                ),
+                r"^blobs\[1\]: field element 17 is not canonical",
+            ),
+            ("blobs", 1),
+        ),
+        (
+            _refusal(
+                lambda: engine.verify_blob_kzg_proof_batch(
+                    [zeros] * 2, [identity] * 2, [identity, b"\xab" * 48]
+                ),
+                r"^proofs\[1\]: not a valid G1 point",
+            ),
+            ("proofs", 1),
+        ),
+        (
+            _refusal(
+                lambda: engine.compute_kzg_proof(zeros, R.to_bytes(32, "big")),
+                "^z: not a canonical",
+            ),
+            ("z", None),
+        ),
+        (
+            _refusal(
+                lambda: engine.verify_kzg_proof(b"\x00", bytes(32), bytes(32), bytes(48)),
+                "^commitment: expected 48 bytes",
+            ),
+            ("commitment", None),
+        ),
+        (
+            _refusal(
+                lambda: engine.verify_cell_kzg_proof_batch(
+                    [identity], [0], [R.to_bytes(32, "big") * 64], [identity]
+                ),
+                r"^cells\[0\]: field element 0 is not canonical",
+            ),
+            ("cells", 0),
+        ),
+    ]
+    for exc, (argument, index) in refusals:
+        assert (exc.argument, exc.index) == (argument, index)
+        assert str(exc) == f"{exc.where}: {exc.reason}"
+        # Refusals reach the gateway from the engine workers by pickle, fields and all.
+        copy = pickle.loads(pickle.dumps(exc))
+        assert (copy.argument, copy.index, copy.reason, str(copy)) == (
+            argument,
+            index,
+            exc.reason,
+            str(exc),
         )
 
 

@@ -10,18 +10,17 @@ import pytest
 
 from kzg import Engine, KZGError
 from kzg.curve import g1_lincomb
-from kzg.eip4844 import blob_to_polynomial
 from kzg.eip7594.cells import (
     CELLS_PER_EXT_BLOB,
     FIELD_ELEMENTS_PER_CELL,
     blob_coefficients,
-    cell_to_evals,
     coset_for_cell,
     evaluate_coefficients,
 )
 from kzg.eip7594.engine import CellEngine
 from kzg.field import BLS_MODULUS
 from kzg.setup import read_setup_bytes
+from kzg.validate import blob_to_polynomial, cell_to_evals
 
 R = BLS_MODULUS
 

@@ -9,7 +9,6 @@ import pytest
 
 from kzg import KZGError
 from kzg.eip4844 import (
-    blob_to_polynomial,
     compute_quotient,
     evaluate_polynomial,
     evaluate_with_quotient,
@@ -17,6 +16,7 @@ from kzg.eip4844 import (
 )
 from kzg.field import BLS_MODULUS as R
 from kzg.field import FIELD_ELEMENTS_PER_BLOB, batch_inverse
+from kzg.validate import blob_to_polynomial
 
 
 def _quotient_by_definition(poly: list[int], z: int, y: int) -> list[int]:
