@@ -476,7 +476,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         # A checkpoint signed at every start: verifiers see a fresh head from minute one.
         await run_job("checkpoint", jobs)
         scheduler = Scheduler(jobs)
-        if config.get("jobs", "enabled", True):
+        if config.jobs.enabled:
             scheduler.start()
         refresher = asyncio.create_task(_refresh_log_key(signer, config))
         app[STATE].store_checks(await _database_checks(app))
@@ -498,7 +498,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 
 async def _refresh_log_key(signer: LogKeySigner, config: Config) -> None:
     """Pick up a log key rotated by another process or instance."""
-    interval = float(config.get("server", "log_key_refresh_seconds", 30))
+    interval = config.server.log_key_refresh_seconds
     while True:
         await asyncio.sleep(interval)
         try:
@@ -516,8 +516,8 @@ def create_app(
     rate limiting (default ``gateway.security.install``; ``lambda app, config:
     [deny_by_default]`` leaves only the public routes open)."""
     ops = kzg_routes.operations(
-        max_batch=int(config.get("server", "max_batch_blobs", 64)),
-        max_cells=int(config.get("server", "max_batch_cells", 1024)),
+        max_batch=config.server.max_batch_blobs,
+        max_cells=config.server.max_batch_cells,
     )
     app = web.Application(
         middlewares=[request_id_middleware, tls_middleware, audit_middleware],
@@ -533,7 +533,7 @@ def create_app(
             audit.breaker_failure_threshold, audit.breaker_recovery_timeout_seconds
         ),
         record_probes=audit.record_probes,
-        settings=ProbeSettings.from_sections(config.section("server"), config.section("metrics")),
+        settings=ProbeSettings.from_settings(config.server, config.metrics),
     )
     app[PUBLIC_ROUTES] = public_routes(policies_for(config)[0], config)
     app.cleanup_ctx.append(_resources)

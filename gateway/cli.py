@@ -209,7 +209,7 @@ async def serve(config: Config) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     app[STATE].draining = True
-    await asyncio.sleep(float(config.get("server", "drain_seconds", 0)))
+    await asyncio.sleep(config.server.drain_seconds)
     log.info("draining %d in-flight requests", app[STATE].inflight)
     await runner.cleanup()
 

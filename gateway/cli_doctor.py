@@ -83,7 +83,7 @@ class Doctor:
 
         config = self.config
         AuditSettings.from_mapping(config.section("audit")).retention()
-        ProbeSettings.from_sections(config.section("server"), config.section("metrics"))
+        ProbeSettings.from_settings(config.server, config.metrics)
         pool_settings(config)
         policies_for(config)
         dialect = config.database_url.partition(":")[0].partition("+")[0]

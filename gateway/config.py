@@ -25,12 +25,20 @@ from auth.crypto import MASTER_KEY_ENV
 from auth.policy import policy_dir
 from gateway.cli_audit import DEFAULT_DATABASE_FILE
 from gateway.db import async_url
+from gateway.settings import (
+    TYPED_SECTIONS,
+    ConfigError,
+    EngineSettings,
+    JobsSettings,
+    MetricsSettings,
+    PoolSection,
+    ServerSettings,
+    SettingsError,
+)
 
 ENV_PREFIX = "KZG_GATEWAY_"
 CONFIG_FILE = "config.toml"
 DEFAULT_DATA_DIR = Path(".kzg-gateway")
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8443
 SECTIONS = (
     "server",
     "tls",
@@ -45,10 +53,6 @@ SECTIONS = (
 )
 # Environment variables of the gateway that are not configuration keys.
 _NOT_CONFIG = {MASTER_KEY_ENV, f"{ENV_PREFIX}DATA_DIR", f"{ENV_PREFIX}CONFIG"}
-
-
-class ConfigError(ValueError):
-    """The configuration file or an override is malformed."""
 
 
 def _env_value(text: str) -> Any:
@@ -153,12 +157,32 @@ class Config:
                 raise ConfigError(f"policy file {path} is missing (policy_dir: {self.policy_dir})")
 
     @property
+    def server(self) -> ServerSettings:
+        return ServerSettings.from_mapping(self.section("server"))
+
+    @property
+    def engine(self) -> EngineSettings:
+        return EngineSettings.from_mapping(self.section("engine"))
+
+    @property
+    def pool(self) -> PoolSection:
+        return PoolSection.from_mapping(self.section("pool"))
+
+    @property
+    def jobs(self) -> JobsSettings:
+        return JobsSettings.from_mapping(self.section("jobs"))
+
+    @property
+    def metrics(self) -> MetricsSettings:
+        return MetricsSettings.from_mapping(self.section("metrics"))
+
+    @property
     def host(self) -> str:
-        return str(self.get("server", "host", DEFAULT_HOST))
+        return self.server.host
 
     @property
     def port(self) -> int:
-        return int(self.get("server", "port", DEFAULT_PORT))
+        return self.server.port
 
     @property
     def url(self) -> str:
@@ -203,9 +227,24 @@ def load_config(
     for name in SECTIONS:
         if name in data and not isinstance(data[name], dict):
             raise ConfigError(f"[{name}] must be a table")
+    _check_typed_sections(data, path, env)
     config = Config(data, chosen_dir)
     config.check_policy_files()
     return config
+
+
+def _check_typed_sections(
+    data: Mapping[str, Any], path: Path | None, environ: Mapping[str, str]
+) -> None:
+    """Parse every typed section once, so that an unknown key or a bad value stops the
+    command at start, naming the key and where it came from (the override, else the file)."""
+    for name, settings in TYPED_SECTIONS.items():
+        try:
+            settings.from_mapping(data.get(name, {}))
+        except SettingsError as exc:
+            variable = f"{ENV_PREFIX}{exc.section.upper()}__{exc.key.upper()}"
+            origin = variable if variable in environ else (path or "the configuration")
+            raise ConfigError(f"{exc} (in {origin})") from None
 
 
 def cli_actor() -> str:

@@ -46,7 +46,7 @@ def policies_for(config: Config) -> tuple[RbacPolicy, SecurityPolicy]:
 def public_routes(rbac: RbacPolicy, config: Config) -> frozenset[str]:
     """The routes anyone may call: ``[public] routes`` of rbac.toml, the one list an
     operator edits, and /metrics when ``[metrics] public = true``."""
-    settings = ProbeSettings.from_sections(config.section("server"), config.section("metrics"))
+    settings = ProbeSettings.from_settings(config.server, config.metrics)
     return rbac.public | {"metrics"} if settings.metrics_public else rbac.public
 
 

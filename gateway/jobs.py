@@ -58,10 +58,9 @@ def _job(
     (seconds, or a function of the config) and 0 turns scheduling off."""
 
     def schedule(config: Config) -> float | None:
-        key = f"{name.replace('-', '_')}_interval_seconds"
-        configured = config.section("jobs").get(key)
+        configured = config.jobs.intervals.get(name)
         if configured is not None:
-            return float(configured) or None
+            return configured or None
         return interval(config) if callable(interval) else interval
 
     return Job(name, fn, schedule)

@@ -44,7 +44,6 @@ OCTET_STREAM = "application/octet-stream"
 JSON = "application/json"
 MiB = 1024 * 1024
 BATCH_PATH = "/v1/kzg/batch"
-DEFAULT_MAX_BATCH_OPERATIONS = 16
 
 
 @dataclass(frozen=True)
@@ -494,7 +493,7 @@ def batch_body_limit(ops: tuple[Operation, ...], max_operations: int) -> int:
 
 
 def _max_batch_operations(app: web.Application) -> int:
-    value = int(app[CONFIG].get("server", "max_batch_operations", DEFAULT_MAX_BATCH_OPERATIONS))
+    value = app[CONFIG].server.max_batch_operations
     if value < 1:
         raise ConfigError(f"[server] max_batch_operations must be at least 1, got {value}")
     return value

@@ -13,35 +13,34 @@ from aiohttp import web
 
 from gateway.config import Config, ConfigError
 from gateway.errors import ApiError
+from gateway.settings import ServerSettings
 
 
 @dataclass(frozen=True)
 class ServerLimits:
-    """``[server]`` keys of the same names."""
+    """``[server]`` keys of the same names (defaults: those of ServerSettings)."""
 
-    max_connections: int = 1024
-    max_connections_per_address: int = 256
-    backlog: int = 1024
-    tls_handshake_timeout_seconds: float = 10.0
+    max_connections: int = ServerSettings.max_connections
+    max_connections_per_address: int = ServerSettings.max_connections_per_address
+    backlog: int = ServerSettings.backlog
+    tls_handshake_timeout_seconds: float = ServerSettings.tls_handshake_timeout_seconds
     # aiohttp closes a connection whose next request's headers have not all arrived
     # this long after it opened or went idle: the bound on slow (slowloris) headers.
-    keepalive_timeout_seconds: float = 15.0
-    body_timeout_seconds: float = 30.0
-    max_header_bytes: int = 8190
-    max_headers: int = 64
-    shutdown_timeout_seconds: float = 30.0
+    keepalive_timeout_seconds: float = ServerSettings.keepalive_timeout_seconds
+    body_timeout_seconds: float = ServerSettings.body_timeout_seconds
+    max_header_bytes: int = ServerSettings.max_header_bytes
+    max_headers: int = ServerSettings.max_headers
+    shutdown_timeout_seconds: float = ServerSettings.shutdown_timeout_seconds
 
     @classmethod
     def from_config(cls, config: Config) -> ServerLimits:
-        server = config.section("server")
+        server = config.server
         values: dict[str, Any] = {}
         for item in fields(cls):
-            if item.name in server:
-                kind = int if item.type == "int" else float
-                value = kind(server[item.name])
-                if value <= 0:
-                    raise ConfigError(f"[server] {item.name} must be positive, got {value}")
-                values[item.name] = value
+            value = getattr(server, item.name)
+            if value <= 0:
+                raise ConfigError(f"[server] {item.name} must be positive, got {value}")
+            values[item.name] = value
         return cls(**values)
 
 

@@ -166,15 +166,14 @@ class PoolSettings:
 
 def pool_settings(config: Config) -> PoolSettings:
     """``[engine] name`` and ``cross_check``, and the ``[pool]`` section (see PoolSettings)."""
-    defaults = PoolSettings()
-    pool = config.section("pool")
+    engine, pool = config.engine, config.pool
     return PoolSettings(
-        engine=str(config.get("engine", "name", defaults.engine)),
-        cross_check=str(config.get("engine", "cross_check", defaults.cross_check) or ""),
-        workers=int(pool.get("workers", defaults.workers)),
-        max_queue=int(pool.get("max_queue", defaults.max_queue)),
-        start_method=str(pool.get("start_method", defaults.start_method)),
-        retry_after_seconds=int(pool.get("retry_after_seconds", defaults.retry_after_seconds)),
+        engine=engine.name,
+        cross_check=engine.cross_check,
+        workers=pool.workers,
+        max_queue=pool.max_queue,
+        start_method=pool.start_method,
+        retry_after_seconds=pool.retry_after_seconds,
     )
 
 

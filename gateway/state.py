@@ -7,12 +7,11 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from audit.breaker import CircuitBreaker
+from gateway.settings import MetricsSettings, ServerSettings
 
 # Routes that are counted in metrics rather than written to the audit log (unless
 # ``[audit] record_probes = true``).
@@ -36,20 +35,11 @@ class ProbeSettings:
             raise ValueError("server.min_free_disk_mib must not be negative")
 
     @classmethod
-    def from_sections(cls, server: Mapping[str, Any], metrics: Mapping[str, Any]) -> ProbeSettings:
-        unknown = set(metrics) - {"public"}
-        if unknown:
-            raise ValueError(f"unknown [metrics] settings: {', '.join(sorted(unknown))}")
-        public = metrics.get("public", False)
-        if not isinstance(public, bool):
-            raise ValueError("metrics.public must be true or false")
-        defaults = cls()
+    def from_settings(cls, server: ServerSettings, metrics: MetricsSettings) -> ProbeSettings:
         return cls(
-            readiness_interval_seconds=float(
-                server.get("readiness_interval_seconds", defaults.readiness_interval_seconds)
-            ),
-            min_free_disk_mib=int(server.get("min_free_disk_mib", defaults.min_free_disk_mib)),
-            metrics_public=public,
+            readiness_interval_seconds=server.readiness_interval_seconds,
+            min_free_disk_mib=server.min_free_disk_mib,
+            metrics_public=metrics.public,
         )
 
 

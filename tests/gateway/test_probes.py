@@ -14,6 +14,7 @@ import pytest
 from audit.breaker import CircuitBreaker
 from audit.settings import AuditSettings
 from gateway.appkeys import STATE
+from gateway.settings import MetricsSettings, ServerSettings
 from gateway.state import ProbeSettings
 from tests.gateway.conftest import Gateway, StartGateway
 
@@ -154,12 +155,14 @@ def test_audit_settings_refuse_bad_values(section: dict, message: str) -> None:
 
 
 def test_probe_settings_refuse_unknown_and_bad_values() -> None:
-    with pytest.raises(ValueError, match="unknown \\[metrics\\] settings: open"):
-        ProbeSettings.from_sections({}, {"open": True})
-    with pytest.raises(ValueError, match=r"metrics\.public must be true or false"):
-        ProbeSettings.from_sections({}, {"public": "true"})
+    with pytest.raises(ValueError, match="unknown \\[metrics\\] key 'open'"):
+        MetricsSettings.from_mapping({"open": True})
+    with pytest.raises(ValueError, match=r"\[metrics\] public must be true or false"):
+        MetricsSettings.from_mapping({"public": "true"})
     with pytest.raises(ValueError, match=r"server\.readiness_interval_seconds"):
-        ProbeSettings.from_sections({"readiness_interval_seconds": 0}, {})
+        ProbeSettings.from_settings(
+            ServerSettings.from_mapping({"readiness_interval_seconds": 0}), MetricsSettings()
+        )
     assert AuditSettings().record_probes is False
 
 

@@ -1,0 +1,166 @@
+"""Typed ``[server]``, ``[engine]``, ``[pool]``, ``[jobs]`` and ``[metrics]`` settings.
+
+Each section is a frozen dataclass with the defaults the gateway has always used. Its
+keys are checked once, when the configuration is loaded: an unknown key is refused
+naming the key and the file (or the environment variable) it came from, so a typo
+never passes silently as a default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8443
+# The jobs the server schedules; ``[jobs] <name>_interval_seconds`` is known for each.
+JOB_NAMES = ("checkpoint", "retention", "rotate-keys", "access-review")
+
+
+class ConfigError(ValueError):
+    """The configuration file or an override is malformed."""
+
+
+class SettingsError(ConfigError):
+    """A typed section holds an unknown key or a value of the wrong kind."""
+
+    def __init__(self, section: str, key: str, message: str) -> None:
+        super().__init__(message)
+        self.section = section
+        self.key = key
+
+
+_T = TypeVar("_T")
+
+
+def _coerce(section: str, name: str, kind: str, value: Any) -> Any:
+    """``value`` as the field's type (annotations are strings here)."""
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise SettingsError(
+                section, name, f"[{section}] {name} must be true or false, got {value!r}"
+            )
+        return value
+    try:
+        if kind == "int":
+            return int(value)
+        if kind == "float":
+            return float(value)
+    except (TypeError, ValueError):
+        raise SettingsError(
+            section, name, f"[{section}] {name} must be a number, got {value!r}"
+        ) from None
+    return "" if value is None else str(value)
+
+
+def _typed(cls: type[_T], section: str, values: Mapping[str, Any]) -> _T:
+    """``values`` as ``cls``; missing keys keep the dataclass defaults."""
+    kinds = {f.name: str(f.type) for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - set(kinds))
+    if unknown:
+        raise SettingsError(section, unknown[0], f"unknown [{section}] key {unknown[0]!r}")
+    return cls(**{k: _coerce(section, k, kinds[k], v) for k, v in values.items()})
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """``[server]``: the listener, drain, batch bounds and probe settings. What one client
+    may take of the server (connections, timeouts, header sizes) is ``ServerLimits`` in
+    gateway/limits.py, whose fields are ``[server]`` keys of the same names."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    # /readyz is 503 this long before the listener closes.
+    drain_seconds: float = 0.0
+    log_key_refresh_seconds: float = 30.0
+    max_batch_blobs: int = 64
+    max_batch_cells: int = 1024
+    max_batch_operations: int = 16
+    readiness_interval_seconds: float = 2.0
+    min_free_disk_mib: int = 32
+    max_connections: int = 1024
+    max_connections_per_address: int = 256
+    backlog: int = 1024
+    tls_handshake_timeout_seconds: float = 10.0
+    keepalive_timeout_seconds: float = 15.0
+    body_timeout_seconds: float = 30.0
+    max_header_bytes: int = 8190
+    max_headers: int = 64
+    shutdown_timeout_seconds: float = 30.0
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> ServerSettings:
+        return _typed(cls, "server", values)
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """``[engine]``: the engine that answers, and the one that checks it ("" is off).
+    Which names are valid is checked by the pool (gateway/pool.py PoolSettings)."""
+
+    name: str = "blspy"
+    cross_check: str = ""
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> EngineSettings:
+        return _typed(cls, "engine", values)
+
+
+@dataclass(frozen=True)
+class PoolSection:
+    """``[pool]``: 0 workers is one per core, 0 max_queue is 8 per worker (validated by
+    gateway/pool.py PoolSettings, which joins this with ``[engine]``)."""
+
+    workers: int = 0
+    max_queue: int = 0
+    start_method: str = "fork"
+    retry_after_seconds: int = 1
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> PoolSection:
+        return _typed(cls, "pool", values)
+
+
+@dataclass(frozen=True)
+class JobsSettings:
+    """``[jobs]``: ``enabled`` turns the scheduler in the server on; ``intervals`` holds
+    each ``<job>_interval_seconds`` that is set (0: that job is not scheduled)."""
+
+    enabled: bool = True
+    intervals: Mapping[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> JobsSettings:
+        keys = {f"{name.replace('-', '_')}_interval_seconds": name for name in JOB_NAMES}
+        intervals: dict[str, float] = {}
+        enabled = True
+        for key, value in values.items():
+            if key == "enabled":
+                enabled = _coerce("jobs", key, "bool", value)
+            elif key in keys:
+                intervals[keys[key]] = _coerce("jobs", key, "float", value)
+            else:
+                raise SettingsError("jobs", key, f"unknown [jobs] key {key!r}")
+        return cls(enabled, intervals)
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """``[metrics] public``: /metrics without a credential."""
+
+    public: bool = False
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> MetricsSettings:
+        return _typed(cls, "metrics", values)
+
+
+# The typed sections, checked when the configuration is loaded.
+TYPED_SECTIONS: dict[str, Any] = {
+    "server": ServerSettings,
+    "engine": EngineSettings,
+    "pool": PoolSection,
+    "jobs": JobsSettings,
+    "metrics": MetricsSettings,
+}
