@@ -80,8 +80,8 @@ class ApiKeysMixin(ServiceCore):
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         """A new key (what its creator is shown once) and its row, hashed already: argon2
         runs before any transaction, never inside one."""
-        default_days = int(self.policy.get("api_keys", "default_expiry_days"))
-        max_days = int(self.policy.get("api_keys", "max_expiry_days"))
+        default_days = self.policy.api_keys.default_expiry_days
+        max_days = self.policy.api_keys.max_expiry_days
         days = default_days if expires_in_days is None else expires_in_days
         if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= max_days:
             raise PolicyError(f"expires_in_days: an integer from 1 to {max_days}")
@@ -206,7 +206,7 @@ class ApiKeysMixin(ServiceCore):
         failure budget is spent, without turning away keys already verified."""
         await self.check_revision()
         digest = hmac.new(self._cache_key, presented.encode(), hashlib.sha256).digest()
-        ttl = float(self.policy.get("api_keys", "cache_seconds"))
+        ttl = self.policy.api_keys.cache_seconds
         cached = self._key_cache.get(digest)
         fresh = (
             cached is None

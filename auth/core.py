@@ -121,7 +121,7 @@ class ServiceCore:
 
     async def check_revision(self, force: bool = False) -> None:
         """Drop cached credentials when another process revoked or changed one."""
-        interval = float(self.policy.get("api_keys", "revocation_check_seconds"))
+        interval = self.policy.api_keys.revocation_check_seconds
         if not force and time.monotonic() - self._revision_checked < interval:
             return
         async with self._revision_lock:

@@ -22,9 +22,9 @@ TOTP_PERIOD = 30
 
 def password_hasher(policy: SecurityPolicy) -> PasswordHasher:
     return PasswordHasher(
-        time_cost=int(policy.get("passwords", "time_cost")),
-        memory_cost=int(policy.get("passwords", "memory_kib")),
-        parallelism=int(policy.get("passwords", "parallelism")),
+        time_cost=policy.passwords.time_cost,
+        memory_cost=policy.passwords.memory_kib,
+        parallelism=policy.passwords.parallelism,
         type=Type.ID,
     )
 

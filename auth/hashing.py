@@ -18,10 +18,11 @@ from argon2 import PasswordHasher
 
 from auth import credentials
 from auth.policy import SecurityPolicy
+from auth.security_settings import Passwords
 
 T = TypeVar("T")
-DEFAULT_THREADS = 2
-DEFAULT_QUEUE = 8
+DEFAULT_THREADS = Passwords.hashing_threads
+DEFAULT_QUEUE = Passwords.hashing_queue
 
 
 class HashingBusy(Exception):
@@ -55,13 +56,11 @@ class HashingPool:
     def from_policy(
         cls, policy: SecurityPolicy, on_verify: Callable[[str], None] | None = None
     ) -> HashingPool:
-        """``[passwords] hashing_threads`` and ``hashing_queue`` (defaults for policy files
-        older than them)."""
-        section = policy.data.get("passwords", {})
+        """``[passwords] hashing_threads`` and ``hashing_queue``."""
         return cls(
             credentials.password_hasher(policy),
-            int(section.get("hashing_threads", DEFAULT_THREADS)),
-            int(section.get("hashing_queue", DEFAULT_QUEUE)),
+            policy.passwords.hashing_threads,
+            policy.passwords.hashing_queue,
             on_verify,
         )
 

@@ -58,11 +58,11 @@ class TokensMixin(ServiceCore):
     async def _issue_token(
         self, principal: Principal, amr: list[str], now: datetime
     ) -> tuple[str, int]:
-        ttl = int(self.policy.get("tokens", "ttl_seconds"))
+        ttl = self.policy.tokens.ttl_seconds
         issued = int(now.timestamp())
         claims = {
-            "iss": self.policy.get("tokens", "issuer"),
-            "aud": self.policy.get("tokens", "audience"),
+            "iss": self.policy.tokens.issuer,
+            "aud": self.policy.tokens.audience,
             "sub": principal.id,
             "name": principal.name,
             "roles": list(principal.roles),
@@ -147,7 +147,7 @@ class TokensMixin(ServiceCore):
             return True
         if key.status != RETIRED or key.retired_at is None:
             return False
-        retain = timedelta(days=float(self.policy.get("tokens", "jwt_key_retain_days")))
+        retain = timedelta(days=self.policy.tokens.jwt_key_retain_days)
         return key.retired_at + retain > self.now()
 
     async def _jwt_key_rows(self) -> list[_JwtKey]:
@@ -184,11 +184,11 @@ class TokensMixin(ServiceCore):
             claims = tokens.verify(
                 token,
                 key.verifier,
-                issuer=self.policy.get("tokens", "issuer"),
-                audience=self.policy.get("tokens", "audience"),
+                issuer=self.policy.tokens.issuer,
+                audience=self.policy.tokens.audience,
             )
             issued = int(claims["iat"])
-            if int(claims["exp"]) - issued > int(self.policy.get("tokens", "ttl_seconds")):
+            if int(claims["exp"]) - issued > self.policy.tokens.ttl_seconds:
                 raise tokens.TokenError("lifetime longer than the policy's ttl_seconds")
             if key.retired_at is not None and issued > key.retired_at.timestamp():
                 raise tokens.TokenError("issued after its key was retired")
@@ -204,7 +204,7 @@ class TokensMixin(ServiceCore):
         return Principal(user.id, "user", user.username, roles, mfa=mfa)
 
     async def _cached_user(self, user_id: str) -> Any:
-        ttl = float(self.policy.get("api_keys", "cache_seconds"))
+        ttl = self.policy.api_keys.cache_seconds
         hit = self._user_cache.get(user_id)
         if hit is not None and time.monotonic() - hit[0] < ttl:
             return hit[1]

@@ -42,16 +42,16 @@ class LoginMixin(PeopleMixin):
     on_account_alert: Callable[[], None] | None = None
     on_login_failure: Callable[[str], None] | None = None
 
-    def _setting(self, key: str) -> float:
-        return float(self.policy.get("login_throttle", key))
-
     def throttle_delay(self, failures: int) -> float:
         """Seconds a source waits after its ``failures``-th consecutive failure."""
-        free = int(self._setting("free_failures"))
+        free = self.policy.login_throttle.free_failures
         if failures < free:
             return 0.0
         factor: int = 2 ** min(failures - free, 32)  # typeshed: int ** int may be a float
-        return min(self._setting("base_delay_seconds") * factor, self._setting("max_delay_seconds"))
+        return min(
+            self.policy.login_throttle.base_delay_seconds * factor,
+            self.policy.login_throttle.max_delay_seconds,
+        )
 
     async def _check_throttle(self, account: str, source: str, now: float) -> None:
         async with self.engine.connect() as conn:
@@ -62,7 +62,10 @@ class LoginMixin(PeopleMixin):
                     )
                 )
             ).first()
-        if row is None or now - row.last_failure_at >= self._setting("forget_after_seconds"):
+        if (
+            row is None
+            or now - row.last_failure_at >= self.policy.login_throttle.forget_after_seconds
+        ):
             return
         wait = row.last_failure_at + self.throttle_delay(int(row.failures)) - now
         if wait > 0:
@@ -142,7 +145,7 @@ class LoginMixin(PeopleMixin):
         in the database itself, so concurrent failures each count."""
         if self.on_login_failure:
             self.on_login_failure("failed")
-        forget = self._setting("forget_after_seconds")
+        forget = self.policy.login_throttle.forget_after_seconds
         async with self.engine.begin() as conn:
             await self._count_source_failure(conn, account, source, now, forget)
             # Unknown users pay the same write, matching no row: same timing.
@@ -154,7 +157,7 @@ class LoginMixin(PeopleMixin):
                     .returning(users.c.failed_logins)
                 )
             ).scalar()
-        alert_every = int(self._setting("account_alert_failures"))
+        alert_every = self.policy.login_throttle.account_alert_failures
         if failures and failures % alert_every == 0 and self.on_account_alert:
             self.on_account_alert()
 
@@ -181,7 +184,7 @@ class LoginMixin(PeopleMixin):
     async def forget_login_failures(self) -> int:
         """Delete the throttle rows of sources quiet for ``forget_after_seconds`` (they
         no longer count); returns how many."""
-        cutoff = self._clock() - self._setting("forget_after_seconds")
+        cutoff = self._clock() - self.policy.login_throttle.forget_after_seconds
         async with self.engine.begin() as conn:
             result = await conn.execute(
                 delete(login_throttle).where(login_throttle.c.last_failure_at < cutoff)

@@ -56,7 +56,7 @@ class PeopleMixin(TokensMixin):
 
     def check_password(self, username: str, password: object, field: str = "password") -> str:
         """The password policy: at least ``min_length`` characters, not the username."""
-        min_length = int(self.policy.get("passwords", "min_length"))
+        min_length = self.policy.passwords.min_length
         if not isinstance(password, str) or len(password) < min_length:
             raise PolicyError(f"{field}: at least {min_length} characters")
         if password.strip().lower() == username.lower():
@@ -65,7 +65,7 @@ class PeopleMixin(TokensMixin):
 
     def _new_enrolment(self) -> tuple[str, str, str]:
         """A fresh token, its hash and its expiry."""
-        hours = float(self.policy.get("enrollment", "token_hours"))
+        hours = self.policy.enrollment.token_hours
         token = secrets.token_urlsafe(32)
         return token, _token_hash(token), format_timestamp(self.now() + timedelta(hours=hours))
 
@@ -74,7 +74,7 @@ class PeopleMixin(TokensMixin):
         the operator who is that person (``init``'s first admin)."""
         self._check_username(username)
         self.rbac.check_roles(roles)
-        password = credentials.new_password(int(self.policy.get("passwords", "min_length")))
+        password = credentials.new_password(self.policy.passwords.min_length)
         secret = credentials.new_totp_secret()
         user_id = f"usr_{secrets.token_hex(8)}"
         values = {

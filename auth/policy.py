@@ -10,15 +10,28 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from auth.security_settings import (
+    AccessReview,
+    ApiKeys,
+    EngineShare,
+    Enrollment,
+    LoginThrottle,
+    LogKeys,
+    Passwords,
+    PolicyError,
+    Rate,
+    RatelimitSharing,
+    Tokens,
+    parse_table,
+)
+
+__all__ = ["PolicyError", "RbacPolicy", "SecurityPolicy", "load_policies", "policy_dir"]
 
 POLICY_DIR = Path(__file__).resolve().parent.parent / "policies"
 # Whoever may give people any role gains nothing by giving it to an API key instead.
 GRANTS_ANY_ROLE = "users:manage"
-
-
-class PolicyError(ValueError):
-    """A policy file is missing or inconsistent."""
 
 
 def policy_dir(configured: str | Path | None = None) -> Path:
@@ -124,25 +137,86 @@ def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
+_T = TypeVar("_T")
+_TABLES = frozenset(
+    {
+        "passwords",
+        "login_throttle",
+        "enrollment",
+        "tokens",
+        "api_keys",
+        "log_keys",
+        "access_review",
+        "ratelimit_sharing",
+        # one sub-table per role:
+        "ratelimit",
+        "engine_share",
+    }
+)
+
+
 @dataclass(frozen=True)
 class SecurityPolicy:
-    data: dict[str, Any]
+    """``policies/security.toml``, typed: see the file for what each value means."""
+
+    passwords: Passwords
+    login_throttle: LoginThrottle
+    enrollment: Enrollment
+    tokens: Tokens
+    api_keys: ApiKeys
+    log_keys: LogKeys
+    access_review: AccessReview
+    ratelimit_sharing: RatelimitSharing
+    # Token buckets per role (``client``'s for a role without one).
+    ratelimit: Mapping[str, Rate]
+    # Engine calls one principal of the role may have in flight; roles absent: no cap.
+    engine_share: Mapping[str, EngineShare]
 
     @classmethod
     def load(cls, path: Path, override: Mapping[str, Any] | None = None) -> SecurityPolicy:
         """``override`` is the config's ``[auth]`` section shaped like the file (e.g.
-        ``{"passwords": {"memory_kib": 8192}}``), so tests and deployments can tune it."""
-        return cls(_merge(_load(path), override or {}))
+        ``{"passwords": {"memory_kib": 8192}}``), so tests and deployments can tune it.
+        Unknown tables and keys are refused naming them and the file."""
+        origin = f"{path} with [auth] overrides" if override else str(path)
+        return cls.from_mapping(_merge(_load(path), override or {}), origin)
 
-    def get(self, section: str, key: str) -> Any:
-        try:
-            return self.data[section][key]
-        except KeyError as exc:
-            raise PolicyError(f"security policy lacks [{section}] {key}") from exc
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], origin: str) -> SecurityPolicy:
+        unknown = sorted(set(data) - _TABLES)
+        if unknown:
+            raise PolicyError(f"unknown table [{unknown[0]}] (in {origin})")
+
+        def table(kind: type[_T], name: str) -> _T:
+            return parse_table(kind, name, data.get(name, {}), origin)
+
+        def per_role(kind: type[_T], name: str) -> dict[str, _T]:
+            section = data.get(name, {})
+            if not isinstance(section, Mapping):
+                raise PolicyError(f"[{name}] must be a table (in {origin})")
+            return {
+                role: parse_table(kind, f"{name}.{role}", spec, origin)
+                for role, spec in section.items()
+            }
+
+        ratelimit = per_role(Rate, "ratelimit")
+        if "client" not in ratelimit:
+            raise PolicyError(f"security policy lacks [ratelimit.client] (in {origin})")
+        return cls(
+            passwords=table(Passwords, "passwords"),
+            login_throttle=table(LoginThrottle, "login_throttle"),
+            enrollment=table(Enrollment, "enrollment"),
+            tokens=table(Tokens, "tokens"),
+            api_keys=table(ApiKeys, "api_keys"),
+            log_keys=table(LogKeys, "log_keys"),
+            access_review=table(AccessReview, "access_review"),
+            ratelimit_sharing=table(RatelimitSharing, "ratelimit_sharing"),
+            ratelimit=ratelimit,
+            engine_share=per_role(EngineShare, "engine_share"),
+        )
 
     def rate(self, role: str) -> tuple[float, float]:
-        spec = self.data.get("ratelimit", {}).get(role) or self.data["ratelimit"]["client"]
-        return float(spec["rate"]), float(spec["burst"])
+        spec = self.ratelimit.get(role) or self.ratelimit["client"]
+        return spec.rate, spec.burst
 
 
 def load_policies(

@@ -18,9 +18,9 @@ class AccessReviewMixin(ServiceCore):
     async def access_review(self) -> dict[str, Any]:
         """Every principal with its roles, last use, age and what needs attention."""
         now = self.now()
-        stale = timedelta(days=float(self.policy.get("access_review", "stale_after_days")))
-        alert_failures = int(self.policy.get("login_throttle", "account_alert_failures"))
-        soon = timedelta(days=float(self.policy.get("access_review", "expiring_within_days")))
+        stale = timedelta(days=self.policy.access_review.stale_after_days)
+        alert_failures = self.policy.login_throttle.account_alert_failures
+        soon = timedelta(days=self.policy.access_review.expiring_within_days)
         async with self.engine.connect() as conn:
             people = (await conn.execute(select(users).order_by(users.c.username))).all()
             machines = (await conn.execute(select(api_keys).order_by(api_keys.c.id))).all()

@@ -38,6 +38,7 @@ from auth.service import record_master_key
 from gateway import cli_admin, cli_audit, cli_doctor
 from gateway.config import Config, ConfigError, cli_actor, load_config
 from gateway.db import SchemaNotCurrent, check_schema, current_heads, make_engine, migrate
+from gateway.identity import policies_for
 from gateway.logs import LOG_FORMATS, configure_logging
 from gateway.receipts import SEALED_SECRETS, ensure_log_key, load_log_signer
 from gateway.tls import DEV_TLS_DIR, ensure_dev_tls, server_ssl_context, tls_files
@@ -250,6 +251,8 @@ def run_serve(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.data_dir).with_overrides(
             "server", host=args.host, port=args.port
         )
+        # A policy that does not parse is a configuration error too: exit 2 before anything starts.
+        policies_for(config)
     except (ConfigError, PolicyError) as exc:
         # Exit 2 like every command's configuration error, in serve's log format.
         log.error("kzg-gateway: %s", exc)

@@ -156,9 +156,7 @@ class Doctor:
             result.detail = "PostgreSQL: no local data to store"
             return
         directory = Path(url.partition(":///")[2]).parent
-        settings = ProbeSettings.from_sections(
-            self.config.section("server"), self.config.section("metrics")
-        )
+        settings = ProbeSettings.from_settings(self.config.server, self.config.metrics)
         free_mib = free_bytes(directory) / 2**20
         result.values = {"path": str(directory), "free_mib": round(free_mib)}
         if free_mib < settings.min_free_disk_mib:

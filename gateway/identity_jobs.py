@@ -47,12 +47,12 @@ async def rotate_keys(ctx: JobContext) -> dict[str, Any]:
     now = ctx.now()
     summary: dict[str, Any] = {"jwt_rotated": None, "log_key_rotated": None}
     jwt_age = await service.jwt_key_age()
-    jwt_max = float(service.policy.get("tokens", "jwt_key_max_age_days")) * 86400
+    jwt_max = service.policy.tokens.jwt_key_max_age_days * 86400
     if jwt_age is None or jwt_age >= jwt_max:
         summary["jwt_rotated"] = await service.rotate_jwt_key(
             job_commit(ctx, "rotate-keys", "jwt_key")
         )
-    log_key_max = float(service.policy.get("log_keys", "max_age_days")) * 86400
+    log_key_max = service.policy.log_keys.max_age_days * 86400
     current = [k for k in await list_log_keys(ctx.engine) if k.status == "current"]
     if not current or (now - parse_timestamp(current[0].not_before)).total_seconds() >= log_key_max:
         rotated = await rotate_log_key(

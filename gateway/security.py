@@ -251,13 +251,7 @@ def _spend_rate_limit(request: web.Request) -> None:
 def engine_shares(policy: SecurityPolicy) -> dict[str, int]:
     """``[engine_share.<role>] max_in_flight``: the engine calls one principal of the role
     may have in flight at once (the rate limit counts requests, not CPU seconds)."""
-    shares: dict[str, int] = {}
-    for role, spec in policy.data.get("engine_share", {}).items():
-        value = spec.get("max_in_flight") if isinstance(spec, dict) else None
-        if type(value) is not int or value < 1:
-            raise PolicyError(f"[engine_share.{role}] max_in_flight must be an integer >= 1")
-        shares[role] = value
-    return shares
+    return {role: share.max_in_flight for role, share in policy.engine_share.items()}
 
 
 @web.middleware
@@ -280,23 +274,19 @@ async def update_key_age_metrics(app: web.Application) -> None:
     jwt_age = await service.jwt_key_age()
     if jwt_age is not None:
         app[KEY_AGE].labels("jwt").set(jwt_age)
-    app[KEY_MAX_AGE].labels("jwt").set(float(policy.get("tokens", "jwt_key_max_age_days")) * 86400)
+    app[KEY_MAX_AGE].labels("jwt").set(policy.tokens.jwt_key_max_age_days * 86400)
     current = [k for k in await list_log_keys(app[DB_ENGINE]) if k.status == "current"]
     if current:
         age = (datetime.now(UTC) - parse_timestamp(current[0].not_before)).total_seconds()
         app[KEY_AGE].labels("log").set(age)
-    app[KEY_MAX_AGE].labels("log").set(float(policy.get("log_keys", "max_age_days")) * 86400)
+    app[KEY_MAX_AGE].labels("log").set(policy.log_keys.max_age_days * 86400)
 
 
 def _sharing_settings(policy: SecurityPolicy) -> tuple[float, float]:
     """``[ratelimit_sharing]``: how often instances exchange spending, and how long an
     idle key is remembered (defaults for policy files older than the section)."""
-    section = policy.data.get("ratelimit_sharing", {})
-    sync_seconds = float(section.get("sync_seconds", 0.5))
-    horizon = float(section.get("horizon_seconds", 300))
-    if not 0 < sync_seconds < horizon:
-        raise PolicyError("[ratelimit_sharing] needs 0 < sync_seconds < horizon_seconds")
-    return sync_seconds, horizon
+    sharing = policy.ratelimit_sharing
+    return sharing.sync_seconds, sharing.horizon_seconds
 
 
 async def _share_rate_limits(exchange: UsageExchange, interval: float) -> None:

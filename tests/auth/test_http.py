@@ -312,7 +312,7 @@ async def test_tokens_keys_codes_and_throttling_over_https(secured: Gateway) -> 
             assert body["error"]["code"] == code
 
     victim = await service.create_user("victim", ["client"])
-    free = int(service.policy.get("login_throttle", "free_failures"))
+    free = int(service.policy.login_throttle.free_failures)
     for _ in range(free):
         wrong = {"username": "victim", "password": "not-the-password"}
         assert (await gw.post("/v1/auth/login", wrong, role=None))[0].status == 401

@@ -169,7 +169,7 @@ async def test_failures_from_one_address_do_not_lock_out_another(
         database, auth={**CHEAP_ARGON2, "login_throttle": {"account_alert_failures": 3}}
     )
     person = await gw.app[AUTH_SERVICE].create_user("erin", ["auditor"])
-    free = int(gw.app[AUTH_SERVICE].policy.get("login_throttle", "free_failures"))
+    free = int(gw.app[AUTH_SERVICE].policy.login_throttle.free_failures)
     assert free == 3
     stranger = gw.session()
     for _ in range(free):
@@ -334,7 +334,7 @@ async def test_a_revoked_jwt_key_is_refused_at_once_here_and_within_2_s_elsewher
             break
         assert response.status == 200
         await asyncio.sleep(0.05)
-    bound = float(there.app[AUTH_SERVICE].policy.get("api_keys", "revocation_check_seconds"))
+    bound = float(there.app[AUTH_SERVICE].policy.api_keys.revocation_check_seconds)
     assert time.monotonic() - revoked_at <= bound + 0.5
     response, jwks = await there.request("GET", "/.well-known/jwks.json", role=None)
     assert kid not in {k["kid"] for k in jwks["keys"]}
@@ -350,7 +350,7 @@ async def test_tokens_outliving_the_policy_or_their_key_are_refused(gw: Gateway)
     good = admin["Authorization"].split()[1]
     claims = jwt.decode(good, options={"verify_signature": False})
     key = await service._current_signing_key()
-    ttl = int(service.policy.get("tokens", "ttl_seconds"))
+    ttl = int(service.policy.tokens.ttl_seconds)
     long_lived = tokens.issue(key, {**claims, "exp": claims["iat"] + ttl + 60})
     response, answer = await gw.request(
         "GET", "/v1/log/checkpoint", role=None, headers=_bearer(long_lived)
@@ -377,7 +377,7 @@ async def test_a_retired_jwt_key_is_refused_past_its_window_even_when_cached(
     old = (await service.login("gina", created["password"], None)).access_token
     await service.rotate_jwt_key()
     assert (await service.authenticate_token(old)).name == "gina"  # caches the key
-    store.clock.advance(float(service.policy.get("tokens", "jwt_key_retain_days")) * 86400 + 1)
+    store.clock.advance(float(service.policy.tokens.jwt_key_retain_days) * 86400 + 1)
     with pytest.raises(Exception) as refused:
         await service.authenticate_token(old)
     assert getattr(refused.value, "status", None) == 401

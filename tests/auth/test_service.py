@@ -85,7 +85,7 @@ async def test_failures_hold_back_their_source_only_with_growing_delays(store: S
     password) while another address logs in at once; nothing locks the account."""
     service = store.make()
     created = await service.create_user("erin", ["client"])
-    free = int(service.policy.get("login_throttle", "free_failures"))
+    free = int(service.policy.login_throttle.free_failures)
     for _ in range(free + 2):
         with pytest.raises(AuthError) as failed:
             await service.login("erin", "not-the-password", None, "192.0.2.7")
@@ -109,7 +109,7 @@ async def test_failures_hold_back_their_source_only_with_growing_delays(store: S
     assert (await service.login("erin", created["password"], None, "192.0.2.7")).principal
     # A success forgets its source's failures; the rotate-keys job forgets quiet sources.
     assert await service.forget_login_failures() == 0
-    store.clock.advance(float(service.policy.get("login_throttle", "forget_after_seconds")))
+    store.clock.advance(float(service.policy.login_throttle.forget_after_seconds))
     assert await service.forget_login_failures() == 1
 
 
@@ -227,7 +227,7 @@ async def test_runtime_role_cannot_delete_identities(pg_database: PgDatabase) ->
 
 def test_shipped_policy_is_strong() -> None:
     rbac, policy = load_policies()
-    assert policy.get("passwords", "memory_kib") >= 19456  # OWASP argon2id minimum
+    assert policy.passwords.memory_kib >= 19456  # OWASP argon2id minimum
     assert not rbac.roles["client"].mfa
     # Machine-only roles without a second factor: client computes, monitor only scrapes.
     assert all(r.mfa for name, r in rbac.roles.items() if name not in ("client", "monitor"))

@@ -120,17 +120,30 @@ def test_a_value_of_the_wrong_kind_is_refused_naming_its_origin(tmp_path: Path) 
         load_config(None, tmp_path / "none", environ={**ENV, "KZG_GATEWAY_SERVER__PORT": "https"})
 
 
-def test_serve_exits_2_naming_the_unknown_key_and_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("section", "variable", "message"),
+    [
+        ({"server": {"max_batch_blob": 64}}, {}, "unknown [server] key 'max_batch_blob'"),
+        (
+            {},
+            {"KZG_GATEWAY_AUTH__TOKENS__TLL_SECONDS": "3"},
+            "unknown key [tokens] tll_seconds (in ",
+        ),
+    ],
+)
+def test_serve_exits_2_naming_the_unknown_key_and_file(
+    section: dict[str, Any], variable: dict[str, str], message: str, tmp_path: Path
+) -> None:
     """A real process: one line naming the key and file, no traceback, nothing started."""
-    path = _write(tmp_path / "config.toml", {"server": {"max_batch_blob": 64}})
+    path = _write(tmp_path / "config.toml", section)
     result = subprocess.run(
         [sys.executable, "-m", "gateway", "serve", "--config", str(path), "--port", "0"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=60,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), **ENV},
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), **ENV, **variable},
     )
     assert result.returncode == 2, result.stderr
-    assert "unknown [server] key 'max_batch_blob'" in result.stderr
-    assert str(path) in result.stderr and "Traceback" not in result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert str(path if section else REPO / "policies" / "security.toml") in result.stderr
