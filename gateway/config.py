@@ -18,6 +18,7 @@ import pwd
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -156,23 +157,24 @@ class Config:
             if not path.is_file():
                 raise ConfigError(f"policy file {path} is missing (policy_dir: {self.policy_dir})")
 
-    @property
+    # The typed sections, parsed on first use (load_config has checked them already).
+    @cached_property
     def server(self) -> ServerSettings:
         return ServerSettings.from_mapping(self.section("server"))
 
-    @property
+    @cached_property
     def engine(self) -> EngineSettings:
         return EngineSettings.from_mapping(self.section("engine"))
 
-    @property
+    @cached_property
     def pool(self) -> PoolSection:
         return PoolSection.from_mapping(self.section("pool"))
 
-    @property
+    @cached_property
     def jobs(self) -> JobsSettings:
         return JobsSettings.from_mapping(self.section("jobs"))
 
-    @property
+    @cached_property
     def metrics(self) -> MetricsSettings:
         return MetricsSettings.from_mapping(self.section("metrics"))
 
