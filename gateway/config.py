@@ -22,6 +22,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from audit.settings import AuditSettings
 from auth.crypto import MASTER_KEY_ENV
 from auth.policy import policy_dir
 from gateway.cli_audit import DEFAULT_DATABASE_FILE
@@ -247,6 +248,10 @@ def _check_typed_sections(
             variable = f"{ENV_PREFIX}{exc.section.upper()}__{exc.key.upper()}"
             origin = variable if variable in environ else (path or "the configuration")
             raise ConfigError(f"{exc} (in {origin})") from None
+    try:
+        AuditSettings.from_mapping(data.get("audit", {}))
+    except ValueError as exc:
+        raise ConfigError(f"{exc} (in {path or 'the environment'})") from None
 
 
 def cli_actor() -> str:

@@ -110,6 +110,13 @@ def test_an_unknown_key_is_refused_naming_key_and_file(section: str, tmp_path: P
         load_config(_write(path, {}), environ={**ENV, variable: "1"})
 
 
+def test_an_unknown_audit_key_is_refused_naming_the_file(tmp_path: Path) -> None:
+    path = _write(tmp_path / "config.toml", {"audit": {"orgin": "x"}})
+    with pytest.raises(ConfigError) as raised:
+        load_config(path, environ=ENV)
+    assert str(raised.value) == f"unknown [audit] settings: orgin (in {path})"
+
+
 def test_a_value_of_the_wrong_kind_is_refused_naming_its_origin(tmp_path: Path) -> None:
     path = _write(tmp_path / "config.toml", {"metrics": {"public": "yes"}})
     with pytest.raises(
