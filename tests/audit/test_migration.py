@@ -33,7 +33,7 @@ from gateway.db import alembic_config, migrate
 from migrations import AUDIT_TARGETS
 from tests.audit import reference_tlog as ref
 from tests.audit.conftest import TEST_ORIGIN, AuditStore, make_engine, migrate_audit
-from tests.audit.helpers import BlsSigner, make_event
+from tests.audit.helpers import AUDIT_TABLES, BlsSigner, make_event
 from tests.audit.test_writer import (
     assert_one_tree,
     assert_receipts,
@@ -44,16 +44,7 @@ from tests.conftest import PgDatabase
 
 BEFORE_TREE = "audit@audit_0002"
 HEAD = AUDIT_TARGETS
-TREE_TABLES = {
-    "audit_events",
-    "audit_tree",
-    "audit_tree_heads",
-    "audit_log_head",
-    "audit_legacy_chain",
-    "audit_checkpoints",
-    "audit_anchors",
-    "audit_retention",
-}
+TREE_TABLES = {*AUDIT_TABLES, "audit_retention"}
 CHAIN_TABLES = {"audit_events", "audit_chain_head", "audit_checkpoints", "audit_anchors"}
 LONG_AGO = datetime(2012, 3, 4, 5, 6, 7, tzinfo=UTC)
 
