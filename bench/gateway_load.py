@@ -139,9 +139,9 @@ def run_baseline(args: argparse.Namespace) -> None:
     """The bare aiohttp server: same TLS, same parsing and worker pool, nothing else."""
     from aiohttp import web
 
-    from gateway import kzg_routes
     from gateway.limits import SERVER_LIMITS, ServerLimits
     from gateway.pool import EnginePool, PoolSettings
+    from gateway.routes import kzg as kzg_routes
     from gateway.tls import server_ssl_context
 
     ops = {op.path: op for op in kzg_routes.operations()}

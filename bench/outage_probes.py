@@ -44,7 +44,7 @@ import aiohttp
 import yaml
 from benchlib import REPO, PgDatabase, PgServer, machine_facts, percentile
 
-from gateway.cli_audit import DEFAULT_DATABASE_FILE
+from gateway.db import DEFAULT_DATABASE_FILE
 
 VERIFY = {
     "commitment": "0xc0" + "00" * 47,

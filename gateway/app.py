@@ -33,7 +33,6 @@ from audit.settings import AuditSettings
 from audit.writer import AuditWriter
 from auth.crypto import MasterKey, load_master_key
 from auth.service import master_key_is_current
-from gateway import audit_routes, kzg_routes
 from gateway.appkeys import (
     AUDIT_WRITER,
     CONFIG,
@@ -45,7 +44,6 @@ from gateway.appkeys import (
     PUBLIC_ROUTES,
     STATE,
 )
-from gateway.audit_routes import record
 from gateway.config import Config
 from gateway.console import routes as console
 from gateway.context import REQUEST_CONTEXT, RequestContext
@@ -59,6 +57,9 @@ from gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from gateway.openapi import RouteDoc, document_route, openapi_document
 from gateway.pool import EnginePool, pool_settings
 from gateway.receipts import LogKeySigner, ReceiptResponse, list_log_keys, list_receipt_keys
+from gateway.routes import audit as audit_routes
+from gateway.routes import kzg as kzg_routes
+from gateway.routes.audit import record
 from gateway.security import install
 from gateway.sqlite_guard import guard_runtime
 from gateway.state import PROBE_ROUTES, ProbeSettings, ServerState, free_bytes

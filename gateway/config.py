@@ -25,8 +25,7 @@ from typing import Any
 from audit.settings import AuditSettings
 from auth.crypto import MASTER_KEY_ENV
 from auth.policy import policy_dir
-from gateway.cli_audit import DEFAULT_DATABASE_FILE
-from gateway.db import async_url
+from gateway.db import DEFAULT_DATABASE_FILE, async_url
 from gateway.settings import (
     TYPED_SECTIONS,
     ConfigError,

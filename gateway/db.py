@@ -28,6 +28,8 @@ from audit.models import metadata as audit_metadata
 from migrations import MIGRATIONS_DIR, PREVIOUS_RELEASE_HEADS
 
 SQLITE_BUSY_TIMEOUT_SECONDS = 30.0
+# The embedded SQLite database, in the data directory.
+DEFAULT_DATABASE_FILE = "gateway.db"
 # What an auditor may read beside the audit tables: the public half of the log and
 # receipt keys (export and verify list them), never a sealed private key.
 AUDITOR_COLUMNS = {

@@ -19,11 +19,11 @@ from auth.hashing import HashingBusy
 from auth.policy import PolicyError, RbacPolicy, SecurityPolicy, load_policies
 from auth.service import AuthError, AuthService
 from gateway.appkeys import AUDIT_WRITER
-from gateway.audit_routes import event_from_context
 from gateway.config import Config
 from gateway.context import REQUEST_CONTEXT
 from gateway.errors import ApiError
 from gateway.limits import JsonTooDeep, parse_json, read_body
+from gateway.routes.audit import event_from_context
 from gateway.state import ProbeSettings
 
 AUTH_SERVICE: web.AppKey[AuthService] = web.AppKey("auth_service", AuthService)

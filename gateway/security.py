@@ -36,7 +36,6 @@ from auth.policy import PolicyError, RbacPolicy, SecurityPolicy
 from auth.principal import Principal
 from auth.ratelimit import RateLimiter, UsageExchange, client_group
 from auth.service import AuthError, AuthService
-from gateway import admin_routes, auth_routes
 from gateway.appkeys import DB_ENGINE, MASTER_KEY, METRICS, STATE
 from gateway.config import Config
 from gateway.console.session import session_token
@@ -51,6 +50,8 @@ from gateway.identity import (
 )
 from gateway.pool import ENGINE_SHARE, EngineShare
 from gateway.receipts import list_log_keys
+from gateway.routes import admin as admin_routes
+from gateway.routes import auth as auth_routes
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

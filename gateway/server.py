@@ -21,10 +21,10 @@ from prometheus_client import Gauge
 # One grouping of client addresses for connection and rate limits.
 from auth.ratelimit import client_group
 from gateway.appkeys import METRICS, STATE
-from gateway.audit_routes import record
 from gateway.context import RequestContext
 from gateway.errors import AUDIT_DOWN, envelope
 from gateway.limits import SERVER_LIMITS, ServerLimits
+from gateway.routes.audit import record
 
 log = logging.getLogger(__name__)
 # Names the product only: no Python or aiohttp version for a scanner to match.

@@ -16,7 +16,7 @@ from audit.tlog import Checkpoint, TlogProof, verify_inclusion_proof
 from auth import tokens
 from auth.credentials import parse_api_key
 from gateway.errors import ApiError
-from gateway.kzg_routes import BatchRefusal, operations, parse_batch, parse_json_inputs
+from gateway.routes.kzg import BatchRefusal, operations, parse_batch, parse_json_inputs
 from kzg import KZGError
 from kzg.validate import blob_to_polynomial, cell_to_evals, field_from_bytes, g1_from_bytes
 from tests.audit import reference_tlog

@@ -29,7 +29,6 @@ from audit.log import inclusion_proof, latest_tree_head
 from audit.models import audit_events, audit_tree_heads, entry_from_row
 from audit.query import EventQuery, query_events
 from auth.service import AuthError
-from gateway import audit_routes
 from gateway.appkeys import DB_ENGINE, MASTER_KEY
 from gateway.console.session import (
     CSRF_FIELD,
@@ -48,6 +47,7 @@ from gateway.identity import AUTH_SERVICE, to_api_error
 from gateway.limits import read_body
 from gateway.openapi import RouteDoc, document_route
 from gateway.receipts import list_log_keys
+from gateway.routes import audit as audit_routes
 from gateway.security import RBAC
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

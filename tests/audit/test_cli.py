@@ -15,15 +15,15 @@ from audit.chain import canonical_json
 from audit.signing import NoteLogSigner
 from audit.tlog import Checkpoint
 from audit.writer import AppendResult, AuditWriter
-from gateway.cli_audit import (
+from gateway.cli.audit import (
     DATABASE_URL_ENV,
-    DEFAULT_DATABASE_FILE,
     EXIT_INVALID,
     EXIT_UNREADABLE,
     EXIT_VALID,
     data_dir_database_url,
     register,
 )
+from gateway.db import DEFAULT_DATABASE_FILE
 from gateway.receipts import result_digest
 from tests.audit.conftest import TEST_ORIGIN, AuditStore, make_engine, migrate_audit
 from tests.audit.helpers import BlsSigner, make_event, tamper

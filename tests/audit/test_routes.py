@@ -28,17 +28,17 @@ from auth.crypto import MasterKey
 from auth.principal import Principal
 from gateway.app import create_app
 from gateway.appkeys import AUDIT_WRITER
-from gateway.audit_routes import (
-    EXPORT_CONTENT_TYPE,
-    add_routes,
-    event_from_context,
-    outcome_for_status,
-)
 from gateway.config import Config
 from gateway.context import REQUEST_CONTEXT, RequestContext
 from gateway.db import migrate
 from gateway.errors import ApiError
 from gateway.identity import AUTH_SERVICE
+from gateway.routes.audit import (
+    EXPORT_CONTENT_TYPE,
+    add_routes,
+    event_from_context,
+    outcome_for_status,
+)
 from gateway.security import install
 from migrations import AUDIT_TARGETS
 from tests.audit import reference_tlog as ref
@@ -420,7 +420,7 @@ async def gateway_client(
     """The gateway app with its real security middleware, initialised as ``init`` does.
     (``aiohttp_client`` comes last: torn down first, the app closes its database
     connections before the test database is dropped.)"""
-    from gateway.cli import initialise
+    from gateway.cli.serve import initialise
 
     data: dict[str, Any] = {
         "engine": {"name": "ckzg"},

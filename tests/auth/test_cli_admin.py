@@ -17,7 +17,7 @@ from auth.crypto import MasterKey, load_master_key
 from auth.models import jwt_keys
 from auth.policy import load_policies
 from auth.service import AuthService
-from gateway.cli import main
+from gateway.cli.main import main
 from gateway.db import make_engine
 from gateway.receipts import LogKeySigner, list_log_keys
 from tests.audit import reference_tlog

@@ -253,9 +253,7 @@ async def test_an_admin_change_whose_audit_record_fails_is_not_made(
     store accepts them again, the same requests change and are audited."""
     # Ten refused commits in a row would open the audit breaker, which then refuses every
     # request; here each refusal must come from its own change's commit.
-    gw = await start_gateway(
-        database, auth=CHEAP_ARGON2, audit={"breaker_failure_threshold": 100}
-    )
+    gw = await start_gateway(database, auth=CHEAP_ARGON2, audit={"breaker_failure_threshold": 100})
     admin = await _person(gw, "boss", "admin")
     await gw.app[AUTH_SERVICE].create_user("olga", ["client"])
     key = await gw.app[AUTH_SERVICE].create_api_key("prover", "client", "tests")

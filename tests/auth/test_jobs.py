@@ -15,7 +15,7 @@ from sqlalchemy import select
 from audit.models import audit_events, audit_tree_heads
 from audit.writer import AuditWriter
 from auth.crypto import MasterKey
-from gateway.cli import initialise
+from gateway.cli.serve import initialise
 from gateway.db import make_engine
 from gateway.identity_jobs import service_for
 from gateway.jobs import JobContext, run_job

@@ -36,7 +36,7 @@ from auth.service import (
     record_master_key,
     replace_master_key,
 )
-from gateway.cli_admin import rewrap_secrets
+from gateway.cli.admin import rewrap_secrets
 from gateway.db import make_engine, migrate
 from gateway.identity import AUTH_SERVICE
 from gateway.receipts import SEALED_SECRETS, log_keys, receipt_keys

@@ -177,7 +177,7 @@ class LiveGateway:
 
 
 async def _start(data_dir: Path, **sections: Any) -> tuple[Config, web.Application, Any, int]:
-    from gateway.cli import initialise
+    from gateway.cli.serve import initialise
 
     config = gateway_config(data_dir, **sections)
     await initialise(config)

@@ -130,7 +130,7 @@ def start_live_gateway(
     data_dir: Path, database: PgDatabase | None = None, auth: dict[str, Any] | None = None
 ) -> tuple[LiveGateway, threading.Thread]:
     """Start a gateway (SQLite, or ``database``); ``auth`` overrides its security values."""
-    from gateway.cli import initialise
+    from gateway.cli.serve import initialise
 
     loop = asyncio.new_event_loop()
     ready: dict[str, Any] = {}

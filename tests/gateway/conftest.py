@@ -155,7 +155,7 @@ def gateway_config(data_dir: Path, **sections: dict[str, Any]) -> Config:
 @pytest.fixture
 async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
     """Start gateways on this test's loop: ``await start_gateway(database=None, **sections)``."""
-    from gateway.cli import initialise
+    from gateway.cli.serve import initialise
 
     started: list[tuple[Gateway, web.AppRunner]] = []
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from gateway.appkeys import KZG_POOL
-from gateway.kzg_routes import _code_for, _item_message
+from gateway.routes.kzg import _code_for, _item_message
 from kzg import KZGError
 from tests.gateway.conftest import Gateway, StartGateway
 from tests.gateway.helpers import (

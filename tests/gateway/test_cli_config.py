@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from alembic.script import ScriptDirectory
 
-from gateway.cli import main
+from gateway.cli.main import main
 from gateway.config import Config, apply_env, load_config
 from gateway.db import alembic_config
 from tests.audit import reference_tlog

@@ -28,8 +28,8 @@ def _python(code: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize(
     ("broken", "importer"),
     [
-        ("gateway.cli_admin", "gateway.cli"),  # was: a CLI without its admin commands
-        ("auth.bootstrap", "gateway.cli"),  # was: an init that creates no first admin
+        ("gateway.cli.admin", "gateway.cli.main"),  # was: a CLI without its admin commands
+        ("auth.bootstrap", "gateway.cli.main"),  # was: an init that creates no first admin
     ],
 )
 def test_a_broken_dependency_fails_loudly(broken: str, importer: str) -> None:

@@ -83,7 +83,10 @@ def test_doctor_on_postgresql(tmp_path: Path, pg_database: PgDatabase) -> None:
     code, checks = _doctor(data_dir, env)
     # Before init: no schema, no master key, no certificate; each named, none a traceback.
     assert code == 1 and checks["database"]["status"] == "ok"
-    assert checks["schema"]["status"] == "fail" and "schema is behind this release" in checks["schema"]["detail"]
+    assert (
+        checks["schema"]["status"] == "fail"
+        and "schema is behind this release" in checks["schema"]["detail"]
+    )
     assert checks["master_key"]["status"] == "fail"
     assert checks["tls"]["status"] == "fail"
     assert _run(data_dir, env, "init", "--json")[0] == 0
@@ -94,7 +97,7 @@ def test_doctor_on_postgresql(tmp_path: Path, pg_database: PgDatabase) -> None:
 
 
 def test_memory_check_reads_the_cgroup_limit(tmp_path: Path) -> None:
-    from gateway.cli_doctor import _cgroup_available_mib
+    from gateway.cli.doctor import _cgroup_available_mib
 
     (tmp_path / "memory.max").write_text(f"{2 * 2**30}\n")
     (tmp_path / "memory.current").write_text(f"{2**30 + 2**29}\n")

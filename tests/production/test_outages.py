@@ -23,8 +23,7 @@ import pytest
 from sqlalchemy import select
 
 from audit.models import audit_events
-from gateway.cli_audit import DEFAULT_DATABASE_FILE
-from gateway.db import make_engine
+from gateway.db import DEFAULT_DATABASE_FILE, make_engine
 from tests.audit.helpers import sqlite_write_lock
 from tests.audit.proxy import CuttableProxy
 from tests.conftest import PgDatabase, free_port

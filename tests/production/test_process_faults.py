@@ -26,8 +26,7 @@ from sqlalchemy import func, select
 
 from audit.models import audit_tree_heads
 from auth.crypto import MasterKey
-from gateway.cli_audit import DEFAULT_DATABASE_FILE
-from gateway.db import make_engine
+from gateway.db import DEFAULT_DATABASE_FILE, make_engine
 from tests.conftest import PgDatabase, free_port
 from tests.gateway.helpers import check_receipt, input_digests, make_blob
 from tests.production.test_instances import (

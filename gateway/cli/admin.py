@@ -34,6 +34,7 @@ from auth.hashing import HashingBusy
 from auth.master_key import rewrap_columns
 from auth.policy import PolicyError
 from auth.service import AuthError, AuthService, replace_master_key
+from gateway.cli import common_options
 from gateway.config import Config, cli_actor, load_config
 from gateway.db import check_schema, make_engine
 from gateway.identity import policies_for
@@ -44,14 +45,9 @@ T = TypeVar("T")
 Command = Callable[[AuthService, argparse.Namespace], Awaitable[dict[str, Any]]]
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="TOML configuration file")
-    parser.add_argument("--data-dir", type=Path, help="data directory (default ./.kzg-gateway)")
-
-
 def _add(group: Any, name: str, help_text: str, command: Command) -> argparse.ArgumentParser:
     parser = group.add_parser(name, help=help_text)
-    _common(parser)
+    common_options(parser)
     parser.set_defaults(func=lambda args: run(args, command))
     return parser
 

@@ -1,4 +1,4 @@
-"""``kzg-gateway``: init, serve, audit, admin, jobs."""
+"""``init``, ``serve`` and ``jobs run``: the commands that set up and run the gateway."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from auth.crypto import (
 from auth.hashing import HashingBusy
 from auth.policy import PolicyError
 from auth.service import record_master_key
-from gateway import cli_admin, cli_audit, cli_doctor
+from gateway.cli import common_options
 from gateway.config import Config, ConfigError, cli_actor, load_config
 from gateway.db import SchemaNotCurrent, check_schema, current_heads, make_engine, migrate
 from gateway.identity import policies_for
@@ -329,22 +329,15 @@ def run_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="TOML configuration file")
-    parser.add_argument("--data-dir", type=Path, help="data directory (default ./.kzg-gateway)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kzg-gateway", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def register(commands: Any) -> None:
+    """Add ``init``, ``serve`` and ``jobs run`` to the top-level CLI."""
     init = commands.add_parser("init", help="set up the data directory (idempotent)")
-    _common(init)
+    common_options(init)
     init.add_argument("--json", action="store_true", help="print the result as one JSON object")
     init.set_defaults(func=run_init)
 
     serve_cmd = commands.add_parser("serve", help="run the HTTPS gateway")
-    _common(serve_cmd)
+    common_options(serve_cmd)
     serve_cmd.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve_cmd.add_argument("--port", type=int, help="port (default 8443)")
     serve_cmd.add_argument(
@@ -355,25 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve_cmd.set_defaults(func=run_serve)
 
-    cli_audit.register(commands)
-    cli_doctor.register(commands, _common)
-    cli_admin.register(commands)
-
     jobs = commands.add_parser("jobs", help="run a scheduled job by hand")
     job_commands = jobs.add_subparsers(dest="jobs_command", required=True)
     run = job_commands.add_parser("run", help="run one job now")
-    _common(run)
+    common_options(run)
     run.add_argument("name", help="retention, checkpoint, rotate-keys, access-review")
     run.set_defaults(func=run_jobs)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args))
-    except (ConfigError, MasterKeyError, PolicyError) as exc:
-        print(f"kzg-gateway: {exc}", file=sys.stderr)
-        return 2

@@ -4,6 +4,7 @@ detail names its targets and roles, never a secret."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -29,6 +30,7 @@ def _service(request: web.Request) -> AuthService:
 def _guarded(fn: Callable[[web.Request], Awaitable[Any]]) -> Handler:
     """Run ``fn`` and turn identity errors into envelopes; a dict result is the JSON body."""
 
+    @functools.wraps(fn)
     async def handler(request: web.Request) -> web.StreamResponse:
         try:
             result = await fn(request)

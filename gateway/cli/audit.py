@@ -29,11 +29,11 @@ from audit.retention import RetentionPolicy
 from audit.signing import bls_signature_valid, key_bytes
 from audit.tlog import PROOF_HEADER, parse_tlog_proof, verify_inclusion_proof
 from audit.verify import VerifyReport, verify_database, verify_export_lines
-from gateway.db import async_url
+from gateway.config import load_config
+from gateway.db import DEFAULT_DATABASE_FILE, async_url
 
 EXIT_VALID, EXIT_INVALID, EXIT_UNREADABLE = 0, 1, 2
 DATABASE_URL_ENV = "KZG_GATEWAY_DATABASE_URL"
-DEFAULT_DATABASE_FILE = "gateway.db"
 LEGACY_RECEIPT_SCHEME = "bls12381-aug"
 
 
@@ -136,8 +136,6 @@ def data_dir_database_url(data_dir: Path) -> str:
     """Return the database URL a gateway with this data directory uses, read as ``serve``
     reads it (``$KZG_GATEWAY_CONFIG`` or ``<data dir>/config.toml``, then the
     environment); the embedded SQLite file ``<data dir>/gateway.db`` must exist."""
-    from gateway.config import load_config  # gateway.config imports this module
-
     url = load_config(None, data_dir).database_url
     database = data_dir / DEFAULT_DATABASE_FILE
     if url.endswith(f":///{database.resolve()}") and not database.is_file():

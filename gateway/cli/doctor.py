@@ -20,6 +20,7 @@ from sqlalchemy import text
 
 from audit.settings import AuditSettings
 from auth.crypto import MasterKey, load_master_key
+from gateway.cli import common_options
 from gateway.config import Config, ConfigError, load_config
 from gateway.db import check_schema, make_engine
 from gateway.pool import pool_settings
@@ -232,9 +233,9 @@ def run_doctor(args: argparse.Namespace) -> int:
     return 1 if any(r.status == "fail" for r in results) else 0
 
 
-def register(commands: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
+def register(commands: Any) -> None:
     doctor = commands.add_parser(
         "doctor", help="check config, database, master key, TLS, disk, memory, engine"
     )
-    common(doctor)
+    common_options(doctor)
     doctor.set_defaults(func=run_doctor)
