@@ -142,6 +142,7 @@ def run_baseline(args: argparse.Namespace) -> None:
     from gateway.limits import SERVER_LIMITS, ServerLimits
     from gateway.pool import EnginePool, PoolSettings
     from gateway.routes import kzg as kzg_routes
+    from gateway.settings import TlsSettings
     from gateway.tls import server_ssl_context
 
     ops = {op.path: op for op in kzg_routes.operations()}
@@ -172,7 +173,7 @@ def run_baseline(args: argparse.Namespace) -> None:
         app,
         host="127.0.0.1",
         port=args.port,
-        ssl_context=server_ssl_context({}, args.data_dir),
+        ssl_context=server_ssl_context(TlsSettings(), args.data_dir),
         access_log=None,
         print=None,
     )
@@ -388,7 +389,7 @@ def run_auth_off(args: argparse.Namespace) -> None:
     async def serve() -> None:
         # The gateway's own listener, so that only authentication differs.
         app = create_app(config, security=lambda app, config: [no_auth])
-        ssl_context = server_ssl_context(config.section("tls"), args.data_dir)
+        ssl_context = server_ssl_context(config.tls, args.data_dir)
         await start_server(app, "127.0.0.1", args.port, ssl_context)
         await asyncio.Event().wait()  # until terminated
 

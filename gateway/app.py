@@ -29,7 +29,6 @@ from audit.breaker import STATE_VALUES, CircuitBreaker
 from audit.checkpoints import sign_head
 from audit.errors import AuditUnavailable
 from audit.events import parse_timestamp
-from audit.settings import AuditSettings
 from audit.writer import AuditWriter
 from auth.crypto import MasterKey, load_master_key
 from auth.service import master_key_is_current
@@ -429,7 +428,7 @@ def _operational_routes(app: web.Application) -> None:
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     """Open everything the app needs and close it again, in reverse order."""
     config = app[CONFIG]
-    settings = AuditSettings.from_mapping(config.section("audit"))
+    settings = config.audit
     pool = EnginePool(pool_settings(config))
     await pool.start()
     app[KZG_POOL] = pool
@@ -459,7 +458,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     refresher: asyncio.Task[None] | None = None
     ready_task: asyncio.Task[None] | None = None
     with contextlib.suppress(OSError, ValueError):
-        cert_file, _ = tls_files(config.section("tls"), config.data_dir)
+        cert_file, _ = tls_files(config.tls, config.data_dir)
         app[METRICS].tls_not_after.set(certificate_not_after(cert_file))
     try:
         await check_schema(engine)
@@ -528,7 +527,7 @@ def create_app(
     app[SERVER_LIMITS] = ServerLimits.from_config(config)
     app[MASTER_KEY] = master_key or load_master_key(config.data_dir)
     app[METRICS] = GatewayMetrics.create()
-    audit = AuditSettings.from_mapping(config.section("audit"))
+    audit = config.audit
     app[STATE] = ServerState(
         breaker=CircuitBreaker(
             audit.breaker_failure_threshold, audit.breaker_recovery_timeout_seconds

@@ -28,6 +28,7 @@ from auth.policy import policy_dir
 from gateway.db import DEFAULT_DATABASE_FILE, async_url
 from gateway.settings import (
     TYPED_SECTIONS,
+    AuthSettings,
     ConfigError,
     EngineSettings,
     JobsSettings,
@@ -35,22 +36,22 @@ from gateway.settings import (
     PoolSection,
     ServerSettings,
     SettingsError,
+    TlsSettings,
 )
 
 ENV_PREFIX = "KZG_GATEWAY_"
 CONFIG_FILE = "config.toml"
 DEFAULT_DATA_DIR = Path(".kzg-gateway")
-SECTIONS = (
-    "server",
-    "tls",
-    "engine",
-    "pool",
-    "database",
-    "audit",
-    "auth",
-    "ratelimit",
-    "jobs",
-    "metrics",
+SECTIONS = ("server", "tls", "engine", "pool", "audit", "auth", "jobs", "metrics")
+# The top-level keys (``KZG_GATEWAY_<KEY>``); other variables of that prefix belong to the
+# SDK and the scripts, so only the file's top-level keys are checked against these.
+TOP_LEVEL_KEYS = (
+    "data_dir",
+    "policy_dir",
+    "database_url",
+    "database_owner_url",
+    "database_app_role",
+    "database_auditor_role",
 )
 # Environment variables of the gateway that are not configuration keys.
 _NOT_CONFIG = {MASTER_KEY_ENV, f"{ENV_PREFIX}DATA_DIR", f"{ENV_PREFIX}CONFIG"}
@@ -95,9 +96,6 @@ class Config:
         if name == "audit" and "retention_policy" not in value:
             return {**value, "retention_policy": str(self.policy_dir / "retention.toml")}
         return dict(value)
-
-    def get(self, section: str, key: str, default: Any = None) -> Any:
-        return self.section(section).get(key, default)
 
     @property
     def policy_dir(self) -> Path:
@@ -148,11 +146,10 @@ class Config:
 
     def check_policy_files(self) -> None:
         """Raise ConfigError naming the first policy file that is missing."""
-        audit = self.section("audit")
         for path in (
             self.policy_dir / "rbac.toml",
             self.policy_dir / "security.toml",
-            Path(audit["retention_policy"]),
+            self.audit.retention_policy,
         ):
             if not path.is_file():
                 raise ConfigError(f"policy file {path} is missing (policy_dir: {self.policy_dir})")
@@ -161,6 +158,18 @@ class Config:
     @cached_property
     def server(self) -> ServerSettings:
         return ServerSettings.from_mapping(self.section("server"))
+
+    @cached_property
+    def tls(self) -> TlsSettings:
+        return TlsSettings.from_mapping(self.section("tls"))
+
+    @cached_property
+    def auth(self) -> AuthSettings:
+        return AuthSettings.from_mapping(self.section("auth"))
+
+    @cached_property
+    def audit(self) -> AuditSettings:
+        return AuditSettings.from_mapping(self.section("audit"))
 
     @cached_property
     def engine(self) -> EngineSettings:
@@ -223,11 +232,18 @@ def load_config(
                 data = tomllib.load(handle)
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read configuration {path}: {exc}") from exc
+    for key, value in data.items():
+        if key not in (SECTIONS if isinstance(value, dict) else TOP_LEVEL_KEYS):
+            kind = "section" if isinstance(value, dict) else "top-level key"
+            raise ConfigError(f"unknown {kind} {key!r} (in {path})")
     data = apply_env(data, env)
     if chosen_dir is None:
         chosen_dir = Path(data["data_dir"]) if data.get("data_dir") else DEFAULT_DATA_DIR
-    for name in SECTIONS:
-        if name in data and not isinstance(data[name], dict):
+    for name, value in data.items():
+        if isinstance(value, dict) and name not in SECTIONS:
+            variable = next(v for v in env if v.upper().startswith(f"{ENV_PREFIX}{name.upper()}__"))
+            raise ConfigError(f"unknown section {name!r} (in {variable})")
+        if name in SECTIONS and not isinstance(value, dict):
             raise ConfigError(f"[{name}] must be a table")
     _check_typed_sections(data, path, env)
     config = Config(data, chosen_dir)

@@ -38,9 +38,7 @@ T = TypeVar("T")
 def policies_for(config: Config) -> tuple[RbacPolicy, SecurityPolicy]:
     """The policies a gateway with ``config`` enforces: ``policy_dir`` (or the shipped
     ``policies/``), with the tables of ``[auth]`` overriding security values."""
-    auth = config.section("auth")
-    override = {k: v for k, v in auth.items() if isinstance(v, dict)}
-    return load_policies(config.data.get("policy_dir"), override)
+    return load_policies(config.data.get("policy_dir"), dict(config.auth.overrides))
 
 
 def public_routes(rbac: RbacPolicy, config: Config) -> frozenset[str]:

@@ -16,7 +16,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from audit.checkpoints import sign_head
 from audit.jobs import JOB_ACTOR, checkpoint_job, job_actor, job_event, retention_job
 from audit.retention import RetentionRefused
-from audit.settings import AuditSettings
 from audit.writer import AuditWriter
 from auth.crypto import MasterKey
 from gateway import identity_jobs
@@ -99,16 +98,12 @@ async def _sign_after_failure(ctx: JobContext) -> None:
         log.exception("signing the tree head after a failed job")
 
 
-def _audit_settings(config: Config) -> AuditSettings:
-    return AuditSettings.from_mapping(config.section("audit"))
-
-
 async def _checkpoint(ctx: JobContext) -> dict[str, Any]:
     return await checkpoint_job(ctx.writer, ctx.now())
 
 
 async def _retention(ctx: JobContext) -> dict[str, Any]:
-    policy = _audit_settings(ctx.config).retention()
+    policy = ctx.config.audit.retention()
     return await retention_job(ctx.engine, ctx.writer, policy, ctx.now())
 
 
@@ -117,8 +112,8 @@ async def _retention(ctx: JobContext) -> dict[str, Any]:
 JOBS: dict[str, Job] = {
     job.name: job
     for job in (
-        _job("checkpoint", _checkpoint, lambda c: _audit_settings(c).checkpoint_interval_seconds),
-        _job("retention", _retention, lambda c: _audit_settings(c).retention_interval_seconds),
+        _job("checkpoint", _checkpoint, lambda c: c.audit.checkpoint_interval_seconds),
+        _job("retention", _retention, lambda c: c.audit.retention_interval_seconds),
         _job("rotate-keys", identity_jobs.rotate_keys, 3600.0),
         _job("access-review", identity_jobs.access_review, 86400.0),
     )

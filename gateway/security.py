@@ -69,14 +69,6 @@ _PROBES = frozenset({"healthz", "readyz"})
 log = logging.getLogger(__name__)
 
 
-def _networks(values: object, name: str) -> tuple[Any, ...]:
-    if values is None:
-        return ()
-    if not isinstance(values, list):
-        raise PolicyError(f"auth.{name}: expected a list of CIDR strings")
-    return tuple(ipaddress.ip_network(str(v), strict=False) for v in values)
-
-
 def _address_matches(addr: str | None, networks: tuple[Any, ...]) -> bool:
     try:
         ip = ipaddress.ip_address(addr or "")
@@ -304,16 +296,12 @@ async def _share_rate_limits(exchange: UsageExchange, interval: float) -> None:
 def install(app: web.Application, config: Config) -> list[Any]:
     """Register the identity routes and resources; return the middlewares, in order."""
     rbac, policy = policies_for(config)
-    auth = config.section("auth")
     app[RBAC] = dataclasses.replace(rbac, public=public_routes(rbac, config))
     app[SECURITY_POLICY] = policy
     app[RATE_LIMITER] = RateLimiter()
     app[_SHARES] = engine_shares(policy)
     sync_seconds, horizon = _sharing_settings(policy)
-    app[_NETWORKS] = (
-        _networks(auth.get("allow_cidrs"), "allow_cidrs"),
-        _networks(auth.get("deny_cidrs"), "deny_cidrs"),
-    )
+    app[_NETWORKS] = (config.auth.allow_cidrs, config.auth.deny_cidrs)
 
     async def resources(app: web.Application) -> Any:
         verifications = app[METRICS].password_hash_verifications

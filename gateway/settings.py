@@ -1,4 +1,5 @@
-"""Typed ``[server]``, ``[engine]``, ``[pool]``, ``[jobs]`` and ``[metrics]`` settings.
+"""Typed ``[server]``, ``[tls]``, ``[engine]``, ``[pool]``, ``[jobs]``, ``[metrics]`` and
+``[auth]`` settings.
 
 Each section is a frozen dataclass with the defaults the gateway has always used. Its
 keys are checked once, when the configuration is loaded: an unknown key is refused
@@ -8,6 +9,7 @@ never passes silently as a default.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
@@ -16,6 +18,8 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8443
 # The jobs the server schedules; ``[jobs] <name>_interval_seconds`` is known for each.
 JOB_NAMES = ("checkpoint", "retention", "rotate-keys", "access-review")
+# ``[tls] client_cert``: how a client certificate is asked for under mTLS.
+CLIENT_CERT_MODES = ("required", "optional", "none")
 
 
 class ConfigError(ValueError):
@@ -156,9 +160,73 @@ class MetricsSettings:
         return _typed(cls, "metrics", values)
 
 
+@dataclass(frozen=True)
+class TlsSettings:
+    """``[tls]``: the server's certificate and key ("": the development ones ``init``
+    makes), the CA ``init`` reports, and mTLS: ``client_ca_file`` turns it on,
+    ``client_cert`` is "required", "optional" or "none"."""
+
+    cert_file: str = ""
+    key_file: str = ""
+    ca_file: str = ""
+    client_ca_file: str = ""
+    client_cert: str = "required"
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> TlsSettings:
+        settings = _typed(cls, "tls", values)
+        if settings.client_cert not in CLIENT_CERT_MODES:
+            raise SettingsError(
+                "tls",
+                "client_cert",
+                f"[tls] client_cert must be one of {', '.join(CLIENT_CERT_MODES)}, "
+                f"got {settings.client_cert!r}",
+            )
+        return settings
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """``[auth]``: ``allow_cidrs`` (when set, only these sources are served) and
+    ``deny_cidrs`` (never served, whatever allows them). Its tables override
+    ``policies/security.toml`` and are checked with the policy (auth/security_settings.py)."""
+
+    allow_cidrs: tuple[Network, ...] = ()
+    deny_cidrs: tuple[Network, ...] = ()
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> AuthSettings:
+        networks: dict[str, tuple[Network, ...]] = {}
+        overrides = {}
+        for key, value in values.items():
+            if isinstance(value, Mapping):
+                overrides[key] = value
+            elif key in ("allow_cidrs", "deny_cidrs"):
+                networks[key] = _networks(key, value)
+            else:
+                raise SettingsError("auth", key, f"unknown [auth] key {key!r}")
+        return cls(**networks, overrides=overrides)
+
+
+def _networks(key: str, values: Any) -> tuple[Network, ...]:
+    message = f"[auth] {key} must be a list of CIDR strings, got {values!r}"
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise SettingsError("auth", key, message)
+    try:
+        return tuple(ipaddress.ip_network(v, strict=False) for v in values)
+    except ValueError as exc:
+        raise SettingsError("auth", key, f"[auth] {key}: {exc}") from None
+
+
 # The typed sections, checked when the configuration is loaded.
 TYPED_SECTIONS: dict[str, Any] = {
     "server": ServerSettings,
+    "tls": TlsSettings,
+    "auth": AuthSettings,
     "engine": EngineSettings,
     "pool": PoolSection,
     "jobs": JobsSettings,

@@ -12,15 +12,16 @@ import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from gateway.settings import TlsSettings
+
 DEV_TLS_DIR = "tls"
-CLIENT_CERT_MODES = {
+_VERIFY_MODES = {
     "none": ssl.CERT_NONE,
     "optional": ssl.CERT_OPTIONAL,
     "required": ssl.CERT_REQUIRED,
@@ -139,26 +140,22 @@ def ensure_dev_tls(directory: Path) -> DevTls:
     return paths
 
 
-def tls_files(tls: dict[str, Any], data_dir: Path) -> tuple[Path, Path]:
+def tls_files(tls: TlsSettings, data_dir: Path) -> tuple[Path, Path]:
     """Return the server (certificate, key) paths: configured, else the dev ones."""
     dev = DevTls.in_dir(data_dir / DEV_TLS_DIR)
-    return Path(tls.get("cert_file", dev.server_cert)), Path(tls.get("key_file", dev.server_key))
+    return Path(tls.cert_file or dev.server_cert), Path(tls.key_file or dev.server_key)
 
 
-def server_ssl_context(tls: dict[str, Any], data_dir: Path) -> ssl.SSLContext:
+def server_ssl_context(tls: TlsSettings, data_dir: Path) -> ssl.SSLContext:
     """Return the server context: TLS 1.3 only; with ``client_ca_file``, client
-    certificates are checked (``client_cert`` = "required" (default) or "optional")."""
+    certificates are checked as ``client_cert`` says."""
     cert_file, key_file = tls_files(tls, data_dir)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     context.load_cert_chain(cert_file, key_file)
-    client_ca = tls.get("client_ca_file")
-    if client_ca:
-        mode = str(tls.get("client_cert", "required"))
-        if mode not in CLIENT_CERT_MODES:
-            raise ValueError(f"[tls] client_cert must be one of {sorted(CLIENT_CERT_MODES)}")
-        context.load_verify_locations(cafile=str(client_ca))
-        context.verify_mode = CLIENT_CERT_MODES[mode]
+    if tls.client_ca_file:
+        context.load_verify_locations(cafile=tls.client_ca_file)
+        context.verify_mode = _VERIFY_MODES[tls.client_cert]
     return context
 
 

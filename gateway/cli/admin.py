@@ -25,7 +25,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from audit.errors import AuditUnavailable
 from audit.events import AuditEvent
-from audit.settings import AuditSettings
 from audit.writer import AuditWriter, begin_write
 from auth.core import Committer
 from auth.crypto import MASTER_KEY_ENV, MASTER_KEY_FILE, MasterKey, MasterKeyError, load_master_key
@@ -179,7 +178,7 @@ async def _execute(config: Config, args: argparse.Namespace, command: Command) -
     args.master_key = master_key
     args.data_dir_resolved = config.data_dir
     engine = make_engine(config.database_url)
-    origin = AuditSettings.from_mapping(config.section("audit")).origin
+    origin = config.audit.origin
     writer: AuditWriter | None = None
     rbac, policy = policies_for(config)
     try:

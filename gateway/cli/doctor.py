@@ -18,7 +18,6 @@ from typing import Any
 
 from sqlalchemy import text
 
-from audit.settings import AuditSettings
 from auth.crypto import MasterKey, load_master_key
 from gateway.cli import common_options
 from gateway.config import Config, ConfigError, load_config
@@ -83,7 +82,7 @@ class Doctor:
         from gateway.identity import policies_for
 
         config = self.config
-        AuditSettings.from_mapping(config.section("audit")).retention()
+        config.audit.retention()
         ProbeSettings.from_settings(config.server, config.metrics)
         pool_settings(config)
         policies_for(config)
@@ -136,7 +135,7 @@ class Doctor:
             result.detail = "the database records another master key (rotated?)"
 
     async def _tls(self, result: Check) -> None:
-        cert_file, key_file = tls_files(self.config.section("tls"), self.config.data_dir)
+        cert_file, key_file = tls_files(self.config.tls, self.config.data_dir)
         for path in (cert_file, key_file):
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is missing")

@@ -21,7 +21,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.events import AuditEvent
 from audit.retention import store_retention_policy
-from audit.settings import AuditSettings
 from audit.writer import AuditWriter
 from auth.bootstrap import ensure_first_admin
 from auth.crypto import (
@@ -49,7 +48,7 @@ log = logging.getLogger("kzg_gateway")
 async def _store_retention_floor(config: Config) -> None:
     """The database enforces the retention policy's floor itself; only the schema owner
     may set it, so it is written here, beside the migrations."""
-    policy = AuditSettings.from_mapping(config.section("audit")).retention()
+    policy = config.audit.retention()
     owner = make_engine(config.database_owner_url)
     try:
         await store_retention_policy(owner, policy)
@@ -81,7 +80,7 @@ async def _audit_init(
 ) -> None:
     """Commit one audit record per act of ``init`` (schema, first admin, first keys),
     attributed to the OS account that ran it; init fails unless they are committed."""
-    settings = AuditSettings.from_mapping(config.section("audit"))
+    settings = config.audit
     signer = await load_log_signer(engine, master_key, settings.origin)
     writer = AuditWriter(engine, signer, commit_timeout=settings.commit_timeout_seconds)
     await writer.start()
@@ -125,9 +124,8 @@ async def initialise(config: Config) -> dict[str, Any]:
     database_file = config.init_database_url.partition(":///")[2]
     if config.init_database_url.startswith("sqlite") and Path(database_file).is_file():
         os.chmod(database_file, 0o600)
-    tls = config.section("tls")
-    ca_cert: Path | None = Path(tls["ca_file"]) if tls.get("ca_file") else None
-    if not tls.get("cert_file"):
+    ca_cert: Path | None = Path(config.tls.ca_file) if config.tls.ca_file else None
+    if not config.tls.cert_file:
         ca_cert = ensure_dev_tls(data_dir / DEV_TLS_DIR).ca_cert
     # The documented PostgreSQL init names the owner URL only: seed through it then.
     engine = make_engine(config.init_database_url)
@@ -136,7 +134,7 @@ async def initialise(config: Config) -> dict[str, Any]:
         # Before anything is sealed: refuse a key other than the recorded one, and record
         # it for a database that held secrets before the record existed.
         await record_master_key(engine, master_key, SEALED_SECRETS)
-        origin = AuditSettings.from_mapping(config.section("audit")).origin
+        origin = config.audit.origin
         log_key = await ensure_log_key(engine, master_key, origin)
         if log_key is not None:
             acts.append(("log_key", {"key_id": log_key.key_id}))
@@ -201,7 +199,7 @@ async def serve(config: Config) -> None:
     await _check_master_key(config, master_key)
     _check_tls_files(config)
     app = create_app(config, master_key=master_key)
-    ssl_context = server_ssl_context(config.section("tls"), config.data_dir)
+    ssl_context = server_ssl_context(config.tls, config.data_dir)
     runner, _ = await start_server(app, config.host, config.port, ssl_context)
     log.info("kzg-gateway serving on %s", config.url)
     stop = asyncio.Event()
@@ -218,15 +216,15 @@ async def serve(config: Config) -> None:
 def _check_tls_files(config: Config) -> None:
     """Name the TLS setting whose file is missing before anything starts (the ssl
     module's error names neither the file nor the setting)."""
-    tls = config.section("tls")
+    tls = config.tls
     cert_file, key_file = tls_files(tls, config.data_dir)
     files = {"cert_file": cert_file, "key_file": key_file}
-    if tls.get("client_ca_file"):
-        files["client_ca_file"] = Path(tls["client_ca_file"])
+    if tls.client_ca_file:
+        files["client_ca_file"] = Path(tls.client_ca_file)
     for key, path in files.items():
         if path.is_file():
             continue
-        if key in tls:
+        if getattr(tls, key):
             raise ConfigError(f"[tls] {key} {path} does not exist (KZG_GATEWAY_TLS__{key.upper()})")
         raise ConfigError(
             f"no TLS certificate: set [tls] cert_file and key_file, or run 'kzg-gateway "
@@ -286,7 +284,6 @@ def _describe(exc: BaseException, setting: str = "database_url") -> str:
 
 
 async def _run_job(config: Config, name: str) -> dict[str, Any]:
-    from audit.settings import AuditSettings
     from audit.writer import AuditWriter
     from gateway.db import check_schema
     from gateway.jobs import JobContext, run_job
@@ -294,7 +291,7 @@ async def _run_job(config: Config, name: str) -> dict[str, Any]:
 
     master_key = load_master_key(config.data_dir)
     engine = make_engine(config.database_url)
-    settings = AuditSettings.from_mapping(config.section("audit"))
+    settings = config.audit
     writer: AuditWriter | None = None
     try:
         await check_schema(engine)

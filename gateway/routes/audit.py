@@ -21,7 +21,6 @@ from audit.events import AuditEvent, parse_timestamp
 from audit.export import export_lines
 from audit.log import ProofUnavailable, consistency_proof, inclusion_proof, latest_tree_head
 from audit.query import MAX_LIMIT, EventQuery, query_events
-from audit.settings import AuditSettings
 from audit.verify import verify_database
 from audit.writer import AppendResult
 from gateway.appkeys import AUDIT_WRITER, CONFIG, METRICS
@@ -233,7 +232,7 @@ async def verify(request: web.Request) -> web.Response:
     floor = None
     config = request.app.get(CONFIG)
     if config is not None:
-        policy = AuditSettings.from_mapping(config.section("audit")).retention()
+        policy = config.audit.retention()
         floor = policy.cutoff(datetime.now(UTC))
     report = await verify_database(_engine(request), retention_floor=floor)
     if METRICS in request.app:  # a failed verification pages (KzgAuditVerificationFailed)

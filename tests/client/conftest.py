@@ -35,6 +35,7 @@ from gateway.identity import AUTH_SERVICE
 from gateway.receipts import list_log_keys
 from gateway.security import install
 from gateway.server import start_server
+from gateway.settings import TlsSettings
 from gateway.tls import server_ssl_context, tls_files
 
 T = TypeVar("T")
@@ -183,9 +184,7 @@ async def _start(data_dir: Path, **sections: Any) -> tuple[Config, web.Applicati
     await initialise(config)
     master_key = MasterKey.from_text((data_dir / "master.key").read_text())
     app = create_app(config, master_key=master_key, security=install)
-    runner, site = await start_server(
-        app, "127.0.0.1", 0, server_ssl_context(config.section("tls"), data_dir)
-    )
+    runner, site = await start_server(app, "127.0.0.1", 0, server_ssl_context(config.tls, data_dir))
     return config, app, runner, site.port
 
 
@@ -306,8 +305,8 @@ class Interceptor:
         app.router.add_route("*", "/{tail:.*}", self._forward)
         self._runner = web.AppRunner(app, handle_signals=False)
         await self._runner.setup()
-        cert, key = tls_files({}, self.upstream.data_dir)
-        context = server_ssl_context({"cert_file": str(cert), "key_file": str(key)}, Path("."))
+        cert, key = tls_files(TlsSettings(), self.upstream.data_dir)
+        context = server_ssl_context(TlsSettings(str(cert), str(key)), Path("."))
         site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=context)
         await site.start()
         self.url = f"https://127.0.0.1:{site.port}"

@@ -151,7 +151,7 @@ def start_live_gateway(
         master_key = MasterKey.from_text((data_dir / "master.key").read_text())
         app = create_app(config, master_key=master_key)
         runner, site = await start_server(
-            app, "127.0.0.1", 0, server_ssl_context(config.section("tls"), data_dir)
+            app, "127.0.0.1", 0, server_ssl_context(config.tls, data_dir)
         )
         ready.update(app=app, runner=runner, port=site.port)
         started.set()

@@ -154,8 +154,8 @@ def test_pods_and_the_migration_job_read_the_shipped_config_map(
     )
     assert config.database_app_role == "kzg_app"
     assert config.database_auditor_role == "kzg_auditor"
-    assert config.get("tls", "cert_file").startswith("/etc/kzg-gateway/tls/")
-    assert AuditSettings.from_mapping(config.section("audit")).origin
+    assert config.tls.cert_file.startswith("/etc/kzg-gateway/tls/")
+    assert config.audit.origin
     assert "database_url" not in config.data, "the runtime URL comes from a Secret"
 
 

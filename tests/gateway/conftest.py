@@ -178,7 +178,7 @@ async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
         master_key = MasterKey.from_text((data_dir / "master.key").read_text())
         app = create_app(config, master_key=master_key, security=security)
         runner, site = await start_server(
-            app, "127.0.0.1", 0, server_ssl_context(config.section("tls"), data_dir)
+            app, "127.0.0.1", 0, server_ssl_context(config.tls, data_dir)
         )
         port = site.port
         gateway = Gateway(

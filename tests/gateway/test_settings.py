@@ -16,7 +16,7 @@ import pytest
 
 from gateway.config import Config, ConfigError, load_config
 from gateway.limits import ServerLimits
-from gateway.settings import TYPED_SECTIONS, ServerSettings
+from gateway.settings import TYPED_SECTIONS, ServerSettings, TlsSettings
 
 REPO = Path(__file__).resolve().parents[2]
 # The shipped policies, so that the sample's /etc/kzg/policies need not exist.
@@ -66,6 +66,8 @@ def test_every_documented_key_is_accepted_with_its_value(tmp_path: Path) -> None
             if name == "jobs" and key != "enabled":
                 job = key.removesuffix("_interval_seconds")
                 assert typed.intervals[job] == value, key
+            elif name == "auth":
+                assert [str(network) for network in getattr(typed, key)] == value, key
             else:
                 assert getattr(typed, key) == value, (name, key)
     # The sample marks these as the defaults: the typed defaults agree.
@@ -95,6 +97,8 @@ def test_defaults_are_unchanged() -> None:
     )
     assert config.jobs.enabled is True and dict(config.jobs.intervals) == {}
     assert config.metrics.public is False
+    assert config.tls == TlsSettings("", "", "", "", "required")
+    assert (config.auth.allow_cidrs, config.auth.deny_cidrs) == ((), ())
 
 
 @pytest.mark.parametrize("section", sorted(TYPED_SECTIONS))
@@ -125,6 +129,37 @@ def test_a_value_of_the_wrong_kind_is_refused_naming_its_origin(tmp_path: Path) 
         load_config(path, environ=ENV)
     with pytest.raises(ConfigError, match=r"\[server\] port must be a number.*SERVER__PORT"):
         load_config(None, tmp_path / "none", environ={**ENV, "KZG_GATEWAY_SERVER__PORT": "https"})
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"auth": {"allow_cidrs": ["10.0.0.0/33"]}}, "[auth] allow_cidrs: '10.0.0.0/33' does"),
+        ({"auth": {"deny_cidrs": "10.0.0.0/8"}}, "[auth] deny_cidrs must be a list of CIDR"),
+        ({"tls": {"client_cert": "require"}}, "[tls] client_cert must be one of required, "),
+        ({"servr": {"port": 1}}, "unknown section 'servr'"),
+        ({"database_ulr": "sqlite:///x"}, "unknown top-level key 'database_ulr'"),
+    ],
+)
+def test_bad_values_unknown_sections_and_top_level_keys_name_the_file(
+    section: dict[str, Any], message: str, tmp_path: Path
+) -> None:
+    path = _write(tmp_path / "config.toml", section)
+    with pytest.raises(ConfigError) as raised:
+        load_config(path, environ=ENV)
+    assert message in str(raised.value) and f"(in {path})" in str(raised.value)
+
+
+def test_the_environment_names_known_sections_and_leaves_other_variables_alone(
+    tmp_path: Path,
+) -> None:
+    variable = "KZG_GATEWAY_SERVR__PORT"
+    with pytest.raises(ConfigError, match=re.escape(f"unknown section 'servr' (in {variable})")):
+        load_config(None, tmp_path, environ={**ENV, variable: "8443"})
+    # The SDK's and the scripts' variables share the prefix but are not keys of the server.
+    sdk = {"KZG_GATEWAY_URL": "https://gw:8443", "KZG_GATEWAY_CACERT": "/etc/ca.pem"}
+    config = load_config(None, tmp_path, environ={**ENV, **sdk})
+    assert config.server.port == 8443
 
 
 @pytest.mark.parametrize(
