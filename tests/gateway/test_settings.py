@@ -189,3 +189,12 @@ def test_serve_exits_2_naming_the_unknown_key_and_file(
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert str(path if section else REPO / "policies" / "security.toml") in result.stderr
+
+
+def test_jobs_settings_know_exactly_the_jobs_there_are() -> None:
+    """``[jobs] <name>_interval_seconds`` is accepted for each job of ``JOBS`` and no other
+    (settings.py cannot import the jobs, which import the configuration)."""
+    from gateway.jobs import JOBS
+    from gateway.settings import JOB_NAMES
+
+    assert sorted(JOB_NAMES) == sorted(JOBS)
