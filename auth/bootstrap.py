@@ -9,20 +9,20 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from auth.crypto import MasterKey
 from auth.models import jwt_keys, users
-from auth.policy import load_policies
+from auth.policy import RbacPolicy, SecurityPolicy
 from auth.service import CURRENT, AuthService
 
 
 async def ensure_first_admin(
     engine: AsyncEngine,
     master_key: MasterKey,
+    rbac: RbacPolicy,
+    policy: SecurityPolicy,
     username: str = "admin",
-    policy_dir: str | None = None,
 ) -> dict[str, Any] | None:
     """Create ``username`` with the admin role when no user exists yet, and the first JWT
     signing key when none is current. Returns {username, password, totp_secret} only when
     the admin was created (the one time they are shown); None otherwise."""
-    rbac, policy = load_policies(policy_dir)
     service = AuthService(engine, master_key, rbac, policy)
     async with engine.connect() as conn:
         count = (await conn.execute(select(func.count()).select_from(users))).scalar_one()

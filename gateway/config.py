@@ -233,18 +233,25 @@ def load_config(
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read configuration {path}: {exc}") from exc
     for key, value in data.items():
-        if key not in (SECTIONS if isinstance(value, dict) else TOP_LEVEL_KEYS):
+        if key in SECTIONS and not isinstance(value, dict):
+            raise ConfigError(f"[{key}] must be a table (in {path})")
+        if key in TOP_LEVEL_KEYS and isinstance(value, dict):
+            raise ConfigError(f"{key} must be a value, not a table (in {path})")
+        if key not in SECTIONS and key not in TOP_LEVEL_KEYS:
             kind = "section" if isinstance(value, dict) else "top-level key"
             raise ConfigError(f"unknown {kind} {key!r} (in {path})")
     data = apply_env(data, env)
     if chosen_dir is None:
         chosen_dir = Path(data["data_dir"]) if data.get("data_dir") else DEFAULT_DATA_DIR
     for name, value in data.items():
-        if isinstance(value, dict) and name not in SECTIONS:
-            variable = next(v for v in env if v.upper().startswith(f"{ENV_PREFIX}{name.upper()}__"))
-            raise ConfigError(f"unknown section {name!r} (in {variable})")
         if name in SECTIONS and not isinstance(value, dict):
             raise ConfigError(f"[{name}] must be a table")
+        # A table the file does not have came from a KZG_GATEWAY_<NAME>__<KEY> override
+        # (a variable without "__" that is no key is not the server's, whatever its value).
+        prefix = f"{ENV_PREFIX}{name.upper()}__"
+        variable = next((v for v in env if v.upper().startswith(prefix)), None)
+        if isinstance(value, dict) and name not in SECTIONS and variable:
+            raise ConfigError(f"unknown section {name!r} (in {variable})")
     _check_typed_sections(data, path, env)
     config = Config(data, chosen_dir)
     config.check_policy_files()

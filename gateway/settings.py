@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 DEFAULT_HOST = "127.0.0.1"
@@ -19,7 +20,7 @@ DEFAULT_PORT = 8443
 # The jobs the server schedules; ``[jobs] <name>_interval_seconds`` is known for each.
 JOB_NAMES = ("checkpoint", "retention", "rotate-keys", "access-review")
 # ``[tls] client_cert``: how a client certificate is asked for under mTLS.
-CLIENT_CERT_MODES = ("required", "optional", "none")
+CLIENT_CERT_MODES = ("required", "optional")
 
 
 class ConfigError(ValueError):
@@ -164,7 +165,7 @@ class MetricsSettings:
 class TlsSettings:
     """``[tls]``: the server's certificate and key ("": the development ones ``init``
     makes), the CA ``init`` reports, and mTLS: ``client_ca_file`` turns it on,
-    ``client_cert`` is "required", "optional" or "none"."""
+    ``client_cert`` is "required" or "optional"."""
 
     cert_file: str = ""
     key_file: str = ""
@@ -209,7 +210,7 @@ class AuthSettings:
                 networks[key] = _networks(key, value)
             else:
                 raise SettingsError("auth", key, f"unknown [auth] key {key!r}")
-        return cls(**networks, overrides=overrides)
+        return cls(**networks, overrides=MappingProxyType(overrides))
 
 
 def _networks(key: str, values: Any) -> tuple[Network, ...]:

@@ -22,7 +22,6 @@ from gateway.settings import TlsSettings
 
 DEV_TLS_DIR = "tls"
 _VERIFY_MODES = {
-    "none": ssl.CERT_NONE,
     "optional": ssl.CERT_OPTIONAL,
     "required": ssl.CERT_REQUIRED,
 }

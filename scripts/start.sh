@@ -11,9 +11,15 @@ DATA_DIR=${KZG_GATEWAY_DATA_DIR:-.kzg-gateway}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-if [ ! -x .venv/bin/kzg-gateway ] || ! .venv/bin/python -c 'import ckzg' >/dev/null 2>&1; then
+# Install again when pyproject.toml changed since, or the installed entry point no longer
+# runs (a checkout that moved it), or c-kzg-4844 is missing.
+STAMP=.venv/.kzg-gateway-installed
+if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] \
+    || ! .venv/bin/kzg-gateway --help >/dev/null 2>&1 \
+    || ! .venv/bin/python -c 'import ckzg' >/dev/null 2>&1; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[ckzg]'
+  touch "$STAMP"
 fi
 
 .venv/bin/kzg-gateway init --data-dir "$DATA_DIR"

@@ -1,13 +1,15 @@
 """docs/architecture.md names, for every route the app serves and every CLI command, the
-file and the function that handle it: the tables are checked against the real router and
+file and the function that handle it (once): the tables are checked against the real router and
 the real parser, so a route that moves or appears without its row fails here."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -38,6 +40,7 @@ def _route_rows() -> dict[tuple[str, str], tuple[str, str, str]]:
     for line in ROW.findall(ARCHITECTURE):
         cells = _cells(line)
         if len(cells) == 5 and cells[0] in {"GET", "POST", "PUT", "DELETE"}:
+            assert (cells[0], _code(cells[1])) not in rows, f"two rows for {cells[:2]}"
             rows[(cells[0], _code(cells[1]))] = (_code(cells[2]), _code(cells[3]), cells[4])
     return rows
 
@@ -71,39 +74,52 @@ def test_every_route_names_the_file_and_function_that_handle_it(tmp_path: Path) 
     assert served == set(rows), f"rows for routes the app does not serve: {set(rows) - served}"
 
 
-def _commands(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str, str]:
-    """Every leaf command of the parser ("admin users create") → the module of its handler."""
+def _handler(func: Any) -> Any:
+    """The function that does a command's work (``admin`` commands bind it to ``run``)."""
+    while isinstance(func, functools.partial):
+        func = func.keywords.get("command", func.func)
+    return func
+
+
+def _commands(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str, Any]:
+    """Every leaf command of the parser ("admin users create") → its handler."""
     found = {}
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for name, sub in action.choices.items():
                 found.update(_commands(sub, f"{prefix}{name} "))
     if not found and prefix:
-        found[prefix.strip()] = parser.get_default("func").__module__
+        found[prefix.strip()] = _handler(parser.get_default("func"))
     return found
 
 
-def _documented_commands() -> dict[str, str]:
-    """Each command of the CLI table ("admin users create") → its file. A cell such as
-    `admin users create\\|reset` names two; options and placeholders are not words."""
+def _documented_commands() -> dict[str, tuple[str, set[str]]]:
+    """Each command of the CLI table ("admin users create") → its file and the functions
+    its row names. A cell such as `admin users create\\|reset` names two; options and
+    placeholders are not words."""
     table = {}
     for line in ROW.findall(ARCHITECTURE):
         cells = _cells(line)
         if len(cells) != 3 or not _code(cells[1]).startswith("gateway/cli/"):
             continue
+        functions = set(re.findall(r"`([^`]+)`", cells[2]))
         for usage in re.findall(r"`([^`]+)`", cells[0]):
             words = [
                 w for w in re.sub(r"\[[^\]]*\]", "", usage).split() if w.islower() and w[0] != "-"
             ]
             for last in words[-1].split("\\|"):
-                table[" ".join([*words[:-1], last])] = _code(cells[1])
+                command = " ".join([*words[:-1], last])
+                assert command not in table, f"two rows for `{command}`"
+                table[command] = (_code(cells[1]), functions)
     return table
 
 
-def test_every_command_names_the_file_that_handles_it() -> None:
+def test_every_command_names_the_file_and_function_that_handle_it() -> None:
     table = _documented_commands()
     commands = _commands(build_parser())
-    for command, module in commands.items():
+    for command, func in commands.items():
         assert command in table, f"docs/architecture.md has no row for `{command}`"
-        assert table[command] == module.replace(".", "/") + ".py", command
+        file, functions = table[command]
+        assert file == func.__module__.replace(".", "/") + ".py", command
+        assert func.__name__ in functions, (command, func.__name__)
     assert set(table) == set(commands)

@@ -47,7 +47,7 @@ Command = Callable[[AuthService, argparse.Namespace], Awaitable[dict[str, Any]]]
 def _add(group: Any, name: str, help_text: str, command: Command) -> argparse.ArgumentParser:
     parser = group.add_parser(name, help=help_text)
     common_options(parser)
-    parser.set_defaults(func=lambda args: run(args, command))
+    parser.set_defaults(func=functools.partial(run, command=command))
     return parser
 
 

@@ -9,7 +9,7 @@ import sys
 from auth.crypto import MasterKeyError
 from auth.policy import PolicyError
 from gateway.cli import admin, audit, doctor, serve
-from gateway.config import ConfigError
+from gateway.settings import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:

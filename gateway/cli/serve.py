@@ -139,7 +139,7 @@ async def initialise(config: Config) -> dict[str, Any]:
         if log_key is not None:
             acts.append(("log_key", {"key_id": log_key.key_id}))
         kid = await _current_jwt_kid(engine)
-        admin = await ensure_first_admin(engine, master_key, policy_dir=str(config.policy_dir))
+        admin = await ensure_first_admin(engine, master_key, *policies_for(config))
         new_kid = await _current_jwt_kid(engine)
         if new_kid != kid:
             acts.append(("jwt_key", {"kid": new_kid}))

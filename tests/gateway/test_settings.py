@@ -137,6 +137,9 @@ def test_a_value_of_the_wrong_kind_is_refused_naming_its_origin(tmp_path: Path) 
         ({"auth": {"allow_cidrs": ["10.0.0.0/33"]}}, "[auth] allow_cidrs: '10.0.0.0/33' does"),
         ({"auth": {"deny_cidrs": "10.0.0.0/8"}}, "[auth] deny_cidrs must be a list of CIDR"),
         ({"tls": {"client_cert": "require"}}, "[tls] client_cert must be one of required, "),
+        ({"tls": {"client_cert": "none"}}, "must be one of required, optional, got 'none'"),
+        ({"server": 8443}, "[server] must be a table"),
+        ({"data_dir": {"path": "/srv"}}, "data_dir must be a value, not a table"),
         ({"servr": {"port": 1}}, "unknown section 'servr'"),
         ({"database_ulr": "sqlite:///x"}, "unknown top-level key 'database_ulr'"),
     ],
@@ -156,10 +159,18 @@ def test_the_environment_names_known_sections_and_leaves_other_variables_alone(
     variable = "KZG_GATEWAY_SERVR__PORT"
     with pytest.raises(ConfigError, match=re.escape(f"unknown section 'servr' (in {variable})")):
         load_config(None, tmp_path, environ={**ENV, variable: "8443"})
-    # The SDK's and the scripts' variables share the prefix but are not keys of the server.
-    sdk = {"KZG_GATEWAY_URL": "https://gw:8443", "KZG_GATEWAY_CACERT": "/etc/ca.pem"}
-    config = load_config(None, tmp_path, environ={**ENV, **sdk})
-    assert config.server.port == 8443
+    # The scripts' and the tests' variables share the prefix but are not keys of the server,
+    # whatever their value parses as.
+    others = {
+        "KZG_GATEWAY_URL": "https://gw:8443",
+        "KZG_GATEWAY_CACERT": "/etc/ca.pem",
+        "KZG_GATEWAY_TOKEN_FILE": "/run/token",
+        "KZG_GATEWAY_CACHE_DIR": "/var/cache/kzg",
+        "KZG_GATEWAY_TEST_DATABASE_URL": "postgresql://x/y",
+        "KZG_GATEWAY_EXTRA": "{ a = 1 }",
+    }
+    config = load_config(None, tmp_path, environ={**ENV, **others, "KZG_GATEWAY_SERVER__PORT": "9"})
+    assert config.server.port == 9
 
 
 @pytest.mark.parametrize(

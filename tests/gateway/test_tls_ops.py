@@ -38,39 +38,61 @@ async def test_tls13_answers_with_request_id(sqlite_gateway: Gateway) -> None:
     assert record["tls_version"] == "TLSv1.3"
 
 
-async def test_mtls_requires_a_client_certificate_from_the_client_ca(
-    start_gateway: StartGateway, tmp_path
-) -> None:
+def _client_ca(directory: Path) -> tuple[Path, tuple[Path, Path]]:
+    """A client CA and a certificate it issued for ``machine-1``: (CA file, (cert, key))."""
     from cryptography.hazmat.primitives import serialization
 
     ca_key, ca_cert = issue_certificate("test client CA")
     client_key, client_cert = issue_certificate("machine-1", ca_key, ca_cert, client=True)
     pem = serialization.Encoding.PEM
-    (tmp_path / "client-ca.pem").write_bytes(ca_cert.public_bytes(pem))
-    (tmp_path / "client.pem").write_bytes(client_cert.public_bytes(pem))
-    (tmp_path / "client.key").write_bytes(
+    (directory / "client-ca.pem").write_bytes(ca_cert.public_bytes(pem))
+    (directory / "client.pem").write_bytes(client_cert.public_bytes(pem))
+    (directory / "client.key").write_bytes(
         client_key.private_bytes(
             pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
     )
-    gw = await start_gateway(tls={"client_ca_file": str(tmp_path / "client-ca.pem")})
+    return directory / "client-ca.pem", (directory / "client.pem", directory / "client.key")
 
-    anonymous = gw.ssl_context()
-    async with aiohttp.ClientSession() as session:
+
+async def _get(gw: Gateway, path: str, context: ssl.SSLContext) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as session, session.get(gw.url + path, ssl=context) as r:
+        return r.status, r.headers["X-Request-ID"]
+
+
+@pytest.mark.parametrize("mode", ["required", "optional"])
+async def test_mtls_checks_client_certificates_from_the_client_ca(
+    mode: str, start_gateway: StartGateway, tmp_path: Path
+) -> None:
+    """``required``: no handshake without a certificate; ``optional``: a client without one
+    is served. Either way a certificate is checked and its subject audited."""
+    ca_file, chain = _client_ca(tmp_path)
+    tls = {"client_ca_file": str(ca_file)}
+    gw = await start_gateway(tls=tls if mode == "required" else {**tls, "client_cert": mode})
+
+    if mode == "required":
         with pytest.raises(aiohttp.ClientError):
-            async with session.get(f"{gw.url}/healthz", ssl=anonymous) as response:
-                await response.read()
+            await _get(gw, "/healthz", gw.ssl_context())
+    else:
+        status, request_id = await _get(gw, "/openapi.json", gw.ssl_context())
+        assert status == 200
+        [record] = await gw.audit_records(request_id)
+        assert "machine-1" not in str(record["detail"])
 
     with_cert = gw.ssl_context()
-    with_cert.load_cert_chain(tmp_path / "client.pem", tmp_path / "client.key")
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"{gw.url}/openapi.json", ssl=with_cert) as response,
-    ):
-        assert response.status == 200
-        request_id = response.headers["X-Request-ID"]
+    with_cert.load_cert_chain(*chain)
+    status, request_id = await _get(gw, "/openapi.json", with_cert)
+    assert status == 200
     [record] = await gw.audit_records(request_id)
     assert "machine-1" in record["detail"]
+
+    # A certificate from another CA is refused in both modes.
+    (tmp_path / "foreign").mkdir()
+    _, foreign = _client_ca(tmp_path / "foreign")
+    stranger = gw.ssl_context()
+    stranger.load_cert_chain(*foreign)
+    with pytest.raises(aiohttp.ClientError):
+        await _get(gw, "/healthz", stranger)
 
 
 async def test_readyz_reports_each_dependency_and_turns_503_when_draining(
