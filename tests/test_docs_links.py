@@ -66,3 +66,34 @@ def test_every_relative_link_resolves(document: Path) -> None:
         elif fragment and path.suffix == ".md" and fragment not in anchors(path):
             broken.append(f"{link}: no heading #{fragment} in {path.relative_to(REPO)}")
     assert not broken, "\n".join(broken)
+
+
+# A code span that names a file of the repository: `gateway/routes/kzg.py`,
+# `tests/gateway/test_settings.py::test_name` (globs and placeholders are not names).
+REPO_PATH = re.compile(
+    r"`((?:kzg|audit|auth|gateway|migrations|policies|deploy|bench|tests|scripts|docs)/"
+    r"[\w./-]*)(?:::(\w+))?`"
+)
+
+
+@pytest.mark.parametrize(
+    "document",
+    [*DOCUMENTS, REPO / "bench" / "README.md"],
+    ids=lambda p: p.relative_to(REPO).as_posix(),
+)
+def test_every_file_and_test_the_documents_name_exists(document: Path) -> None:
+    missing = []
+    for path, function in REPO_PATH.findall(document.read_text(encoding="utf-8")):
+        target = REPO / path.rstrip(".")
+        if not target.exists():
+            missing.append(f"{path}: no such file")
+        elif function and not re.search(rf"def {function}\b", target.read_text()):
+            missing.append(f"{path}::{function}: no such function")
+    assert not missing, "\n".join(missing)
+
+
+def test_the_documents_name_files_and_tests() -> None:
+    """A check that finds no names would pass on anything."""
+    named = [REPO_PATH.findall(path.read_text(encoding="utf-8")) for path in DOCUMENTS]
+    assert sum(map(len, named)) > 100
+    assert sum(1 for spans in named for _, function in spans if function) >= 2
