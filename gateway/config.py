@@ -44,7 +44,7 @@ CONFIG_FILE = "config.toml"
 DEFAULT_DATA_DIR = Path(".kzg-gateway")
 SECTIONS = ("server", "tls", "engine", "pool", "audit", "auth", "jobs", "metrics")
 # The top-level keys (``KZG_GATEWAY_<KEY>``); other variables of that prefix belong to the
-# SDK and the scripts, so only the file's top-level keys are checked against these.
+# scripts and the tests, so only the file's top-level keys are checked against these.
 TOP_LEVEL_KEYS = (
     "data_dir",
     "policy_dir",

@@ -1,4 +1,4 @@
-"""The identity jobs: ``rotate-keys`` (JWT and receipt keys past their policy age, API
+"""The identity jobs: ``rotate-keys`` (JWT and log keys past their policy age, API
 keys past their expiry, login-throttle rows past ``forget_after_seconds``) and
 ``access-review``. Each audits its own run, and each change
 it makes commits together with its own record (``job:rotate-keys:<what>``)."""

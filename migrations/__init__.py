@@ -1,4 +1,5 @@
-"""Alembic environment and versions; each domain (gateway, audit, auth) is its own branch."""
+"""Alembic environment and versions: a line per domain (gateway, audit, auth) up to the
+previous release's heads, and the lines this release started after them."""
 
 from pathlib import Path
 

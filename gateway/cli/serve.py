@@ -40,6 +40,7 @@ from gateway.db import SchemaNotCurrent, check_schema, current_heads, make_engin
 from gateway.identity import policies_for
 from gateway.logs import LOG_FORMATS, configure_logging
 from gateway.receipts import SEALED_SECRETS, ensure_log_key, load_log_signer
+from gateway.settings import JOB_NAMES
 from gateway.tls import DEV_TLS_DIR, ensure_dev_tls, server_ssl_context, tls_files
 
 log = logging.getLogger("kzg_gateway")
@@ -349,5 +350,5 @@ def register(commands: Any) -> None:
     job_commands = jobs.add_subparsers(dest="jobs_command", required=True)
     run = job_commands.add_parser("run", help="run one job now")
     common_options(run)
-    run.add_argument("name", help="retention, checkpoint, rotate-keys, access-review")
+    run.add_argument("name", help=", ".join(JOB_NAMES))
     run.set_defaults(func=run_jobs)

@@ -64,7 +64,7 @@ def test_every_documented_key_is_accepted_with_its_value(tmp_path: Path) -> None
         typed = getattr(config, name)
         for key, value in documented.items():
             if name == "jobs" and key != "enabled":
-                job = key.removesuffix("_interval_seconds")
+                job = key.removesuffix("_interval_seconds").replace("_", "-")
                 assert typed.intervals[job] == value, key
             elif name == "auth":
                 assert [str(network) for network in getattr(typed, key)] == value, key
