@@ -200,7 +200,7 @@ class SecurityPolicy:
 
         ratelimit = per_role(Rate, "ratelimit")
         if "client" not in ratelimit:
-            raise PolicyError(f"security policy lacks [ratelimit.client] (in {origin})")
+            raise PolicyError(f"missing table [ratelimit.client] (in {origin})")
         return cls(
             passwords=table(Passwords, "passwords"),
             login_throttle=table(LoginThrottle, "login_throttle"),

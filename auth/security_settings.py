@@ -4,9 +4,10 @@ loaded, so that a typo in a key is refused naming it instead of passing as a def
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, TypeVar
+
+from audit import settings
 
 
 class PolicyError(ValueError):
@@ -98,33 +99,12 @@ class RatelimitSharing:
 
 
 _T = TypeVar("_T")
-_KINDS: dict[str, type] = {"int": int, "float": float, "str": str}
 
 
 def parse_table(cls: type[_T], name: str, table: Any, origin: str) -> _T:
-    """``table`` as ``cls``: unknown or missing keys, and values of the wrong kind, are
-    refused naming ``[name] key`` and ``origin`` (the file and any override)."""
-    if not isinstance(table, Mapping):
-        raise PolicyError(f"[{name}] must be a table (in {origin})")
-    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
-    for key in table:
-        if key not in known:
-            raise PolicyError(f"unknown key [{name}] {key} (in {origin})")
-    values: dict[str, Any] = {}
-    for key, item in known.items():
-        if key not in table:
-            if item.default is MISSING:
-                raise PolicyError(f"security policy lacks [{name}] {key} (in {origin})")
-            continue
-        value = table[key]
-        kind = _KINDS[str(item.type)]
-        # TOML integers are fine where a float is meant; bools are no numbers.
-        if isinstance(value, bool) or not isinstance(value, (kind, int) if kind is float else kind):
-            raise PolicyError(
-                f"[{name}] {key} must be {kind.__name__}, got {value!r} (in {origin})"
-            )
-        values[key] = kind(value)
+    """``table`` as ``cls`` (``audit.settings.parse_table``), refusals naming ``origin``
+    too: the file and any override."""
     try:
-        return cls(**values)
-    except ValueError as exc:
-        raise PolicyError(f"[{name}] {exc} (in {origin})") from None
+        return settings.parse_table(cls, name, table)
+    except settings.SettingsError as exc:
+        raise PolicyError(f"{exc} (in {origin})") from None

@@ -1,19 +1,22 @@
 """Typed ``[server]``, ``[tls]``, ``[engine]``, ``[pool]``, ``[jobs]``, ``[metrics]`` and
 ``[auth]`` settings.
 
-Each section is a frozen dataclass with the defaults the gateway has always used. Its
-keys are checked once, when the configuration is loaded: an unknown key is refused
-naming the key and the file (or the environment variable) it came from, so a typo
-never passes silently as a default.
+Each section is a frozen dataclass with the defaults the gateway has always used, parsed
+by ``audit.settings.parse_table``. Its keys are checked once, when the configuration is
+loaded: an unknown key or a value of the wrong kind is refused naming the key and the
+file (or the environment variable) it came from, so a typo never passes silently as a
+default.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any
+
+from audit.settings import AuditSettings, SettingsError, parse_table, table_value
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8443
@@ -25,47 +28,6 @@ CLIENT_CERT_MODES = ("required", "optional")
 
 class ConfigError(ValueError):
     """The configuration file or an override is malformed."""
-
-
-class SettingsError(ConfigError):
-    """A typed section holds an unknown key or a value of the wrong kind."""
-
-    def __init__(self, section: str, key: str, message: str) -> None:
-        super().__init__(message)
-        self.section = section
-        self.key = key
-
-
-_T = TypeVar("_T")
-
-
-def _coerce(section: str, name: str, kind: str, value: Any) -> Any:
-    """``value`` as the field's type (annotations are strings here)."""
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise SettingsError(
-                section, name, f"[{section}] {name} must be true or false, got {value!r}"
-            )
-        return value
-    try:
-        if kind == "int":
-            return int(value)
-        if kind == "float":
-            return float(value)
-    except (TypeError, ValueError):
-        raise SettingsError(
-            section, name, f"[{section}] {name} must be a number, got {value!r}"
-        ) from None
-    return "" if value is None else str(value)
-
-
-def _typed(cls: type[_T], section: str, values: Mapping[str, Any]) -> _T:
-    """``values`` as ``cls``; missing keys keep the dataclass defaults."""
-    kinds = {f.name: str(f.type) for f in fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(values) - set(kinds))
-    if unknown:
-        raise SettingsError(section, unknown[0], f"unknown [{section}] key {unknown[0]!r}")
-    return cls(**{k: _coerce(section, k, kinds[k], v) for k, v in values.items()})
 
 
 @dataclass(frozen=True)
@@ -96,7 +58,7 @@ class ServerSettings:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> ServerSettings:
-        return _typed(cls, "server", values)
+        return parse_table(cls, "server", values)
 
 
 @dataclass(frozen=True)
@@ -109,7 +71,7 @@ class EngineSettings:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> EngineSettings:
-        return _typed(cls, "engine", values)
+        return parse_table(cls, "engine", values)
 
 
 @dataclass(frozen=True)
@@ -124,7 +86,7 @@ class PoolSection:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> PoolSection:
-        return _typed(cls, "pool", values)
+        return parse_table(cls, "pool", values)
 
 
 @dataclass(frozen=True)
@@ -142,9 +104,9 @@ class JobsSettings:
         enabled = True
         for key, value in values.items():
             if key == "enabled":
-                enabled = _coerce("jobs", key, "bool", value)
+                enabled = table_value("jobs", key, "bool", value)
             elif key in keys:
-                intervals[keys[key]] = _coerce("jobs", key, "float", value)
+                intervals[keys[key]] = table_value("jobs", key, "float", value)
             else:
                 raise SettingsError("jobs", key, f"unknown [jobs] key {key!r}")
         return cls(enabled, intervals)
@@ -158,7 +120,7 @@ class MetricsSettings:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> MetricsSettings:
-        return _typed(cls, "metrics", values)
+        return parse_table(cls, "metrics", values)
 
 
 @dataclass(frozen=True)
@@ -175,7 +137,7 @@ class TlsSettings:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> TlsSettings:
-        settings = _typed(cls, "tls", values)
+        settings = parse_table(cls, "tls", values)
         if settings.client_cert not in CLIENT_CERT_MODES:
             raise SettingsError(
                 "tls",
@@ -228,6 +190,7 @@ TYPED_SECTIONS: dict[str, Any] = {
     "server": ServerSettings,
     "tls": TlsSettings,
     "auth": AuthSettings,
+    "audit": AuditSettings,
     "engine": EngineSettings,
     "pool": PoolSection,
     "jobs": JobsSettings,

@@ -109,7 +109,7 @@ def test_settings_parse_and_refuse_nonsense(tmp_path: Path) -> None:
     settings = AuditSettings.from_mapping(
         {
             "origin": "audit.example.com/kzg-gateway",
-            "checkpoint_interval_seconds": "60",
+            "checkpoint_interval_seconds": 60,
             "retention_policy": str(policy),
             "max_batch": 10,
         }
@@ -127,6 +127,11 @@ def test_settings_parse_and_refuse_nonsense(tmp_path: Path) -> None:
         ({"commit_timeout_seconds": 61}, "commit_timeout"),
         ({"retention_interval_seconds": -1}, "retention_interval_seconds"),
         ({"max_batch": 0}, "max_batch"),
+        # A value of the wrong kind is refused, not converted.
+        ({"checkpoint_interval_seconds": "60"}, r"checkpoint_interval_seconds must be a number"),
+        ({"max_batch": 10.5}, r"max_batch must be an integer"),
+        ({"record_probes": 1}, r"record_probes must be true or false"),
+        ({"origin": 7}, r"origin must be a string"),
     ]
     for section, message in refusals:
         with pytest.raises(ValueError, match=message):

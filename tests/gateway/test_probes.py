@@ -144,9 +144,9 @@ def test_breaker_opens_half_opens_and_closes() -> None:
 @pytest.mark.parametrize(
     ("section", "message"),
     [
-        ({"record_probes": "yes"}, "audit.record_probes must be true or false"),
-        ({"breaker_failure_threshold": 0}, "audit.breaker_failure_threshold"),
-        ({"breaker_recovery_timeout_seconds": 0}, "audit.breaker_recovery_timeout_seconds"),
+        ({"record_probes": "yes"}, r"\[audit\] record_probes must be true or false"),
+        ({"breaker_failure_threshold": 0}, r"\[audit\] breaker_failure_threshold must be at"),
+        ({"breaker_recovery_timeout_seconds": 0}, r"\[audit\] breaker_recovery_timeout_seconds"),
     ],
 )
 def test_audit_settings_refuse_bad_values(section: dict, message: str) -> None:

@@ -118,7 +118,7 @@ def test_an_unknown_audit_key_is_refused_naming_the_file(tmp_path: Path) -> None
     path = _write(tmp_path / "config.toml", {"audit": {"orgin": "x"}})
     with pytest.raises(ConfigError) as raised:
         load_config(path, environ=ENV)
-    assert str(raised.value) == f"unknown [audit] settings: orgin (in {path})"
+    assert str(raised.value) == f"unknown [audit] key 'orgin' (in {path})"
 
 
 def test_a_value_of_the_wrong_kind_is_refused_naming_its_origin(tmp_path: Path) -> None:
@@ -127,7 +127,7 @@ def test_a_value_of_the_wrong_kind_is_refused_naming_its_origin(tmp_path: Path) 
         ConfigError, match=r"\[metrics\] public must be true or false.*config\.toml"
     ):
         load_config(path, environ=ENV)
-    with pytest.raises(ConfigError, match=r"\[server\] port must be a number.*SERVER__PORT"):
+    with pytest.raises(ConfigError, match=r"\[server\] port must be an integer.*SERVER__PORT"):
         load_config(None, tmp_path / "none", environ={**ENV, "KZG_GATEWAY_SERVER__PORT": "https"})
 
 
@@ -180,7 +180,7 @@ def test_the_environment_names_known_sections_and_leaves_other_variables_alone(
         (
             {},
             {"KZG_GATEWAY_AUTH__TOKENS__TLL_SECONDS": "3"},
-            "unknown key [tokens] tll_seconds (in ",
+            "unknown [tokens] key 'tll_seconds' (in ",
         ),
     ],
 )
