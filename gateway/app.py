@@ -432,6 +432,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     pool = EnginePool(pool_settings(config))
     await pool.start()
     app[KZG_POOL] = pool
+    app[METRICS].workers.pids = lambda: pool.pids
     # No statement waits on SQLite's lock longer than an answer may wait for its audit
     # record: a timed-out commit would otherwise hold its connection until the lock frees.
     # The runtime's SQLite connections may not touch the retention floor nor the schema.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,25 +24,19 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _PROC = Path("/proc")
 
 
-def _children_usage(parent: int) -> tuple[float, int]:
-    """CPU seconds and resident bytes of ``parent``'s child processes (the engine
-    workers), read from /proc; (0, 0) where there is no /proc."""
+def _usage(pids: Iterable[int]) -> tuple[float, int]:
+    """CPU seconds and resident bytes of the processes ``pids``, read from /proc; a process
+    gone meanwhile (or no /proc) counts nothing."""
     ticks = os.sysconf("SC_CLK_TCK")
     page = os.sysconf("SC_PAGE_SIZE")
     cpu, rss = 0.0, 0
-    try:
-        entries = [p for p in _PROC.iterdir() if p.name.isdigit()]
-    except OSError:
-        return cpu, rss
-    for entry in entries:
+    for pid in pids:
         try:
-            stat = (entry / "stat").read_text()
-        except OSError:  # gone meanwhile, or not ours to read
+            stat = (_PROC / str(pid) / "stat").read_text()
+        except OSError:
             continue
         # The command name may hold spaces and parentheses: the fields follow the last ')'.
         fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[1]) != parent:
-            continue
         cpu += (int(fields[11]) + int(fields[12])) / ticks
         rss += int(fields[21]) * page
     return cpu, rss
@@ -50,10 +44,14 @@ def _children_usage(parent: int) -> tuple[float, int]:
 
 class WorkersCollector(Collector):
     """The engine workers' CPU and memory: ``process_*`` covers the server process only,
-    while the KZG work runs in its forked children."""
+    while the KZG work runs in the workers (children of the engine server, not of this
+    process). ``pids`` names them; the app points it at its pool."""
+
+    def __init__(self) -> None:
+        self.pids: Callable[[], Iterable[int]] = tuple
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        cpu, rss = _children_usage(os.getpid())
+        cpu, rss = _usage(self.pids())
         yield CounterMetricFamily(
             "kzg_workers_cpu_seconds",
             "CPU seconds used by the engine worker processes (user and system)",
@@ -69,6 +67,7 @@ class WorkersCollector(Collector):
 @dataclass(frozen=True)
 class GatewayMetrics:
     registry: CollectorRegistry
+    workers: WorkersCollector
     operations: Counter
     duration: Histogram
     inflight: Gauge
@@ -92,9 +91,11 @@ class GatewayMetrics:
         registry = CollectorRegistry()
         # process_resident_memory_bytes, process_cpu_seconds_total, open fds...
         ProcessCollector(registry=registry)
-        registry.register(WorkersCollector())
+        workers = WorkersCollector()
+        registry.register(workers)
         return cls(
             registry=registry,
+            workers=workers,
             operations=Counter(
                 "kzg_operations",
                 "KZG operations by operation and outcome",

@@ -464,6 +464,11 @@ class EnginePool:
         return len(self._workers)
 
     @property
+    def pids(self) -> list[int]:
+        """The workers' process ids."""
+        return [worker.pid for worker in self._workers]
+
+    @property
     def queue_depth(self) -> int:
         return sum(len(q) for q in self._queues.values())
 

@@ -3,6 +3,7 @@ OpenAPI document against the registered routes, and draining."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import ssl
@@ -16,7 +17,7 @@ from aiohttp import web
 from auth.crypto import MasterKey
 from auth.policy import POLICY_DIR
 from gateway.app import create_app, deny_by_default
-from gateway.appkeys import STATE
+from gateway.appkeys import KZG_POOL, STATE
 from gateway.openapi import ROUTE_DOCS, openapi_document
 from gateway.tls import issue_certificate
 from tests.gateway.conftest import Gateway, StartGateway, gateway_config
@@ -113,6 +114,29 @@ async def test_readyz_reports_each_dependency_and_turns_503_when_draining(
     sqlite_gateway.app[STATE].draining = True
     response, body = await sqlite_gateway.request("GET", "/readyz", role=None)
     assert response.status == 503 and body["checks"]["accepting"] is False
+
+
+async def test_worker_metrics_measure_the_pools_workers(sqlite_gateway: Gateway) -> None:
+    """The workers are the engine server's children, not the server's: the metrics follow
+    the pool's own pids."""
+    pids = sqlite_gateway.app[KZG_POOL].pids
+    assert pids and all(_parent(pid) != os.getpid() for pid in pids)
+    resident = sum(_status_kib(pid, "VmRSS") for pid in pids) * 1024
+    response, text = await sqlite_gateway.request("GET", "/metrics", role="monitor")
+    assert response.status == 200
+    [reported] = re.findall(rb"^kzg_workers_resident_memory_bytes (\S+)$", text, re.M)
+    assert resident > 0 and abs(float(reported) - resident) <= resident * 0.1
+
+
+def _status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for {pid}")
+
+
+def _parent(pid: int) -> int:
+    return _status_kib(pid, "PPid")
 
 
 async def test_metrics_count_operations_by_outcome(sqlite_gateway: Gateway) -> None:
