@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from audit.events import format_timestamp
 from audit.log import TreeHead, lock_head, tree_head_at
 from audit.models import audit_checkpoints, audit_tree_heads
-from audit.signing import LogSigner, pin
+from audit.signing import LogSigner
 from audit.tlog import Checkpoint
 
 
@@ -57,7 +57,7 @@ async def sign_head(engine: AsyncEngine, signer: LogSigner, now: datetime) -> Tr
         if existing is not None:
             await conn.rollback()
             return existing
-        key = pin(signer)  # the id stored is the signing key's
+        key = signer.current()  # the id stored is the signing key's
         signed = TreeHead(
             size=head.size,
             root=head.root,

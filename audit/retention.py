@@ -47,7 +47,7 @@ from audit.models import (
     audit_tree,
     entry_from_row,
 )
-from audit.signing import LogSigner, anchor_text, pin
+from audit.signing import LogSigner, anchor_text
 
 DEFAULT_KEEP_YEARS = 7
 _PRUNE_LOCK = 0x6B7A6761  # advisory lock id of retention runs (audit_prune takes it too)
@@ -168,7 +168,7 @@ async def run_retention(
         issued_at = format_timestamp(now)
         pruned = through - anchored
         compact_text = " ".join(base64.b64encode(h).decode() for h in compact.hashes)
-        key = pin(signer)  # the id stored is the signing key's
+        key = signer.current()  # the id stored is the signing key's
         note = key.sign_note(
             anchor_text(through, head.size, pruned, newest, issued_at, compact_text)
         )

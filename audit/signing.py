@@ -20,20 +20,16 @@ from audit.note import NoteSigner
 
 class LogSigner(Protocol):
     """The log key: ``origin`` is its name and the log's origin line; ``key_id`` names the
-    stored key; ``sign_note`` returns the C2SP signed note of ``text``."""
+    stored key; ``sign_note`` returns the C2SP signed note of ``text``. ``current()`` is
+    one immutable (key id, key) pair, the one in use now: a rotation may swap the key of a
+    signer, so whoever stores a key id beside a signature signs through that pair."""
 
     key_id: str
     origin: str
 
     def sign_note(self, text: str) -> str: ...
 
-
-def pin(signer: LogSigner) -> LogSigner:
-    """One immutable (key id, key) pair of ``signer``: a signer whose key a rotation may
-    swap offers ``current()``, the pair in use now, so that a signature and the key id
-    stored beside it always come from the same key."""
-    current = getattr(signer, "current", None)
-    return current() if callable(current) else signer
+    def current(self) -> LogSigner: ...
 
 
 @dataclass(frozen=True)
@@ -53,6 +49,9 @@ class NoteLogSigner:
 
     def sign_note(self, text: str) -> str:
         return self.signer.sign(text)
+
+    def current(self) -> NoteLogSigner:
+        return self
 
     @classmethod
     def generate(cls, origin: str) -> NoteLogSigner:

@@ -44,7 +44,7 @@ from audit.models import (
     audit_tree_heads,
     column_values,
 )
-from audit.signing import LogSigner, pin
+from audit.signing import LogSigner
 from audit.tlog import Checkpoint, TlogProof
 
 log = logging.getLogger(__name__)
@@ -354,7 +354,7 @@ class AuditWriter:
             event_rows.append((seq, *item.values))
         root = compact.root()
         # One (key id, key) pair for the signature and the id stored with it.
-        key = pin(self._signer)
+        key = self._signer.current()
         key_id = key.key_id
         checkpoint = self._sign(key, compact.size, root)
         await _insert_rows(conn, audit_events, _EVENT_COLUMNS, event_rows)

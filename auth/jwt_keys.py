@@ -30,7 +30,6 @@ class _JwtKey:
     """A JWT key as read, with its public key loaded for verification."""
 
     kid: str
-    public_key: str
     status: str
     retired_at: datetime | None
     verifier: Ed25519PublicKey
@@ -38,9 +37,7 @@ class _JwtKey:
     @classmethod
     def from_row(cls, row: Any) -> _JwtKey:
         retired = parse_timestamp(row.retired_at) if row.retired_at else None
-        return cls(
-            row.kid, row.public_key, row.status, retired, tokens.load_public_key(row.public_key)
-        )
+        return cls(row.kid, row.status, retired, tokens.load_public_key(row.public_key))
 
 
 class TokensMixin(ServiceCore):
@@ -150,25 +147,25 @@ class TokensMixin(ServiceCore):
         retain = timedelta(days=self.policy.tokens.jwt_key_retain_days)
         return key.retired_at + retain > self.now()
 
-    async def _jwt_key_rows(self) -> list[_JwtKey]:
+    async def _jwt_key_rows(self, kid: str | None = None) -> list[_JwtKey]:
+        """Every JWT key, or the one ``kid`` names (none when it names no key)."""
+        query = select(jwt_keys) if kid is None else select(jwt_keys).where(jwt_keys.c.kid == kid)
         async with self.engine.connect() as conn:
-            rows = (await conn.execute(select(jwt_keys))).all()
+            rows = (await conn.execute(query)).all()
         return [_JwtKey.from_row(r) for r in rows]
 
-    async def _valid_jwt_keys(self) -> list[_JwtKey]:
-        return [k for k in await self._jwt_key_rows() if self._still_valid(k)]
-
     async def jwks(self) -> dict[str, Any]:
-        return {"keys": [tokens.jwk(k.kid, k.public_key) for k in await self._valid_jwt_keys()]}
+        valid = [k for k in await self._jwt_key_rows() if self._still_valid(k)]
+        return {"keys": [tokens.jwk(k.kid, k.verifier) for k in valid]}
 
     async def _jwt_key(self, kid: str) -> _JwtKey:
         key = self._jwt_public.get(kid)
         if key is None:
             generation = self._cache_generation
-            known = {k.kid: k for k in await self._jwt_key_rows()}
-            if kid not in known:
+            found = await self._jwt_key_rows(kid)
+            if not found:
                 raise tokens.TokenError("unknown key id")
-            key = known[kid]
+            key = found[0]
             # Cached only if no revocation was seen since the read began: a revision
             # check that ran meanwhile must not be undone by this stale row.
             if generation == self._cache_generation:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -138,21 +138,6 @@ def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
 
 
 _T = TypeVar("_T")
-_TABLES = frozenset(
-    {
-        "passwords",
-        "login_throttle",
-        "enrollment",
-        "tokens",
-        "api_keys",
-        "log_keys",
-        "access_review",
-        "ratelimit_sharing",
-        # one sub-table per role:
-        "ratelimit",
-        "engine_share",
-    }
-)
 
 
 @dataclass(frozen=True)
@@ -182,7 +167,7 @@ class SecurityPolicy:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], origin: str) -> SecurityPolicy:
-        unknown = sorted(set(data) - _TABLES)
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
         if unknown:
             raise PolicyError(f"unknown table [{unknown[0]}] (in {origin})")
 

@@ -62,8 +62,8 @@ def load_public_key(pem: str) -> Ed25519PublicKey:
     return key
 
 
-def jwk(kid: str, pem: str) -> dict[str, str]:
-    raw = load_public_key(pem).public_bytes(
+def jwk(kid: str, key: Ed25519PublicKey) -> dict[str, str]:
+    raw = key.public_bytes(
         serialization.Encoding.Raw, serialization.PublicFormat.Raw
     )
     x = base64.urlsafe_b64encode(raw).rstrip(b"=").decode()

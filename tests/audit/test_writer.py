@@ -696,6 +696,9 @@ class FlakySigner:
             raise RuntimeError("the signing service is unreachable")
         return self.inner.sign_note(text)
 
+    def current(self) -> FlakySigner:
+        return self
+
 
 async def test_a_signer_that_fails_fails_the_batch_and_commits_nothing(
     app_engine: AsyncEngine, log_signer: NoteLogSigner

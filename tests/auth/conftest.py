@@ -78,7 +78,8 @@ async def tokens_to_refuse(service: AuthService, good: str) -> dict[str, str]:
     header, payload, signature = good.split(".")
     claims = jwt.decode(good, options={"verify_signature": False})
     kid = jwt.get_unverified_header(good)["kid"]
-    public_pem = (await service._valid_jwt_keys())[0].public_key
+    key = await service._current_signing_key()
+    public_pem = key.public_pem()  # as published
     # The classic confusion: an HS256 token keyed with the published public key, built
     # by hand since pyjwt itself refuses to create one.
     hs_header = jwt.utils.base64url_encode(
@@ -86,7 +87,6 @@ async def tokens_to_refuse(service: AuthService, good: str) -> dict[str, str]:
     ).decode()
     mac = hmac.new(public_pem.encode(), f"{hs_header}.{payload}".encode(), hashlib.sha256)
     other_payload = jwt.utils.base64url_encode(b'{"sub":"x"}').decode()
-    key = await service._current_signing_key()
     return {
         "alg none": jwt.encode(claims, None, algorithm="none", headers={"kid": kid}),
         "HS256 keyed with the public key": (
