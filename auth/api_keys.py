@@ -220,7 +220,7 @@ class ApiKeysMixin(ServiceCore):
             raise invalid_key("expired API key")
         if not all(self.rbac.allows_api_key(r) for r in cached.principal.roles):
             raise invalid_key("the policy no longer allows API keys for this role")
-        if cached.networks and not _address_in(client_addr, cached.networks):
+        if cached.networks and not address_in(client_addr, cached.networks):
             raise AuthError(
                 403, "address_not_allowed", "this API key is not allowed from this address"
             )
@@ -243,7 +243,7 @@ class ApiKeysMixin(ServiceCore):
         cached: _CachedKey | None = self._key_cache.get(digest)
         if cached is None or cached.expires_at <= self.now():
             return None
-        if cached.networks and not _address_in(client_addr, cached.networks):
+        if cached.networks and not address_in(client_addr, cached.networks):
             return None
         return cached.principal
 
@@ -317,7 +317,8 @@ class ApiKeysMixin(ServiceCore):
         return ids
 
 
-def _address_in(addr: str | None, networks: tuple[Any, ...]) -> bool:
+def address_in(addr: str | None, networks: tuple[Any, ...]) -> bool:
+    """Whether the address ``addr`` (None or not an address: no) is in one of ``networks``."""
     if addr is None:
         return False
     try:

@@ -63,9 +63,7 @@ def load_public_key(pem: str) -> Ed25519PublicKey:
 
 
 def jwk(kid: str, key: Ed25519PublicKey) -> dict[str, str]:
-    raw = key.public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw
-    )
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     x = base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
     return {"kty": "OKP", "crv": "Ed25519", "x": x, "kid": kid, "alg": ALGORITHM, "use": "sig"}
 

@@ -534,7 +534,7 @@ def create_app(
             audit.breaker_failure_threshold, audit.breaker_recovery_timeout_seconds
         ),
         record_probes=audit.record_probes,
-        settings=ProbeSettings.from_settings(config.server, config.metrics),
+        settings=ProbeSettings.from_settings(config.server),
     )
     app[PUBLIC_ROUTES] = public_routes(policies_for(config)[0], config)
     app.cleanup_ctx.append(_resources)

@@ -88,13 +88,10 @@ class Config:
     data_dir: Path = DEFAULT_DATA_DIR
 
     def section(self, name: str) -> dict[str, Any]:
-        """Return a copy of ``[name]`` (empty when absent). ``[audit] retention_policy``
-        defaults to ``retention.toml`` in the policy directory, never the working one."""
+        """Return a copy of ``[name]`` (empty when absent)."""
         value = self.data.get(name, {})
         if not isinstance(value, dict):
             raise ConfigError(f"[{name}] must be a table")
-        if name == "audit" and "retention_policy" not in value:
-            return {**value, "retention_policy": str(self.policy_dir / "retention.toml")}
         return dict(value)
 
     @property
@@ -169,7 +166,9 @@ class Config:
 
     @cached_property
     def audit(self) -> AuditSettings:
-        return AuditSettings.from_mapping(self.section("audit"))
+        # retention_policy defaults to the policy directory's, never the working one's.
+        default = {"retention_policy": str(self.policy_dir / "retention.toml")}
+        return AuditSettings.from_mapping({**default, **self.section("audit")})
 
     @cached_property
     def engine(self) -> EngineSettings:

@@ -24,7 +24,6 @@ from gateway.context import REQUEST_CONTEXT
 from gateway.errors import ApiError
 from gateway.limits import JsonTooDeep, parse_json, read_body
 from gateway.routes.audit import event_from_context
-from gateway.state import ProbeSettings
 
 AUTH_SERVICE: web.AppKey[AuthService] = web.AppKey("auth_service", AuthService)
 # Seconds a client waits before retrying a request this instance cannot serve with its
@@ -44,8 +43,7 @@ def policies_for(config: Config) -> tuple[RbacPolicy, SecurityPolicy]:
 def public_routes(rbac: RbacPolicy, config: Config) -> frozenset[str]:
     """The routes anyone may call: ``[public] routes`` of rbac.toml, the one list an
     operator edits, and /metrics when ``[metrics] public = true``."""
-    settings = ProbeSettings.from_settings(config.server, config.metrics)
-    return rbac.public | {"metrics"} if settings.metrics_public else rbac.public
+    return rbac.public | {"metrics"} if config.metrics.public else rbac.public
 
 
 def count_logins(service: AuthService, registry: CollectorRegistry) -> None:

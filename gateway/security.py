@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import ipaddress
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -29,6 +27,7 @@ from prometheus_client import Gauge
 from sqlalchemy.exc import SQLAlchemyError
 
 from audit.events import parse_timestamp
+from auth.api_keys import address_in
 from auth.credentials import parse_api_key
 from auth.errors import NotFound
 from auth.hashing import HashingBusy
@@ -36,7 +35,7 @@ from auth.policy import PolicyError, RbacPolicy, SecurityPolicy
 from auth.principal import Principal
 from auth.ratelimit import RateLimiter, UsageExchange, client_group
 from auth.service import AuthError, AuthService
-from gateway.appkeys import DB_ENGINE, MASTER_KEY, METRICS, STATE
+from gateway.appkeys import CONFIG, DB_ENGINE, MASTER_KEY, METRICS, PUBLIC_ROUTES, STATE
 from gateway.config import Config
 from gateway.console.session import session_token
 from gateway.context import REQUEST_CONTEXT
@@ -45,7 +44,6 @@ from gateway.identity import (
     AUTH_SERVICE,
     count_logins,
     policies_for,
-    public_routes,
     to_api_error,
 )
 from gateway.pool import ENGINE_SHARE, EngineShare
@@ -61,20 +59,10 @@ RATE_LIMITER: web.AppKey[RateLimiter] = web.AppKey("rate_limiter", RateLimiter)
 KEY_AGE: web.AppKey[Gauge] = web.AppKey("signing_key_age", Gauge)
 KEY_MAX_AGE: web.AppKey[Gauge] = web.AppKey("signing_key_max_age", Gauge)
 
-_NETWORKS = web.AppKey("ip_rules", tuple)
-_SHARES: web.AppKey[dict[str, int]] = web.AppKey("engine_shares", dict)
 # Answered from memory at a fixed small cost; a 429 to kubelet (probes share the node's
 # address with other clients) would restart a healthy pod or take it out of service.
 _PROBES = frozenset({"healthz", "readyz"})
 log = logging.getLogger(__name__)
-
-
-def _address_matches(addr: str | None, networks: tuple[Any, ...]) -> bool:
-    try:
-        ip = ipaddress.ip_address(addr or "")
-    except ValueError:
-        return False
-    return any(ip in net for net in networks)
 
 
 def _cached_scraper(request: web.Request, api_key: str | None) -> Principal | None:
@@ -89,15 +77,15 @@ def _cached_scraper(request: web.Request, api_key: str | None) -> Principal | No
 
 
 def _is_public(request: web.Request, route: str | None) -> bool:
-    return request.match_info.http_exception is not None or route in request.app[RBAC].public
+    return request.match_info.http_exception is not None or route in request.app[PUBLIC_ROUTES]
 
 
 @web.middleware
 async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
     ctx = request[REQUEST_CONTEXT]
-    allow, deny = request.app[_NETWORKS]
-    if _address_matches(ctx.client_addr, deny) or (
-        allow and not _address_matches(ctx.client_addr, allow)
+    rules = request.app[CONFIG].auth
+    if address_in(ctx.client_addr, rules.deny_cidrs) or (
+        rules.allow_cidrs and not address_in(ctx.client_addr, rules.allow_cidrs)
     ):
         ctx.detail["reason"] = "client address refused by the IP rules"
         raise ApiError(403, "address_not_allowed", "requests from this address are not allowed")
@@ -241,12 +229,6 @@ def _spend_rate_limit(request: web.Request) -> None:
         )
 
 
-def engine_shares(policy: SecurityPolicy) -> dict[str, int]:
-    """``[engine_share.<role>] max_in_flight``: the engine calls one principal of the role
-    may have in flight at once (the rate limit counts requests, not CPU seconds)."""
-    return {role: share.max_in_flight for role, share in policy.engine_share.items()}
-
-
 @web.middleware
 async def rate_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Spend the caller's token, and leave a principal's share of the engine (the highest
@@ -254,7 +236,10 @@ async def rate_limit(request: web.Request, handler: Handler) -> web.StreamRespon
     _spend_rate_limit(request)
     principal = request[REQUEST_CONTEXT].principal
     if principal is not None:
-        caps = [cap for role, cap in request.app[_SHARES].items() if role in principal.roles]
+        # [engine_share.<role>] max_in_flight: the engine calls one principal of the role
+        # may have in flight at once (the rate limit counts requests, not CPU seconds).
+        shares = request.app[SECURITY_POLICY].engine_share
+        caps = [s.max_in_flight for role, s in shares.items() if role in principal.roles]
         if caps:
             request[ENGINE_SHARE] = EngineShare(f"principal:{principal.id}", max(caps))
     return await handler(request)
@@ -275,13 +260,6 @@ async def update_key_age_metrics(app: web.Application) -> None:
     app[KEY_MAX_AGE].labels("log").set(policy.log_keys.max_age_days * 86400)
 
 
-def _sharing_settings(policy: SecurityPolicy) -> tuple[float, float]:
-    """``[ratelimit_sharing]``: how often instances exchange spending, and how long an
-    idle key is remembered (defaults for policy files older than the section)."""
-    sharing = policy.ratelimit_sharing
-    return sharing.sync_seconds, sharing.horizon_seconds
-
-
 async def _share_rate_limits(exchange: UsageExchange, interval: float) -> None:
     """Exchange rate-limit spending with the other instances until cancelled. While the
     database is away each instance keeps limiting on its own."""
@@ -296,12 +274,11 @@ async def _share_rate_limits(exchange: UsageExchange, interval: float) -> None:
 def install(app: web.Application, config: Config) -> list[Any]:
     """Register the identity routes and resources; return the middlewares, in order."""
     rbac, policy = policies_for(config)
-    app[RBAC] = dataclasses.replace(rbac, public=public_routes(rbac, config))
+    app[RBAC] = rbac
     app[SECURITY_POLICY] = policy
     app[RATE_LIMITER] = RateLimiter()
-    app[_SHARES] = engine_shares(policy)
-    sync_seconds, horizon = _sharing_settings(policy)
-    app[_NETWORKS] = (config.auth.allow_cidrs, config.auth.deny_cidrs)
+    # How often instances exchange spending, and how long an idle key is remembered.
+    sharing = policy.ratelimit_sharing
 
     async def resources(app: web.Application) -> Any:
         verifications = app[METRICS].password_hash_verifications
@@ -330,12 +307,12 @@ def install(app: web.Application, config: Config) -> list[Any]:
         # Without the database the gauges appear at the next rotation job; /readyz says why.
         with contextlib.suppress(SQLAlchemyError, OSError):
             await update_key_age_metrics(app)
-        exchange = UsageExchange(app[DB_ENGINE], app[RATE_LIMITER], horizon=horizon)
-        sharing = asyncio.create_task(_share_rate_limits(exchange, sync_seconds))
+        exchange = UsageExchange(app[DB_ENGINE], app[RATE_LIMITER], horizon=sharing.horizon_seconds)
+        exchanging = asyncio.create_task(_share_rate_limits(exchange, sharing.sync_seconds))
         yield
-        sharing.cancel()
+        exchanging.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await sharing
+            await exchanging
         service.close()
 
     app.cleanup_ctx.append(resources)

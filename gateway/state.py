@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from audit.breaker import CircuitBreaker
-from gateway.settings import MetricsSettings, ServerSettings
+from gateway.settings import ServerSettings
 
 # Routes that are counted in metrics rather than written to the audit log (unless
 # ``[audit] record_probes = true``).
@@ -22,11 +22,10 @@ PROBE_ROUTES = frozenset({"healthz", "readyz", "metrics"})
 class ProbeSettings:
     """``[server] readiness_interval_seconds``: how often the readiness checks run in the
     background; ``[server] min_free_disk_mib``: free space the SQLite data directory needs
-    for the instance to be ready; ``[metrics] public``: /metrics without a credential."""
+    for the instance to be ready."""
 
-    readiness_interval_seconds: float = 2.0
-    min_free_disk_mib: int = 32
-    metrics_public: bool = False
+    readiness_interval_seconds: float = ServerSettings.readiness_interval_seconds
+    min_free_disk_mib: int = ServerSettings.min_free_disk_mib
 
     def __post_init__(self) -> None:
         if not 0 < self.readiness_interval_seconds <= 60:
@@ -35,12 +34,8 @@ class ProbeSettings:
             raise ValueError("server.min_free_disk_mib must not be negative")
 
     @classmethod
-    def from_settings(cls, server: ServerSettings, metrics: MetricsSettings) -> ProbeSettings:
-        return cls(
-            readiness_interval_seconds=server.readiness_interval_seconds,
-            min_free_disk_mib=server.min_free_disk_mib,
-            metrics_public=metrics.public,
-        )
+    def from_settings(cls, server: ServerSettings) -> ProbeSettings:
+        return cls(server.readiness_interval_seconds, server.min_free_disk_mib)
 
 
 def free_bytes(path: Path) -> int:

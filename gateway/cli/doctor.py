@@ -83,7 +83,7 @@ class Doctor:
 
         config = self.config
         config.audit.retention()
-        ProbeSettings.from_settings(config.server, config.metrics)
+        ProbeSettings.from_settings(config.server)
         pool_settings(config)
         policies_for(config)
         dialect = config.database_url.partition(":")[0].partition("+")[0]
@@ -156,7 +156,7 @@ class Doctor:
             result.detail = "PostgreSQL: no local data to store"
             return
         directory = Path(url.partition(":///")[2]).parent
-        settings = ProbeSettings.from_settings(self.config.server, self.config.metrics)
+        settings = ProbeSettings.from_settings(self.config.server)
         free_mib = free_bytes(directory) / 2**20
         result.values = {"path": str(directory), "free_mib": round(free_mib)}
         if free_mib < settings.min_free_disk_mib:

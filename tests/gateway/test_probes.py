@@ -160,9 +160,7 @@ def test_probe_settings_refuse_unknown_and_bad_values() -> None:
     with pytest.raises(ValueError, match=r"\[metrics\] public must be true or false"):
         MetricsSettings.from_mapping({"public": "true"})
     with pytest.raises(ValueError, match=r"server\.readiness_interval_seconds"):
-        ProbeSettings.from_settings(
-            ServerSettings.from_mapping({"readiness_interval_seconds": 0}), MetricsSettings()
-        )
+        ProbeSettings.from_settings(ServerSettings.from_mapping({"readiness_interval_seconds": 0}))
     assert AuditSettings().record_probes is False
 
 
