@@ -73,7 +73,12 @@ async def _user_set_disabled(
 
 async def _key_create(service: AuthService, args: argparse.Namespace) -> dict[str, Any]:
     return await service.create_api_key(
-        args.name, args.role, _actor(), args.expires_in_days, args.allow_cidr or None, args.commit
+        args.name,
+        args.role,
+        cli_actor(),
+        args.expires_in_days,
+        args.allow_cidr or None,
+        args.commit,
     )
 
 
@@ -87,7 +92,7 @@ async def _key_revoke(service: AuthService, args: argparse.Namespace) -> dict[st
 
 
 async def _key_rotate(service: AuthService, args: argparse.Namespace) -> dict[str, Any]:
-    return await service.rotate_api_key(args.key_id, _actor(), args.commit)
+    return await service.rotate_api_key(args.key_id, cli_actor(), args.commit)
 
 
 async def _signing_rotate(service: AuthService, args: argparse.Namespace) -> dict[str, Any]:
@@ -169,10 +174,6 @@ async def _master_rotate(service: AuthService, args: argparse.Namespace) -> dict
     return result
 
 
-def _actor() -> str:
-    return cli_actor()
-
-
 async def _execute(config: Config, args: argparse.Namespace, command: Command) -> dict[str, Any]:
     master_key = load_master_key(config.data_dir)
     args.master_key = master_key
@@ -200,7 +201,7 @@ async def _execute(config: Config, args: argparse.Namespace, command: Command) -
             return AuditEvent(
                 request_id=f"cli-{uuid.uuid4().hex}",
                 occurred_at=datetime.now(UTC),
-                actor=_actor(),
+                actor=cli_actor(),
                 role="operator",
                 action=action,
                 outcome=outcome,

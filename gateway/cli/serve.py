@@ -38,6 +38,7 @@ from gateway.cli import common_options
 from gateway.config import Config, ConfigError, cli_actor, load_config
 from gateway.db import SchemaNotCurrent, check_schema, current_heads, make_engine, migrate
 from gateway.identity import policies_for
+from gateway.jobs import JobContext, run_job
 from gateway.logs import LOG_FORMATS, configure_logging
 from gateway.receipts import SEALED_SECRETS, ensure_log_key, load_log_signer
 from gateway.settings import JOB_NAMES
@@ -285,11 +286,6 @@ def _describe(exc: BaseException, setting: str = "database_url") -> str:
 
 
 async def _run_job(config: Config, name: str) -> dict[str, Any]:
-    from audit.writer import AuditWriter
-    from gateway.db import check_schema
-    from gateway.jobs import JobContext, run_job
-    from gateway.receipts import load_log_signer
-
     master_key = load_master_key(config.data_dir)
     engine = make_engine(config.database_url)
     settings = config.audit

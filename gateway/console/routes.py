@@ -13,7 +13,6 @@ import base64
 import csv
 import dataclasses
 import io
-import json
 import re
 from collections.abc import Awaitable, Callable
 from importlib.resources import files
@@ -298,9 +297,7 @@ def _event_query(request: web.Request) -> tuple[EventQuery, dict[str, str]]:
     status = _number(request, "status", 100, 599)
     values.pop("status", None)
     values.setdefault("limit", str(PAGE_SIZE))
-    query = audit_routes.parse_event_query(
-        request.clone(rel_url=request.rel_url.with_query(values))
-    )
+    query = audit_routes.parse_event_query(values)
     if status is not None:
         values["status"] = str(status)
     return dataclasses.replace(query, http_status=status), values
@@ -381,8 +378,8 @@ async def verify_page(request: web.Request) -> web.Response:
 async def verify_run(request: web.Request) -> web.Response:
     """The gateway's full verification, as GET /v1/audit/verify answers it."""
     await _checked_form(request)
-    answer = await audit_routes.verify(request)
-    return render(request, "verify.html", report=json.loads(answer.body))
+    report = await audit_routes.verify_report(request)
+    return render(request, "verify.html", report=report.to_dict())
 
 
 async def checkpoints(request: web.Request) -> web.Response:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import aclosing
 from datetime import UTC, datetime
 
@@ -21,7 +21,7 @@ from audit.events import AuditEvent, parse_timestamp
 from audit.export import export_lines
 from audit.log import ProofUnavailable, consistency_proof, inclusion_proof, latest_tree_head
 from audit.query import MAX_LIMIT, EventQuery, query_events
-from audit.verify import verify_database
+from audit.verify import VerifyReport, verify_database
 from audit.writer import AppendResult
 from gateway.appkeys import AUDIT_WRITER, CONFIG, METRICS
 from gateway.context import REQUEST_CONTEXT, RequestContext
@@ -175,15 +175,15 @@ def _invalid(name: str, why: str) -> ApiError:
     return ApiError(400, "invalid_query", f"query parameter {name!r} {why}")
 
 
-def _outcome(request: web.Request) -> str | None:
-    value = request.query.get("outcome")
+def _outcome(query: Mapping[str, str]) -> str | None:
+    value = query.get("outcome")
     if value is not None and value not in OUTCOMES:
         raise _invalid("outcome", f"must be one of {', '.join(sorted(OUTCOMES))}")
     return value
 
 
-def _time(request: web.Request, name: str) -> datetime | None:
-    value = request.query.get(name)
+def _time(query: Mapping[str, str], name: str) -> datetime | None:
+    value = query.get(name)
     if value is None:
         return None
     try:
@@ -192,8 +192,8 @@ def _time(request: web.Request, name: str) -> datetime | None:
         raise _invalid(name, "must be an ISO 8601 timestamp") from None
 
 
-def _int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
-    value = request.query.get(name)
+def _int(query: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    value = query.get(name)
     if value is None:
         return default
     try:
@@ -205,29 +205,35 @@ def _int(request: web.Request, name: str, default: int, low: int, high: int) -> 
     return number
 
 
-def parse_event_query(request: web.Request) -> EventQuery:
-    """Return the filters and cursor of GET /v1/audit/events, or raise a 400."""
+def parse_event_query(query: Mapping[str, str]) -> EventQuery:
+    """Return the filters and cursor of GET /v1/audit/events (its query string), or raise
+    a 400."""
     known = {"since", "until", "actor", "action", "outcome", "after_seq", "limit"}
-    unknown = sorted(set(request.query) - known)
+    unknown = sorted(set(query) - known)
     if unknown:
         raise _invalid(unknown[0], "is not a filter of this route")
     return EventQuery(
-        since=_time(request, "since"),
-        until=_time(request, "until"),
-        actor=request.query.get("actor"),
-        action=request.query.get("action"),
-        outcome=_outcome(request),
-        after_seq=_int(request, "after_seq", 0, 0, 2**63 - 1),
-        limit=_int(request, "limit", 100, 1, MAX_LIMIT),
+        since=_time(query, "since"),
+        until=_time(query, "until"),
+        actor=query.get("actor"),
+        action=query.get("action"),
+        outcome=_outcome(query),
+        after_seq=_int(query, "after_seq", 0, 0, 2**63 - 1),
+        limit=_int(query, "limit", 100, 1, MAX_LIMIT),
     )
 
 
 async def events(request: web.Request) -> web.Response:
-    page = await query_events(_engine(request), parse_event_query(request))
+    page = await query_events(_engine(request), parse_event_query(request.query))
     return web.json_response(page.to_dict())
 
 
 async def verify(request: web.Request) -> web.Response:
+    return web.json_response((await verify_report(request)).to_dict())
+
+
+async def verify_report(request: web.Request) -> VerifyReport:
+    """The full verification of the log (GET /v1/audit/verify, the console's verify page)."""
     # Anchors must not have pruned records the gateway's retention policy still keeps.
     floor = None
     config = request.app.get(CONFIG)
@@ -237,7 +243,7 @@ async def verify(request: web.Request) -> web.Response:
     report = await verify_database(_engine(request), retention_floor=floor)
     if METRICS in request.app:  # a failed verification pages (KzgAuditVerificationFailed)
         request.app[METRICS].verifications.labels("valid" if report.valid else "invalid").inc()
-    return web.json_response(report.to_dict())
+    return report
 
 
 async def checkpoint_latest(request: web.Request) -> web.Response:
@@ -282,8 +288,8 @@ async def _proof(request: web.Request, first: str, lowest: int, prove: ProofFn) 
     """A proof between ``first`` (index or old) and ``size``, from stored hashes; 400
     naming the parameter when the log cannot prove it (a size never checkpointed, ...)."""
     _only(request, first, "size")
-    value = _int(request, first, 0, lowest, 2**63 - 1)
-    size = _int(request, "size", 0, 1, 2**63 - 1)
+    value = _int(request.query, first, 0, lowest, 2**63 - 1)
+    size = _int(request.query, "size", 0, 1, 2**63 - 1)
     try:
         async with _engine(request).connect() as conn:
             hashes = await prove(conn, value, size)

@@ -383,17 +383,14 @@ async def run_operations(
         done = await pool.call_many(
             [(op.call, args) for op, args in calls], request.get(ENGINE_SHARE)
         )
-    except ShareExceeded as exc:
+    except (ShareExceeded, PoolSaturated) as exc:
         for op, _ in calls:
             metrics.operations.labels(op.name, "shed").inc()
-        retry = str(pool.settings.retry_after_seconds)
-        raise ApiError(429, "engine_share_exceeded", str(exc), {"Retry-After": retry}) from None
-    except PoolSaturated:
-        for op, _ in calls:
-            metrics.operations.labels(op.name, "shed").inc()
-        retry = str(pool.settings.retry_after_seconds)
+        retry = {"Retry-After": str(pool.settings.retry_after_seconds)}
+        if isinstance(exc, ShareExceeded):
+            raise ApiError(429, "engine_share_exceeded", str(exc), retry) from None
         raise ApiError(
-            503, "overloaded", "the KZG workers are saturated; retry later", {"Retry-After": retry}
+            503, "overloaded", "the KZG workers are saturated; retry later", retry
         ) from None
     except PoolClosed as exc:
         raise ApiError(503, "engine_unavailable", str(exc), {"Retry-After": "1"}) from None

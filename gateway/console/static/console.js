@@ -2,6 +2,7 @@
 // browser (verifier.js). Text goes into the page with textContent only, never as HTML.
 import {
   VerifyError,
+  fromBase64,
   openCheckpoint,
   parseVerifierKey,
   verifyConsistency,
@@ -68,7 +69,7 @@ function stepper(list) {
 }
 
 function reason(error) {
-  return error instanceof VerifyError || error instanceof Error ? error.message : String(error);
+  return error instanceof Error ? error.message : String(error);
 }
 
 function fillRecord(table, record, verified) {
@@ -122,10 +123,10 @@ async function eventPage() {
   }
 }
 
-async function latestCheckpoint(status) {
+async function latestCheckpoint(status, verified) {
   const text = await fetchConsole("/console/api/checkpoint", "text");
   document.getElementById("latest-checkpoint").textContent = text;
-  const { keys, source } = await verifiers();
+  const { keys, source } = verified ?? (await verifiers());
   try {
     const opened = await openCheckpoint(text, keys);
     show(status, true, `valid: signed by ${opened.signer.name}, key ${source}; tree size ${opened.size}`);
@@ -143,10 +144,10 @@ async function checkConsistency() {
   try {
     const held = document.getElementById("held").value.replace(/\r\n/g, "\n");
     if (!held.trim()) throw new VerifyError("paste or upload a checkpoint first");
-    const { keys, source } = await verifiers();
-    const old = await openCheckpoint(held.endsWith("\n") ? held : `${held}\n`, keys);
-    step(`your checkpoint: size ${old.size}, signature valid (keys ${source})`);
-    const latest = await latestCheckpoint(document.getElementById("checkpoint-status"));
+    const verified = await verifiers();
+    const old = await openCheckpoint(held.endsWith("\n") ? held : `${held}\n`, verified.keys);
+    step(`your checkpoint: size ${old.size}, signature valid (keys ${verified.source})`);
+    const latest = await latestCheckpoint(document.getElementById("checkpoint-status"), verified);
     step(`the log's latest checkpoint: size ${latest.size}, signature valid`);
     if (old.origin !== latest.origin) throw new VerifyError(`origin ${old.origin} is not the log's ${latest.origin}`);
     if (old.size > latest.size) throw new VerifyError(`your checkpoint (size ${old.size}) is ahead of the log's latest (${latest.size})`);
@@ -155,7 +156,7 @@ async function checkConsistency() {
       return;
     }
     const proof = await fetchConsole(`/console/api/proof/consistency?old=${old.size}&size=${latest.size}`, "json");
-    const hashes = proof.hashes.map((h) => Uint8Array.from(atob(h), (c) => c.charCodeAt(0)));
+    const hashes = proof.hashes.map(fromBase64);
     await verifyConsistency(old.size, latest.size, old.root, latest.root, hashes);
     step(`consistency proof of ${hashes.length} hashes verifies`);
     show(status, true, `valid: the log at size ${latest.size} extends your checkpoint at size ${old.size}`);

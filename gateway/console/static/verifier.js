@@ -133,8 +133,7 @@ export async function parseVerifierKey(vkey) {
   if (raw.length !== 33 || raw[0] !== 1) throw new VerifyError("verifier key: not an Ed25519 key");
   const publicKey = raw.slice(1);
   const id = (await sha256(concat(encoder.encode(name), Uint8Array.of(0x0a, 0x01), publicKey))).slice(0, 4);
-  const idText = Array.from(id, (b) => b.toString(16).padStart(2, "0")).join("");
-  if (idText !== idHex.toLowerCase()) throw new VerifyError("verifier key: id does not match the key");
+  if (toHex(id) !== idHex.toLowerCase()) throw new VerifyError("verifier key: id does not match the key");
   const key = await crypto.subtle.importKey("raw", publicKey, { name: "Ed25519" }, false, ["verify"]);
   return { name, id, key, vkey: vkey.trim() };
 }
