@@ -44,8 +44,8 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import inspect, select, text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.chain import canonical_json
 from audit.checkpoints import legacy_checkpoints
@@ -60,7 +60,13 @@ from audit.models import (
 )
 from audit.note import NoteError, NoteVerifier, parse_note
 from audit.tlog import parse_checkpoint
-from audit.verify import EXPORT_FORMAT, EXPORT_VERSION, begin_snapshot, load_public_keys
+from audit.verify import (
+    EXPORT_FORMAT,
+    EXPORT_VERSION,
+    begin_snapshot,
+    load_public_keys,
+    log_key_rows,
+)
 
 __all__ = ["EXPORT_FORMAT", "EXPORT_VERSION", "export_lines"]
 
@@ -69,19 +75,6 @@ _PAGE = 5000
 
 def _line(kind: str, values: StoredRow) -> str:
     return canonical_json({"type": kind, **values}) + "\n"
-
-
-async def _log_key_rows(conn: AsyncConnection) -> list[dict[str, Any]]:
-    """The gateway's ``log_keys`` rows without their private part (none without the table)."""
-    if not await conn.run_sync(lambda sync: inspect(sync).has_table("log_keys")):
-        return []
-    rows = await conn.execute(
-        text(
-            "SELECT key_id, vkey, status, not_before, not_after FROM log_keys "
-            "ORDER BY not_before, key_id"
-        )
-    )
-    return [dict(row._mapping) for row in rows]
 
 
 def _given_log_key(vkey: str) -> dict[str, Any]:
@@ -126,7 +119,7 @@ async def export_lines(
         if log_keys is not None:
             key_rows = [_given_log_key(vkey) for vkey in log_keys]
         else:
-            key_rows = await _log_key_rows(conn)
+            key_rows = await log_key_rows(conn)
         for key_row in key_rows:
             yield _line("log_key", key_row)
         keys = dict(public_keys) if public_keys is not None else await load_public_keys(conn)

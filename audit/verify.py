@@ -573,21 +573,23 @@ async def load_public_keys(conn: AsyncConnection) -> dict[str, bytes]:
     return {str(row.key_id): key_bytes(row.public_key) for row in rows}
 
 
-async def load_log_keys(conn: AsyncConnection) -> list[str]:
-    """Return the log's verifier keys (C2SP vkeys) from the gateway's ``log_keys`` table,
-    current and retired, oldest first; none when the table is absent."""
+async def log_key_rows(conn: AsyncConnection) -> list[dict[str, Any]]:
+    """The gateway's ``log_keys`` rows without their private part, current and retired,
+    oldest first; none when the table is absent."""
     if not await _has_table(conn, "log_keys"):
         return []
-    rows = await conn.execute(text("SELECT vkey FROM log_keys ORDER BY not_before, key_id"))
-    return [str(row.vkey) for row in rows]
+    rows = await conn.execute(
+        text(
+            "SELECT key_id, vkey, status, not_before, not_after FROM log_keys "
+            "ORDER BY not_before, key_id"
+        )
+    )
+    return [dict(row._mapping) for row in rows]
 
 
-async def load_log_key_retirements(conn: AsyncConnection) -> dict[str, str]:
-    """``not_after`` of every retired log key, by verifier key (none without the table)."""
-    if not await _has_table(conn, "log_keys"):
-        return {}
-    rows = await conn.execute(text("SELECT vkey, not_after FROM log_keys"))
-    return {str(row.vkey): str(row.not_after) for row in rows if row.not_after is not None}
+async def load_log_keys(conn: AsyncConnection) -> list[str]:
+    """Return the log's verifier keys (C2SP vkeys), current and retired, oldest first."""
+    return [str(row["vkey"]) for row in await log_key_rows(conn)]
 
 
 async def begin_snapshot(conn: AsyncConnection) -> None:
@@ -903,10 +905,11 @@ async def verify_connection(
     problems = _Problems()
     floor = _floor(retention_floor)
     source: KeysSource = "pinned" if log_keys is not None else "database"
-    vkeys = log_keys if log_keys is not None else await load_log_keys(conn)
-    keys = _verifiers(
-        vkeys, None if log_keys is not None else problems, await load_log_key_retirements(conn)
-    )
+    rows = await log_key_rows(conn)
+    vkeys = log_keys if log_keys is not None else [str(row["vkey"]) for row in rows]
+    # A retired key's not_after bounds what it verifies, pinned or not.
+    retired = {str(r["vkey"]): str(r["not_after"]) for r in rows if r["not_after"] is not None}
+    keys = _verifiers(vkeys, None if log_keys is not None else problems, retired)
     held_checkpoint: Checkpoint | None = None
     if held is not None:
         try:
@@ -1346,6 +1349,7 @@ __all__ = [
     "VerifyReport",
     "begin_snapshot",
     "load_log_keys",
+    "log_key_rows",
     "load_public_keys",
     "verify_connection",
     "verify_database",

@@ -151,7 +151,7 @@ class PeopleMixin(TokensMixin):
         within the revocation bound) and issue a new enrolment token."""
         token, token_hash, expires_at = self._new_enrolment()
 
-        async def change(conn: AsyncConnection) -> str:
+        async def change(conn: AsyncConnection) -> None:
             row = await self._user_row(conn, username)
             await conn.execute(
                 update(users)
@@ -166,7 +166,6 @@ class PeopleMixin(TokensMixin):
                 )
             )
             await self._bump_revision(conn)
-            return str(row.id)
 
         await self._commit(change, {"target_username": username}, commit)
         self._forget()
@@ -288,7 +287,7 @@ class PeopleMixin(TokensMixin):
             row = await self._user_row(conn, username)
             values: dict[str, Any] = {"disabled": disabled}
             if not disabled:
-                values.update(failed_logins=0, locked_until=None)
+                values["failed_logins"] = 0
             await conn.execute(update(users).where(users.c.id == row.id).values(**values))
             if disabled:
                 await self._keep_an_admin(conn, row)
