@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pwd
 import random
 import secrets
 import socket
@@ -17,6 +18,8 @@ import pytest
 from kzg import Engine, load_engine
 
 REPO = Path(__file__).resolve().parent.parent
+# The audit actor of a command run by hand in these tests: the real OS account.
+OS_ACTOR = f"cli:{pwd.getpwuid(os.getuid()).pw_name}"
 SPEC_TESTS = Path(os.environ.get("KZG_SPEC_TESTS", REPO.parent / "shared" / "kzg-spec-tests"))
 
 

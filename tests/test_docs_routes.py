@@ -16,9 +16,9 @@ from aiohttp import web
 from auth.crypto import MasterKey
 from gateway.app import create_app
 from gateway.cli.main import build_parser
+from tests.conftest import REPO
 from tests.gateway.conftest import gateway_config
 
-REPO = Path(__file__).resolve().parents[1]
 ARCHITECTURE = (REPO / "docs" / "architecture.md").read_text(encoding="utf-8")
 ROW = re.compile(r"^\|(.+)\|\s*$", re.MULTILINE)
 

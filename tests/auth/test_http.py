@@ -30,15 +30,9 @@ from tests.gateway.conftest import (  # noqa: F401
     StartGateway,
     start_gateway,
 )
+from tests.gateway.helpers import IDENTITY_PROOF
 
 RBAC, _ = load_policies()
-# The identity point proves p(0) = 0 for the zero polynomial: valid, and cheap to check.
-IDENTITY_PROOF = {
-    "commitment": "0xc0" + "00" * 47,
-    "z": "0x" + "00" * 32,
-    "y": "0x" + "00" * 32,
-    "proof": "0xc0" + "00" * 47,
-}
 PATH_VALUES = {"username": "nobody", "key_id": "0000000000000000", "kid": "no-such-kid"}
 
 

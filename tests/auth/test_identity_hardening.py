@@ -30,8 +30,8 @@ from gateway.receipts import list_log_keys, load_log_signer, log_keys, rotate_lo
 from tests.audit import reference_tlog
 from tests.auth.conftest import CHEAP_ARGON2
 from tests.gateway.conftest import Gateway, StartGateway, start_gateway  # noqa: F401
-from tests.gateway.helpers import ORIGIN
-from tests.gateway.test_auth_hardening import IDENTITY_PROOF, _person
+from tests.gateway.helpers import IDENTITY_PROOF, ORIGIN
+from tests.gateway.test_auth_hardening import _person
 
 PASSWORD = "a passphrase of her own"
 DANA = "dana.lindqvist"  # long enough to be tried as her own password

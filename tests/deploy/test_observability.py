@@ -20,6 +20,7 @@ from tests.conftest import REPO
 from tests.deploy.test_manifests import _manifests, _promtool, _rules
 from tests.gateway.conftest import StartGateway, start_gateway  # noqa: F401
 from tests.gateway.helpers import hx, make_blob
+from tests.test_docs_links import anchors as runbook_anchors
 
 DASHBOARD = REPO / "deploy" / "grafana" / "kzg-gateway.json"
 RUNBOOK = REPO / "docs" / "runbook.md"
@@ -119,18 +120,9 @@ def test_dashboard_shows_what_on_call_needs() -> None:
     assert dashboard["uid"] and "${datasource}" in json.dumps(panels)
 
 
-def _anchors(markdown: str) -> set[str]:
-    """GitHub's heading anchors: lower case, punctuation dropped, spaces as hyphens."""
-    anchors = set()
-    for heading in re.findall(r"^#{1,6} (.+)$", markdown, re.MULTILINE):
-        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
-        anchors.add(slug)
-    return anchors
-
-
 def test_every_alert_links_a_runbook_section_that_exists() -> None:
     markdown = RUNBOOK.read_text()
-    anchors = _anchors(markdown)
+    anchors = runbook_anchors(RUNBOOK)
     for name, rule in _rules().items():
         url = rule["annotations"].get("runbook_url")
         assert url, f"{name} has no runbook_url"

@@ -22,6 +22,14 @@ from tests.audit import reference_tlog
 BLOB_BYTES = 131072
 # The documented default of [audit] origin: the name of the log key and every checkpoint.
 ORIGIN = "kzg-gateway.localhost/audit"
+# The identity point proves p(0) = 0 for the zero polynomial: a verify-proof body that is
+# valid and costs the engine next to nothing.
+IDENTITY_PROOF = {
+    "commitment": "0xc0" + "00" * 47,
+    "z": "0x" + "00" * 32,
+    "y": "0x" + "00" * 32,
+    "proof": "0xc0" + "00" * 47,
+}
 
 
 def make_blob(seed: int) -> bytes:

@@ -25,14 +25,8 @@ from gateway.appkeys import METRICS
 from gateway.db import make_engine
 from gateway.identity import AUTH_SERVICE
 from tests.gateway.conftest import CHEAP_ARGON2, Gateway, StartGateway
+from tests.gateway.helpers import IDENTITY_PROOF
 
-# Verifies as true and costs the engine next to nothing.
-IDENTITY_PROOF = {
-    "commitment": "0xc0" + "00" * 47,
-    "z": "0x" + "00" * 32,
-    "y": "0x" + "00" * 32,
-    "proof": "0xc0" + "00" * 47,
-}
 FAILURE_BURST = 4
 
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import os
-import pwd
 import shutil
 import sqlite3
 import stat
@@ -23,6 +21,7 @@ from gateway.cli.main import main
 from gateway.config import Config, apply_env, load_config
 from gateway.db import alembic_config
 from tests.audit import reference_tlog
+from tests.conftest import OS_ACTOR
 from tests.gateway.conftest import CHEAP_ARGON2
 from tests.gateway.helpers import ORIGIN
 
@@ -34,13 +33,21 @@ def _init(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def test_init_is_idempotent_and_prints_the_admin_once(
+def _initialised(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+) -> tuple[Path, dict]:
+    """``init`` of ``tmp_path/gw`` with its own master key file and cheap argon2: the data
+    directory and what init printed."""
     monkeypatch.delenv("KZG_GATEWAY_MASTER_KEY", raising=False)
     monkeypatch.setenv("KZG_GATEWAY_AUTH__PASSWORDS__TIME_COST", "1")
     data_dir = tmp_path / "gw"
-    first = _init(data_dir, capsys)
+    return data_dir, _init(data_dir, capsys)
+
+
+def test_init_is_idempotent_and_prints_the_admin_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data_dir, first = _initialised(tmp_path, capsys, monkeypatch)
     assert first["url"] == "https://127.0.0.1:8443"
     assert Path(first["ca_cert"]) == (data_dir / "tls" / "ca.pem").resolve()
     assert first["admin"]["username"] == "admin"
@@ -144,9 +151,6 @@ def test_defaults_are_the_embedded_sqlite_database(tmp_path: Path) -> None:
     assert CHEAP_ARGON2["passwords"]["time_cost"] == 1
 
 
-OS_ACTOR = f"cli:{pwd.getpwuid(os.getuid()).pw_name}"
-
-
 def _log(data_dir: Path) -> list[tuple[str, str, str, dict]]:
     """(action, actor, role, detail) of every record of the data dir's log, in order."""
     with contextlib.closing(sqlite3.connect(data_dir / "gateway.db")) as db:
@@ -165,11 +169,8 @@ def _pretend_to_be_someone_else(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_init_audits_its_acts_as_the_os_account(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv("KZG_GATEWAY_MASTER_KEY", raising=False)
-    monkeypatch.setenv("KZG_GATEWAY_AUTH__PASSWORDS__TIME_COST", "1")
     _pretend_to_be_someone_else(monkeypatch)
-    data_dir = tmp_path / "gw"
-    first = _init(data_dir, capsys)
+    data_dir, first = _initialised(tmp_path, capsys, monkeypatch)
     log = _log(data_dir)
     assert [(action, actor, role) for action, actor, role, _ in log] == [
         ("cli:init_schema", OS_ACTOR, "operator"),
@@ -195,10 +196,7 @@ def test_init_audits_its_acts_as_the_os_account(
 def test_jobs_and_admin_commands_by_hand_are_audited_as_the_os_account(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv("KZG_GATEWAY_MASTER_KEY", raising=False)
-    monkeypatch.setenv("KZG_GATEWAY_AUTH__PASSWORDS__TIME_COST", "1")
-    data_dir = tmp_path / "gw"
-    _init(data_dir, capsys)
+    data_dir, _ = _initialised(tmp_path, capsys, monkeypatch)
     _pretend_to_be_someone_else(monkeypatch)
     before = len(_log(data_dir))
     for job in ("checkpoint", "retention", "rotate-keys", "access-review"):
@@ -233,15 +231,12 @@ def _policy_dir(tmp_path: Path, keep_years: int | None = None, drop: str | None 
 def test_retention_policy_is_found_through_the_policy_dir(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv("KZG_GATEWAY_MASTER_KEY", raising=False)
-    monkeypatch.setenv("KZG_GATEWAY_AUTH__PASSWORDS__TIME_COST", "1")
     monkeypatch.setenv("KZG_GATEWAY_POLICY_DIR", str(_policy_dir(tmp_path, keep_years=9)))
     # A working directory without policies/, as in the image.
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    data_dir = tmp_path / "gw"
-    _init(data_dir, capsys)
+    data_dir, _ = _initialised(tmp_path, capsys, monkeypatch)
     with contextlib.closing(sqlite3.connect(data_dir / "gateway.db")) as db:
         assert db.execute("SELECT keep_years FROM audit_retention").fetchone() == (9,)
     assert main(["jobs", "run", "retention", "--data-dir", str(data_dir)]) == 0
@@ -346,10 +341,7 @@ def test_an_unreachable_database_is_named_by_its_setting(tmp_path: Path) -> None
 def test_serve_names_the_tls_file_it_lacks(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv("KZG_GATEWAY_MASTER_KEY", raising=False)
-    monkeypatch.setenv("KZG_GATEWAY_AUTH__PASSWORDS__TIME_COST", "1")
-    data_dir = tmp_path / "gw"
-    _init(data_dir, capsys)
+    data_dir, _ = _initialised(tmp_path, capsys, monkeypatch)
     serve = ["serve", "--data-dir", str(data_dir), "--port", "0"]
     monkeypatch.setenv("KZG_GATEWAY_TLS__CERT_FILE", str(tmp_path / "absent.pem"))
     monkeypatch.setenv("KZG_GATEWAY_TLS__KEY_FILE", str(data_dir / "tls" / "server.key"))

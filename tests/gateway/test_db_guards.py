@@ -10,9 +10,7 @@ from sqlalchemy.exc import DBAPIError
 
 from gateway.appkeys import DB_ENGINE
 from tests.gateway.conftest import Gateway
-
-Z = "0x" + "00" * 32
-IDENTITY = "0xc0" + "00" * 47
+from tests.gateway.helpers import IDENTITY_PROOF
 
 
 async def test_the_gateways_own_connection_cannot_lower_the_floor_or_drop_a_guard(
@@ -47,7 +45,6 @@ async def test_the_gateways_own_connection_cannot_lower_the_floor_or_drop_a_guar
         assert floor == [(7,)]
 
     # Everything the gateway does still works: a KZG call is answered and audited.
-    body = {"commitment": IDENTITY, "z": Z, "y": Z, "proof": IDENTITY}
-    response, answer = await gateway.post("/v1/kzg/verify-proof", body)
+    response, answer = await gateway.post("/v1/kzg/verify-proof", IDENTITY_PROOF)
     assert response.status == 200 and answer["valid"] is True
     assert await gateway.audit_records(response.headers["X-Request-ID"])

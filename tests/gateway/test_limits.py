@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from auth.ratelimit import client_group
 from gateway.appkeys import METRICS
 from tests.gateway.conftest import CHEAP_ARGON2, Gateway, StartGateway
+from tests.gateway.helpers import IDENTITY_PROOF
 
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n"
 
@@ -211,10 +212,7 @@ async def test_authorization_refusals_spend_the_rate_limit(start_gateway: StartG
         response, body = await gw.request("GET", "/v1/audit/events")
         assert body["error"]["code"] in ("forbidden", "rate_limited")
         statuses.append(response.status)
-    point, zero = "0xc0" + "00" * 47, "0x" + "00" * 32
-    allowed, body = await gw.post(
-        "/v1/kzg/verify-proof", {"commitment": point, "z": zero, "y": zero, "proof": point}
-    )
+    allowed, body = await gw.post("/v1/kzg/verify-proof", IDENTITY_PROOF)
     assert statuses == [403, 403, 403]
     assert allowed.status == 429, body
     assert int(allowed.headers["Retry-After"]) >= 1

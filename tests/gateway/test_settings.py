@@ -17,8 +17,8 @@ import pytest
 from gateway.config import Config, ConfigError, load_config
 from gateway.limits import ServerLimits
 from gateway.settings import TYPED_SECTIONS, ServerSettings, TlsSettings
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 # The shipped policies, so that the sample's /etc/kzg/policies need not exist.
 ENV = {"KZG_GATEWAY_POLICY_DIR": str(REPO / "policies")}
 

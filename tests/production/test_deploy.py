@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import pwd
 import re
 import shlex
 import subprocess
@@ -25,23 +24,14 @@ from sqlalchemy.exc import DBAPIError
 
 from auth.crypto import MasterKey
 from gateway.db import alembic_config, make_engine, migrate
-from tests.conftest import REPO, PgDatabase, free_port, missing
-from tests.gateway.helpers import ORIGIN, check_receipt, input_digests, vkeys_of
-from tests.production.test_instances import BODY, CHEAP_ARGON2, Instance, get
+from tests.audit import helpers as audit_helpers
+from tests.conftest import OS_ACTOR, REPO, PgDatabase, free_port, missing
+from tests.gateway.helpers import IDENTITY_PROOF, ORIGIN, check_receipt, input_digests, vkeys_of
+from tests.production.test_instances import CHEAP_ARGON2, Instance, get
 
 # The release before this one: its code must keep serving on this release's schema.
 PREVIOUS_RELEASE = "ce735d3"
-OS_ACTOR = f"cli:{pwd.getpwuid(os.getuid()).pw_name}"
-AUDIT_TABLES = (
-    "audit_events",
-    "audit_tree",
-    "audit_tree_heads",
-    "audit_log_head",
-    "audit_anchors",
-    "audit_checkpoints",
-    "audit_legacy_chain",
-    "audit_retention",
-)
+AUDIT_TABLES = (*audit_helpers.AUDIT_TABLES, "audit_retention")
 
 
 def _plain(url: str) -> str:
@@ -88,7 +78,7 @@ async def _kzg_request(instance: Instance, key: str) -> tuple[str, dict[str, Any
         aiohttp.ClientSession() as session,
         session.post(
             f"{instance.url}/v1/kzg/verify-proof",
-            json=BODY,
+            json=IDENTITY_PROOF,
             headers={"X-API-Key": key},
             ssl=instance.ssl(),
         ) as response,
@@ -186,7 +176,7 @@ async def _while_serving(server: Instance, api_key: str) -> int:
         status, note = await get(server, "/v1/log/checkpoint", session, api_key)
         assert status == 200, note
     request_id, answer = await _kzg_request(server, api_key)
-    check_receipt(answer, request_id, vkeys, input_digests(BODY))
+    check_receipt(answer, request_id, vkeys, input_digests(IDENTITY_PROOF))
     return int(note.splitlines()[1])
 
 
@@ -313,7 +303,7 @@ async def test_previous_release_serves_on_the_new_schema(
         for instance in (old, new):
             request_id, answer = await _kzg_request(instance, key)
             assert answer["valid"] is True, answer
-            check_receipt(answer, request_id, vkeys, input_digests(BODY))
+            check_receipt(answer, request_id, vkeys, input_digests(IDENTITY_PROOF))
     finally:
         old.stop()
         new.stop()

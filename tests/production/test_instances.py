@@ -33,15 +33,15 @@ from auth.crypto import MasterKey
 from gateway.db import make_engine
 from tests.audit import reference_tlog
 from tests.conftest import PgDatabase, free_port
-from tests.gateway.helpers import ORIGIN, canonical, check_receipt, input_digests, vkeys_of
+from tests.gateway.helpers import (
+    IDENTITY_PROOF,
+    ORIGIN,
+    canonical,
+    check_receipt,
+    input_digests,
+    vkeys_of,
+)
 
-# The verify-proof request of the identity point: valid, and cheap for the engine.
-BODY = {
-    "commitment": "0xc0" + "00" * 47,
-    "z": "0x" + "00" * 32,
-    "y": "0x" + "00" * 32,
-    "proof": "0xc0" + "00" * 47,
-}
 CHEAP_ARGON2 = "{time_cost = 1, memory_kib = 1024, parallelism = 1}"
 
 
@@ -165,7 +165,7 @@ async def _verify_proof(
     """One verify-proof call: status, request id and the JSON answer."""
     async with session.post(
         f"{instance.url}/v1/kzg/verify-proof",
-        json=BODY,
+        json=IDENTITY_PROOF,
         headers={"X-API-Key": key},
         ssl=instance.ssl(),
     ) as response:
@@ -305,7 +305,7 @@ async def test_two_instances_build_one_tree_of_consistent_checkpoints(
 ) -> None:
     a, b = running
     key = a.cli("admin", "api-keys", "create", "--name", "tree", "--role", "client")["api_key"]
-    inputs = input_digests(BODY)
+    inputs = input_digests(IDENTITY_PROOF)
     async with aiohttp.ClientSession() as session:
         # Concurrent answers from both instances, in waves so that group commits of
         # either instance interleave in the one tree.
@@ -402,7 +402,7 @@ async def _receipt_vkey(
     verifying = []
     for vkey in vkeys:
         try:
-            check_receipt(answer, request_id, [vkey], input_digests(BODY))
+            check_receipt(answer, request_id, [vkey], input_digests(IDENTITY_PROOF))
         except AssertionError:
             continue
         verifying.append(vkey)
@@ -503,7 +503,7 @@ async def test_sigkill_under_load_loses_no_acknowledged_request(
         await a.wait_ready()
         # Every receipt answered before, by the killed instance or the other, is proven
         # in the tree the restarted instance serves now.
-        await check_acknowledged(a, key, session, acknowledged, input_digests(BODY))
+        await check_acknowledged(a, key, session, acknowledged, input_digests(IDENTITY_PROOF))
     _verify_chain(a, pg_database.owner_url)
 
 

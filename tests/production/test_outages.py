@@ -27,7 +27,8 @@ from gateway.db import DEFAULT_DATABASE_FILE, make_engine
 from tests.audit.helpers import sqlite_write_lock
 from tests.audit.proxy import CuttableProxy
 from tests.conftest import PgDatabase, free_port
-from tests.production.test_instances import BODY, Instance, get
+from tests.gateway.helpers import IDENTITY_PROOF
+from tests.production.test_instances import Instance, get
 from tests.production.test_process_faults import _gateway_env
 
 COMMIT_TIMEOUT = 3.0
@@ -109,7 +110,7 @@ async def _timed(call: Awaitable[Any]) -> tuple[float, Any]:
 
 async def _kzg(gateway: Instance, key: str, session: aiohttp.ClientSession) -> tuple[int, Any]:
     async with session.post(
-        f"{gateway.url}/v1/kzg/verify-proof", json=BODY, headers={"X-API-Key": key},
+        f"{gateway.url}/v1/kzg/verify-proof", json=IDENTITY_PROOF, headers={"X-API-Key": key},
         ssl=gateway.ssl(),
     ) as response:  # fmt: skip
         return response.status, await response.json()

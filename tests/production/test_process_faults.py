@@ -28,9 +28,8 @@ from audit.models import audit_tree_heads
 from auth.crypto import MasterKey
 from gateway.db import DEFAULT_DATABASE_FILE, make_engine
 from tests.conftest import PgDatabase, free_port
-from tests.gateway.helpers import check_receipt, input_digests, make_blob
+from tests.gateway.helpers import IDENTITY_PROOF, check_receipt, input_digests, make_blob
 from tests.production.test_instances import (
-    BODY,
     CHEAP_ARGON2,
     Instance,
     _call,
@@ -268,13 +267,13 @@ async def test_sigkill_under_load_then_restart_proves_every_acknowledged_receipt
             # then every answer that left before the kill carries a receipt that verifies,
             # and the checkpoint the restarted process serves extends each receipt's tree.
             latest = await check_acknowledged(
-                gateway, api_key, session, acknowledged, input_digests(BODY)
+                gateway, api_key, session, acknowledged, input_digests(IDENTITY_PROOF)
             )
             assert latest[0] > stored, "the restarted log lost signed entries"
             # The log goes on from there: a new answer's tree extends that checkpoint too.
             status, request_id, answer = await _verify_proof(gateway, api_key, session)
             assert status == 200, answer
-            after = check_receipt(answer, request_id, vkeys, input_digests(BODY))
+            after = check_receipt(answer, request_id, vkeys, input_digests(IDENTITY_PROOF))
             await assert_consistent(
                 gateway, api_key, session, latest, (after["size"], after["root"])
             )
