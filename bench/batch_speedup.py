@@ -16,7 +16,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import ssl
 import statistics
 import subprocess
@@ -27,19 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-
-REPO = Path(__file__).resolve().parent.parent
+from benchlib import REPO, free_port
 
 
 def make_blob(seed: int) -> bytes:
     rng = random.Random(seed)
     return b"".join(b"\x00" + rng.randbytes(31) for _ in range(4096))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def cli(env: dict[str, str], data_dir: Path, *command: str) -> str:

@@ -8,6 +8,7 @@ import asyncio
 import math
 import os
 import platform
+import socket
 import sqlite3
 import sys
 import time
@@ -176,6 +177,13 @@ def machine_facts(pg: dict[str, str] | None = None) -> list[str]:
             f"shared_buffers {pg['shared_buffers']}, wal_level {pg['wal_level']})"
         )
     return lines
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def percentile(ordered: Sequence[float], p: float) -> float:

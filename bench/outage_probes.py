@@ -42,7 +42,7 @@ from typing import Any
 
 import aiohttp
 import yaml
-from benchlib import REPO, PgDatabase, PgServer, machine_facts, percentile
+from benchlib import REPO, PgDatabase, PgServer, free_port, machine_facts, percentile
 
 from gateway.db import DEFAULT_DATABASE_FILE
 
@@ -53,14 +53,13 @@ VERIFY = {
     "proof": "0xc0" + "00" * 47,
 }
 ENGINE_CALLS = 'kzg_operation_duration_seconds_count{operation="verify_kzg_proof"}'
-DATABASE = DEFAULT_DATABASE_FILE
 
 
 class Gateway:
     def __init__(self, data_dir: Path, env: dict[str, str]) -> None:
         self.data_dir = data_dir
         self.env = env
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"https://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
         self._ssl: ssl.SSLContext | None = None
@@ -104,14 +103,6 @@ class Gateway:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             self.process.wait(timeout=60)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _env(**config: str) -> dict[str, str]:
@@ -198,7 +189,7 @@ async def outage(root: Path, n: int) -> None:
             latencies, statuses = await _timed(verify, n)
             print(_row("POST /v1/kzg/verify-proof", latencies, f"statuses {set(statuses)}"))
 
-            holder = _lock((gateway.data_dir / DATABASE).resolve())
+            holder = _lock((gateway.data_dir / DEFAULT_DATABASE_FILE).resolve())
             try:
                 print("outage (another process holds the SQLite write lock):")
                 threshold = 5  # [audit] breaker_failure_threshold, the default
@@ -235,7 +226,7 @@ async def outage(root: Path, n: int) -> None:
 
 
 def _sqlite_bytes(data_dir: Path) -> int:
-    database = data_dir / DATABASE
+    database = data_dir / DEFAULT_DATABASE_FILE
     with sqlite3.connect(database) as conn:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     return database.stat().st_size
@@ -305,7 +296,9 @@ async def volume(root: Path, n: int, pg: PgDatabase | None = None) -> None:
         gateway.stop()
     after = await stored_bytes()
     engine = make_engine(
-        pg.app_url if pg is not None else f"sqlite+aiosqlite:///{gateway.data_dir / DATABASE}"
+        pg.app_url
+        if pg is not None
+        else f"sqlite+aiosqlite:///{gateway.data_dir / DEFAULT_DATABASE_FILE}"
     )
     try:
         async with engine.connect() as conn:

@@ -24,7 +24,6 @@ import asyncio
 import http.client
 import json
 import os
-import socket
 import ssl
 import statistics
 import subprocess
@@ -40,7 +39,7 @@ import aiohttp
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchlib import machine_facts  # noqa: E402
+from benchlib import free_port, machine_facts  # noqa: E402
 
 from gateway.client import AsyncGatewayClient, GatewayClient  # noqa: E402
 
@@ -52,12 +51,6 @@ BODY = json.dumps(
      "proof": "0x" + INFINITY.hex()}
 ).encode()  # fmt: skip
 PATH = "/v1/kzg/verify-proof"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _gateway(env: dict[str, str], data_dir: Path, *command: str) -> str:
@@ -141,7 +134,7 @@ def run(args: argparse.Namespace) -> None:
         )
     )["api_key"]
     ca = data_dir / "tls" / "ca.pem"
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "gateway", "serve", "--data-dir", str(data_dir), "--port", str(port)],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
