@@ -4,9 +4,11 @@ saturated pool answers 503 + Retry-After at once, a dead worker fails only its c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,16 @@ from tests.gateway.conftest import CHEAP_ARGON2, Gateway, StartGateway
 from tests.gateway.helpers import hold_worker, hx, kill_worker, make_blob, reference_engine
 
 Z = bytes(32)
+
+
+@contextlib.asynccontextmanager
+async def _running_pool(settings: PoolSettings) -> AsyncIterator[EnginePool]:
+    pool = EnginePool(settings)
+    await pool.start()
+    try:
+        yield pool
+    finally:
+        await pool.stop()
 
 
 def _verify_body() -> dict[str, str]:
@@ -73,9 +85,7 @@ async def test_concurrent_load_beyond_the_queue_is_shed_not_queued(
 
 
 async def test_a_dead_worker_fails_only_its_call_and_is_replaced() -> None:
-    pool = EnginePool(PoolSettings(engine="ckzg", workers=2))
-    await pool.start()
-    try:
+    async with _running_pool(PoolSettings(engine="ckzg", workers=2)) as pool:
         survivor = asyncio.create_task(pool.call(hold_worker, 0.5))
         await asyncio.sleep(0.05)
         with pytest.raises(WorkerCrashed):
@@ -88,20 +98,14 @@ async def test_a_dead_worker_fails_only_its_call_and_is_replaced() -> None:
         assert pool.ready and pool.size == 2
         results = await asyncio.gather(*(pool.call(hold_worker, 0.01) for _ in range(4)))
         assert results == ["ckzg"] * 4
-    finally:
-        await pool.stop()
 
 
 async def test_engine_errors_cross_the_process_boundary() -> None:
     from kzg import KZGError
 
-    pool = EnginePool(PoolSettings(engine="ckzg", workers=1))
-    await pool.start()
-    try:
+    async with _running_pool(PoolSettings(engine="ckzg", workers=1)) as pool:
         with pytest.raises(KZGError):
             await pool.call("blob_to_kzg_commitment", b"\x00" * 10)
-    finally:
-        await pool.stop()
 
 
 def _memory_holds(pid: int, needle: bytes) -> bool:
@@ -171,14 +175,10 @@ async def test_spawned_workers_answer_and_hold_a_clean_environment(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv(MASTER_KEY_ENV, MasterKey.generate().hex())
-    pool = EnginePool(PoolSettings(engine="ckzg", workers=1, start_method="spawn"))
-    await pool.start()
-    try:
+    async with _running_pool(PoolSettings(engine="ckzg", workers=1, start_method="spawn")) as pool:
         assert await pool.call(hold_worker, 0.0) == "ckzg"
         [worker] = pool._workers
         assert MASTER_KEY_ENV.encode() not in Path(f"/proc/{worker.pid}/environ").read_bytes()
-    finally:
-        await pool.stop()
 
 
 def started_at(engine: object, seconds: float) -> int:
@@ -193,9 +193,7 @@ async def test_a_flooding_principal_cannot_starve_another() -> None:
     """One worker; a principal floods it. Beyond its cap it is refused at once, so the
     queue keeps room for others, and a freed worker goes to the principals in turn: the
     other principal's call runs after at most one more of the flood, not after all."""
-    pool = EnginePool(PoolSettings(engine="ckzg", workers=1, max_queue=6))
-    await pool.start()
-    try:
+    async with _running_pool(PoolSettings(engine="ckzg", workers=1, max_queue=6)) as pool:
         flooder = EngineShare("principal:flood", max_in_flight=4)
         other = EngineShare("principal:other", max_in_flight=4)
         flood = [asyncio.create_task(pool.call(started_at, 0.3, share=flooder)) for _ in range(4)]
@@ -210,22 +208,16 @@ async def test_a_flooding_principal_cannot_starve_another() -> None:
         # The running call, then the flood's turn, then the other principal's.
         assert sum(start < theirs for start in starts) == 2
         assert pool.in_flight("principal:flood") == 0 and pool.queue_depth == 0
-    finally:
-        await pool.stop()
 
 
 async def test_a_batch_counts_each_call_against_the_cap() -> None:
-    pool = EnginePool(PoolSettings(engine="ckzg", workers=2))
-    await pool.start()
-    try:
+    async with _running_pool(PoolSettings(engine="ckzg", workers=2)) as pool:
         share = EngineShare("principal:batch", max_in_flight=3)
         with pytest.raises(ShareExceeded):
             await pool.call_many([(started_at, (0.0,))] * 4, share)
         done = await pool.call_many([(started_at, (0.0,))] * 3, share)
         assert all(call.error is None for call in done)
         assert pool.in_flight("principal:batch") == 0
-    finally:
-        await pool.stop()
 
 
 async def _principal_id(gw: Gateway, role: str) -> str:
