@@ -290,6 +290,20 @@ def test_a_postgresql_deployment_never_falls_back_to_sqlite(
     assert list(data_dir.iterdir()) == [], "no SQLite file, no key, nothing"
 
 
+def _run(
+    tmp_path: Path, command: list[str], env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """``kzg-gateway COMMAND --data-dir tmp_path/gw`` as a real process, in ``env`` alone."""
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *command, "--data-dir", str(tmp_path / "gw")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+
+
 def test_errors_name_the_missing_setting_in_one_line(tmp_path: Path) -> None:
     """A real process, as an operator runs it: one line on stderr, no traceback."""
     env = {
@@ -298,14 +312,7 @@ def test_errors_name_the_missing_setting_in_one_line(tmp_path: Path) -> None:
         "KZG_GATEWAY_DATABASE_URL": f"sqlite:///{tmp_path / 'gateway.db'}",
     }
     for command in (["serve", "--port", "0"], ["jobs", "run", "checkpoint"]):
-        result = subprocess.run(
-            [sys.executable, "-m", "gateway", *command, "--data-dir", str(tmp_path / "gw")],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=env,
-        )
+        result = _run(tmp_path, command, env)
         assert result.returncode != 0, command
         assert "KZG_GATEWAY_MASTER_KEY" in result.stderr, (command, result.stderr)
         assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
@@ -325,14 +332,7 @@ def test_an_unreachable_database_is_named_by_its_setting(tmp_path: Path) -> None
         (["jobs", "run", "checkpoint"], {"KZG_GATEWAY_DATABASE_URL": nowhere}, "database_url"),
     ]
     for command, env, setting in cases:
-        result = subprocess.run(
-            [sys.executable, "-m", "gateway", *command, "--data-dir", str(tmp_path / "gw")],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={**base, **env},
-        )
+        result = _run(tmp_path, command, {**base, **env})
         assert result.returncode == 1, (command, result.stderr)
         assert f"cannot reach the database ({setting})" in result.stderr, result.stderr
         assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
