@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import sys
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,7 +32,7 @@ from auth.hashing import HashingBusy
 from auth.master_key import rewrap_columns
 from auth.policy import PolicyError
 from auth.service import AuthError, AuthService, replace_master_key
-from gateway.cli import common_options
+from gateway.cli import cli_event, common_options
 from gateway.config import Config, cli_actor, load_config
 from gateway.db import check_schema, make_engine
 from gateway.identity import policies_for
@@ -190,7 +189,9 @@ async def _execute(config: Config, args: argparse.Namespace, command: Command) -
             # No log key, no audit record: the refusal leaves its trace in the process log.
             log.warning("refused %s %s: %s", args.admin_command, args.admin_action, exc)
             raise
-        writer = AuditWriter(engine, args.log_signer)
+        writer = AuditWriter(
+            engine, args.log_signer, commit_timeout=config.audit.commit_timeout_seconds
+        )
         await writer.start()
         service = AuthService(engine, master_key, rbac, policy)
         action = f"cli:admin_{args.admin_command}_{args.admin_action}".replace("-", "_")
@@ -198,15 +199,7 @@ async def _execute(config: Config, args: argparse.Namespace, command: Command) -
         recorded = False
 
         def event(outcome: str, detail: dict[str, Any]) -> AuditEvent:
-            return AuditEvent(
-                request_id=f"cli-{uuid.uuid4().hex}",
-                occurred_at=datetime.now(UTC),
-                actor=cli_actor(),
-                role="operator",
-                action=action,
-                outcome=outcome,
-                detail={**detail, **_audit_detail(args)},
-            )
+            return cli_event(action, outcome, {**detail, **_audit_detail(args)})
 
         async def commit(
             change: Callable[[AsyncConnection], Awaitable[T]], changed: Mapping[str, Any]

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import signal
 import socket
 import sys
-import uuid
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,6 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from audit.events import AuditEvent
 from audit.retention import store_retention_policy
 from audit.writer import AuditWriter
 from auth.bootstrap import ensure_first_admin
@@ -34,13 +33,13 @@ from auth.crypto import (
 from auth.hashing import HashingBusy
 from auth.policy import PolicyError
 from auth.service import record_master_key
-from gateway.cli import common_options
+from gateway.cli import cli_event, common_options
 from gateway.config import Config, ConfigError, cli_actor, load_config
 from gateway.db import SchemaNotCurrent, check_schema, current_heads, make_engine, migrate
 from gateway.identity import policies_for
 from gateway.jobs import JobContext, run_job
 from gateway.logs import LOG_FORMATS, configure_logging
-from gateway.receipts import SEALED_SECRETS, ensure_log_key, load_log_signer
+from gateway.receipts import SEALED_SECRETS, LogKeySigner, ensure_log_key, load_log_signer
 from gateway.settings import JOB_NAMES
 from gateway.tls import DEV_TLS_DIR, ensure_dev_tls, server_ssl_context, tls_files
 
@@ -82,23 +81,21 @@ async def _audit_init(
 ) -> None:
     """Commit one audit record per act of ``init`` (schema, first admin, first keys),
     attributed to the OS account that ran it; init fails unless they are committed."""
-    settings = config.audit
-    signer = await load_log_signer(engine, master_key, settings.origin)
-    writer = AuditWriter(engine, signer, commit_timeout=settings.commit_timeout_seconds)
+    async with _audit_writer(engine, config, master_key) as (_, writer):
+        for action, detail in acts:
+            await writer.append(cli_event(f"cli:init_{action}", "success", detail))
+
+
+@contextlib.asynccontextmanager
+async def _audit_writer(
+    engine: AsyncEngine, config: Config, master_key: MasterKey
+) -> AsyncIterator[tuple[LogKeySigner, AuditWriter]]:
+    """The log key and a started writer, as the server would run them."""
+    signer = await load_log_signer(engine, master_key, config.audit.origin)
+    writer = AuditWriter(engine, signer, commit_timeout=config.audit.commit_timeout_seconds)
     await writer.start()
     try:
-        for action, detail in acts:
-            await writer.append(
-                AuditEvent(
-                    request_id=f"cli-{uuid.uuid4().hex}",
-                    occurred_at=datetime.now(UTC),
-                    actor=cli_actor(),
-                    role="operator",
-                    action=f"cli:init_{action}",
-                    outcome="success",
-                    detail=detail,
-                )
-            )
+        yield signer, writer
     finally:
         await writer.stop()
 
@@ -288,18 +285,12 @@ def _describe(exc: BaseException, setting: str = "database_url") -> str:
 async def _run_job(config: Config, name: str) -> dict[str, Any]:
     master_key = load_master_key(config.data_dir)
     engine = make_engine(config.database_url)
-    settings = config.audit
-    writer: AuditWriter | None = None
     try:
         await check_schema(engine)
-        signer = await load_log_signer(engine, master_key, settings.origin)
-        writer = AuditWriter(engine, signer, commit_timeout=settings.commit_timeout_seconds)
-        await writer.start()
-        ctx = JobContext(config, engine, writer, master_key, signer, actor=cli_actor())
-        return await run_job(name, ctx)
+        async with _audit_writer(engine, config, master_key) as (signer, writer):
+            ctx = JobContext(config, engine, writer, master_key, signer, actor=cli_actor())
+            return await run_job(name, ctx)
     finally:
-        if writer is not None:
-            await writer.stop()
         await engine.dispose()
 
 
